@@ -1,0 +1,234 @@
+//! Keys and values of the maps the eBPF programs and userspace share.
+//!
+//! Conventions: every IPv4 address is a `u32` holding the four octets in wire
+//! order (`u32::from_ne_bytes(octets)`), every port a `u16` holding the two
+//! bytes in wire order (`port.to_be()`). The programs then compare packet
+//! fields with map fields without byte swapping. Structs are `repr(C)` with
+//! explicit padding fields so the kernel and userspace agree on every byte.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Bumped whenever a map's layout changes; part of the pin path, so a new
+/// binary never adopts maps pinned by an incompatible one.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Capacity of the forward-rule maps and of the per-rule counter array.
+pub const MAX_RULES: u32 = 16_384;
+/// Allow-from CIDRs a single forward rule can carry.
+pub const MAX_ALLOW_CIDRS: usize = 8;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Map names as the eBPF object defines them.
+pub mod names {
+    pub const UPLINK: &str = "UPLINK";
+    pub const FORWARD_RULES: &str = "FORWARD_RULES";
+    pub const REVERSE_RULES: &str = "REVERSE_RULES";
+    pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+    pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
+    pub const ALL: [&str; 5] = [UPLINK, FORWARD_RULES, REVERSE_RULES, RULE_COUNTERS, REASON_COUNTERS];
+}
+
+/// Program names as the eBPF object defines them.
+pub mod programs {
+    pub const UPLINK_INGRESS: &str = "uplink_ingress";
+    pub const DOWNSTREAM_INGRESS: &str = "downstream_ingress";
+}
+
+/// `UplinkState::flags`: the link is administratively and operationally up.
+pub const UPLINK_UP: u8 = 1;
+/// `UplinkState::flags`: `addr` and `prefix_len` hold the primary address.
+pub const UPLINK_HAS_ADDR: u8 = 2;
+
+/// The uplink as userspace last saw it on rtnetlink (single-entry array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UplinkState {
+    pub ifindex: u32,
+    pub addr: u32,
+    pub prefix_len: u8,
+    pub flags: u8,
+    pub mac: [u8; 6],
+}
+
+impl UplinkState {
+    /// Forwarding needs both: an address to match and a link to send on.
+    pub const fn usable(&self) -> bool {
+        self.flags & (UPLINK_UP | UPLINK_HAS_ADDR) == (UPLINK_UP | UPLINK_HAS_ADDR)
+    }
+
+    /// The uplink's netmask in wire order; zero for a /0.
+    pub const fn netmask(&self) -> u32 {
+        prefix_to_mask(self.prefix_len)
+    }
+}
+
+/// The netmask of a prefix length, in wire order.
+pub const fn prefix_to_mask(prefix_len: u8) -> u32 {
+    if prefix_len == 0 {
+        0
+    } else if prefix_len >= 32 {
+        u32::MAX
+    } else {
+        (u32::MAX << (32 - prefix_len as u32)).to_be()
+    }
+}
+
+/// A forward rule is found by protocol and the uplink port it listens on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RuleKey {
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// An allowed peer network, address and mask in wire order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Cidr {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+impl Cidr {
+    pub const fn contains(&self, addr: u32) -> bool {
+        (addr ^ self.addr) & self.mask == 0
+    }
+}
+
+/// `ForwardRule::allow`: any peer.
+pub const ALLOW_ANY: u8 = 0;
+/// `ForwardRule::allow`: the uplink's connected subnet when its prefix is
+/// shorter than /32, otherwise any peer. Evaluated per packet against the
+/// live uplink state, so it follows address changes with no userspace work.
+pub const ALLOW_AUTO: u8 = 1;
+/// `ForwardRule::allow`: only peers in `cidrs[..n_cidrs]`.
+pub const ALLOW_LIST: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ForwardRule {
+    pub target_addr: u32,
+    pub target_port: u16,
+    pub allow: u8,
+    pub n_cidrs: u8,
+    /// Index into `RULE_COUNTERS`, assigned by userspace.
+    pub slot: u32,
+    pub pad: u32,
+    pub cidrs: [Cidr; MAX_ALLOW_CIDRS],
+}
+
+impl ForwardRule {
+    /// Whether `peer` may use this rule, given the uplink it arrived on.
+    pub fn allows(&self, peer: u32, uplink: &UplinkState) -> bool {
+        match self.allow {
+            ALLOW_ANY => true,
+            ALLOW_AUTO => {
+                uplink.prefix_len >= 32 || (peer ^ uplink.addr) & uplink.netmask() == 0
+            }
+            _ => {
+                let mut i = 0;
+                while i < MAX_ALLOW_CIDRS {
+                    if i >= self.n_cidrs as usize {
+                        return false;
+                    }
+                    if self.cidrs[i].contains(peer) {
+                        return true;
+                    }
+                    i += 1;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Replies are found by the target's address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ReverseKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Per-rule traffic, one copy per CPU. "in" is LAN to target, "out" the
+/// replies; bytes are IP datagram lengths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RuleCounters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+const _: () = {
+    assert!(size_of::<UplinkState>() == 16);
+    assert!(size_of::<RuleKey>() == 4);
+    assert!(size_of::<Cidr>() == 8);
+    assert!(size_of::<ForwardRule>() == 16 + 8 * MAX_ALLOW_CIDRS);
+    assert!(size_of::<ReverseKey>() == 8);
+    assert!(size_of::<RuleCounters>() == 32);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are repr(C), Pod, without implicit padding.
+    unsafe impl aya::Pod for UplinkState {}
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for ForwardRule {}
+    unsafe impl aya::Pod for ReverseKey {}
+    unsafe impl aya::Pod for RuleCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(octets: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(octets)
+    }
+
+    #[test]
+    fn masks_are_in_wire_order() {
+        assert_eq!(prefix_to_mask(24).to_ne_bytes(), [255, 255, 255, 0]);
+        assert_eq!(prefix_to_mask(17).to_ne_bytes(), [255, 255, 128, 0]);
+        assert_eq!(prefix_to_mask(0), 0);
+        assert_eq!(prefix_to_mask(32), u32::MAX);
+    }
+
+    #[test]
+    fn auto_allows_the_uplink_subnet_only_below_slash_32() {
+        let rule = ForwardRule { allow: ALLOW_AUTO, ..Default::default() };
+        let mut uplink = UplinkState {
+            addr: wire([192, 168, 1, 2]),
+            prefix_len: 24,
+            ..Default::default()
+        };
+        assert!(rule.allows(wire([192, 168, 1, 77]), &uplink));
+        assert!(!rule.allows(wire([192, 168, 2, 77]), &uplink));
+        uplink.prefix_len = 32;
+        assert!(rule.allows(wire([8, 8, 8, 8]), &uplink));
+    }
+
+    #[test]
+    fn list_checks_only_the_configured_cidrs() {
+        let mut rule = ForwardRule { allow: ALLOW_LIST, n_cidrs: 2, ..Default::default() };
+        rule.cidrs[0] = Cidr { addr: wire([10, 0, 0, 0]), mask: prefix_to_mask(8) };
+        rule.cidrs[1] = Cidr { addr: wire([192, 168, 5, 9]), mask: prefix_to_mask(32) };
+        // A stale third entry must not count once n_cidrs says two.
+        rule.cidrs[2] = Cidr { addr: 0, mask: 0 };
+        let uplink = UplinkState::default();
+        assert!(rule.allows(wire([10, 200, 1, 1]), &uplink));
+        assert!(rule.allows(wire([192, 168, 5, 9]), &uplink));
+        assert!(!rule.allows(wire([192, 168, 5, 10]), &uplink));
+        rule.n_cidrs = 0;
+        assert!(!rule.allows(wire([10, 200, 1, 1]), &uplink));
+    }
+}

@@ -1,0 +1,63 @@
+//! TC programs of the forwarder. `uplink_ingress` runs on the uplink and
+//! DNATs forwarded ports to their targets; `downstream_ingress` runs on every
+//! downstream interface and translates the targets' replies back. Anything a
+//! program does not claim goes on untouched with `TC_ACT_UNSPEC`, so other
+//! programs on the same hook still run, and the reason is counted.
+#![no_std]
+#![no_main]
+
+mod fib;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod reply;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
+use forwarder_common::reason::{Disposition, Reason};
+
+/// What a program decided for one packet.
+pub enum Verdict {
+    /// The packet was rewritten and redirected; the value is the TC action
+    /// the redirect helper returned.
+    Redirected(i32),
+    /// Not claimed (or dropped, per the reason's disposition).
+    Skipped(Reason),
+}
+
+fn finish(verdict: Verdict) -> i32 {
+    match verdict {
+        Verdict::Redirected(action) => action,
+        Verdict::Skipped(reason) => {
+            maps::count_reason(reason);
+            match reason.disposition() {
+                Disposition::Passed => TC_ACT_UNSPEC,
+                Disposition::Dropped => TC_ACT_SHOT as i32,
+            }
+        }
+    }
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    finish(forward::uplink_ingress(&ctx))
+}
+
+#[classifier]
+pub fn downstream_ingress(ctx: TcContext) -> i32 {
+    finish(reply::downstream_ingress(&ctx))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

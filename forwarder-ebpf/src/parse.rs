@@ -1,0 +1,208 @@
+//! One bounds-checked parse function per header. Each reads through direct
+//! packet access and returns the fields the programs need, or the reason the
+//! packet is not ours to touch. Fields stay in wire order.
+
+use aya_ebpf::programs::TcContext;
+use forwarder_common::{
+    maps::{PROTO_TCP, PROTO_UDP},
+    reason::Reason,
+};
+
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+/// Offset of the IPv4 header: only untagged Ethernet frames are handled.
+pub const L3_OFF: usize = ETH_HLEN;
+/// Offset of the transport header: packets with IP options are not handled.
+pub const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const ICMP_HLEN: usize = 8;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+pub const PROTO_ICMP: u8 = 1;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// The first eight bytes of TCP and UDP: ports at the same place in both.
+#[repr(C)]
+pub struct Ports {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
+/// A pointer to a `T` at `off`, if the linear data holds all of it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Makes the first `len` bytes (or the whole packet, if shorter) directly
+/// accessible. A non-linear skb keeps headers in fragments otherwise.
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext, len: usize) {
+    if ctx.data() + len <= ctx.data_end() {
+        return;
+    }
+    let want = (ctx.len() as usize).min(len);
+    // A failed pull leaves the packet as it was; the parsers then report it
+    // as truncated and it is passed untouched.
+    let _ = ctx.pull_data(want as u32);
+}
+
+/// Only untagged IPv4 goes further.
+#[inline(always)]
+pub fn parse_eth(ctx: &TcContext) -> Result<(), Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    match u16::from_be_bytes(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => Ok(()),
+        ETH_P_IPV6 => Err(Reason::Ipv6),
+        ETH_P_8021Q | ETH_P_8021AD => Err(Reason::Vlan),
+        _ => Err(Reason::NotIpv4),
+    }
+}
+
+/// The IPv4 fields the programs decide on.
+#[derive(Clone, Copy)]
+pub struct Ipv4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    pub ttl: u8,
+    pub tot_len: u16,
+}
+
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let version = ip.version_ihl >> 4;
+    let ihl = ip.version_ihl & 0x0f;
+    if version != 4 || ihl < 5 {
+        return Err(Reason::BadIpHeader);
+    }
+    if ihl != 5 {
+        return Err(Reason::IpOptions);
+    }
+    let tot_len = u16::from_be_bytes(ip.tot_len);
+    if (tot_len as usize) < IPV4_HLEN || tot_len as usize > (ctx.len() as usize).saturating_sub(L3_OFF) {
+        return Err(Reason::BadLength);
+    }
+    // Any offset, or More Fragments: only the reassembling stack can tell
+    // which flow a fragment belongs to.
+    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
+        return Err(Reason::Fragment);
+    }
+    Ok(Ipv4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        proto: ip.proto,
+        ttl: ip.ttl,
+        tot_len,
+    })
+}
+
+/// Ports of a TCP or UDP segment, with its checksum's offset in the packet.
+#[derive(Clone, Copy)]
+pub struct L4 {
+    pub sport: u16,
+    pub dport: u16,
+    pub check_off: usize,
+}
+
+#[inline(always)]
+pub fn parse_l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Reason> {
+    let (hlen, check_off) = match ip.proto {
+        PROTO_TCP => (TCP_HLEN, L4_OFF + 16),
+        PROTO_UDP => (UDP_HLEN, L4_OFF + 6),
+        _ => return Err(Reason::OtherProtocol),
+    };
+    if (ip.tot_len as usize) < IPV4_HLEN + hlen {
+        return Err(Reason::BadLength);
+    }
+    if ctx.data() + L4_OFF + hlen > ctx.data_end() {
+        return Err(Reason::Truncated);
+    }
+    let ports: *const Ports = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &*ports };
+    Ok(L4 {
+        sport: ports.sport,
+        dport: ports.dport,
+        check_off,
+    })
+}
+
+/// What an ICMP error quotes of the offending packet: where it was going.
+#[derive(Clone, Copy)]
+pub struct QuotedFlow {
+    pub daddr: u32,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+/// For an ICMP destination-unreachable, time-exceeded or parameter-problem
+/// message, the flow it quotes; `None` for every other ICMP message.
+#[inline(always)]
+pub fn parse_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<QuotedFlow>, Reason> {
+    let icmp: *const IcmpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let kind = unsafe { (*icmp).kind };
+    if !matches!(kind, 3 | 11 | 12) {
+        return Ok(None);
+    }
+    let inner_off = L4_OFF + ICMP_HLEN;
+    let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    if inner.version_ihl != 0x45 {
+        return Err(Reason::IpOptions);
+    }
+    if (ip.tot_len as usize) < IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + 4 {
+        return Err(Reason::BadLength);
+    }
+    let ports: *const Ports = ptr_at(ctx, inner_off + IPV4_HLEN).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &*ports };
+    Ok(Some(QuotedFlow {
+        daddr: inner.daddr,
+        proto: inner.proto,
+        dport: ports.dport,
+    }))
+}

@@ -1,0 +1,94 @@
+//! Downstream ingress: a forward target's reply, from the target port, on the
+//! interface that routes to the target, to a peer the rule allows, is SNATed
+//! to the uplink's address and listen port and redirected out of the uplink.
+//! Both directions thus bypass conntrack, which never sees half a flow.
+
+use aya_ebpf::programs::TcContext;
+use forwarder_common::{maps::ReverseKey, reason::Reason};
+
+use crate::{
+    Verdict, fib,
+    maps::{self, Direction},
+    nat::{self, End},
+    parse::{self, L4_OFF, PROTO_ICMP},
+};
+
+/// Ethernet, IPv4, and either TCP or an ICMP error quoting IPv4 and ports.
+const HEADERS: usize = L4_OFF + 36;
+
+#[inline(always)]
+pub fn downstream_ingress(ctx: &TcContext) -> Verdict {
+    match try_reply(ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => Verdict::Skipped(reason),
+    }
+}
+
+#[inline(always)]
+fn try_reply(ctx: &TcContext) -> Result<Verdict, Reason> {
+    parse::pull_headers(ctx, HEADERS);
+    parse::parse_eth(ctx)?;
+    let ip = parse::parse_ipv4(ctx)?;
+    if ip.proto == PROTO_ICMP {
+        return Err(icmp_error_reason(ctx, &ip));
+    }
+    let l4 = parse::parse_l4(ctx, &ip)?;
+    let reverse = ReverseKey {
+        addr: ip.saddr,
+        port: l4.sport,
+        proto: ip.proto,
+        pad: 0,
+    };
+    let key = maps::reverse_rule(&reverse).ok_or(Reason::NoRule)?;
+    let rule = maps::forward_rule(&key).ok_or(Reason::NoRule)?;
+
+    let uplink = maps::uplink().ok_or(Reason::NoUplinkAddress)?;
+    if !uplink.usable() {
+        return Err(Reason::NoUplinkAddress);
+    }
+    if fib::is_martian(ip.daddr) || !rule.allows(ip.daddr, &uplink) {
+        return Err(Reason::PeerNotAllowed);
+    }
+    if ip.ttl <= 1 {
+        return Err(Reason::TtlExpired);
+    }
+    // SAFETY: reading a field of the context the program was given.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if !fib::reverse_path_ok(ctx, ifindex, ip.saddr, ip.daddr, ip.proto) {
+        return Err(Reason::ReversePathFailed);
+    }
+    let route = fib::lookup(ctx, ifindex, uplink.addr, ip.daddr, ip.proto, ip.tot_len)?;
+    if route.ifindex() != uplink.ifindex {
+        return Err(Reason::ReplyNotViaUplink);
+    }
+
+    if nat::rewrite(ctx, &ip, &l4, End::Source, uplink.addr, key.port).is_err() {
+        return Err(Reason::RewriteFailed);
+    }
+    maps::count_rule(rule.slot, Direction::Out, ip.tot_len);
+    Ok(Verdict::Redirected(nat::redirect(ctx, route)))
+}
+
+/// An ICMP error about a forwarded flow quotes the target's internal address;
+/// it must never be routed toward the uplink. It is dropped here; anything
+/// else ICMP is the stack's.
+#[inline(always)]
+fn icmp_error_reason(ctx: &TcContext, ip: &parse::Ipv4) -> Reason {
+    match parse::parse_icmp_error(ctx, ip) {
+        Ok(Some(quoted)) => {
+            let key = ReverseKey {
+                addr: quoted.daddr,
+                port: quoted.dport,
+                proto: quoted.proto,
+                pad: 0,
+            };
+            if maps::reverse_rule(&key).is_some() {
+                Reason::IcmpErrorDropped
+            } else {
+                Reason::OtherProtocol
+            }
+        }
+        Ok(None) => Reason::OtherProtocol,
+        Err(reason) => reason,
+    }
+}

@@ -1,0 +1,18 @@
+//! The forwarder's userspace: configuration, loading and attaching the
+//! datapath, keeping its maps current from rtnetlink, and the operator CLI.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod interfaces;
+pub mod netlink;
+pub mod nft;
+pub mod pin;
+pub mod rules;
+pub mod spec;
+pub mod tables;
+
+/// The compiled eBPF object, embedded so the binary is self-contained.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ebpf"));

@@ -1,0 +1,135 @@
+//! The one nftables object the forwarder owns: a nat chain that runs just
+//! before Qubes' masquerade and keeps masquerade from handing a forwarded
+//! port to an outbound connection. Without it, a connection masqueraded onto
+//! the listen port would have its replies claimed by the datapath and sent
+//! to the forward target instead of back through conntrack.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{rules::Rule, spec::Proto};
+
+pub const TABLE: &str = "forwarder";
+
+/// The largest run of ports in 1024-65535 that holds no listen port, for
+/// masquerade to pick from instead.
+pub fn free_range(listen: &[u16]) -> (u16, u16) {
+    let mut taken: Vec<u16> = listen.iter().copied().filter(|p| *p >= 1024).collect();
+    taken.sort_unstable();
+    taken.dedup();
+    let mut best = (0u16, 0u16);
+    let mut best_len = 0u32;
+    let mut start: u32 = 1024;
+    for port in taken.iter().map(|p| u32::from(*p)).chain(std::iter::once(65536)) {
+        if port > start && port - start > best_len {
+            best_len = port - start;
+            best = (start as u16, (port - 1) as u16);
+        }
+        start = port + 1;
+    }
+    best
+}
+
+fn ports_of(rules: &[Rule], proto: Proto) -> Vec<u16> {
+    rules.iter().filter(|r| r.proto == proto).map(|r| r.port).collect()
+}
+
+/// The complete table as one atomic nft transaction: create-then-delete
+/// makes it idempotent, so a table left by a killed predecessor is replaced.
+pub fn script(uplink: &str, rules: &[Rule]) -> String {
+    let mut out = format!("table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n");
+    let mut chain = String::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let ports = ports_of(rules, proto);
+        if ports.is_empty() {
+            continue;
+        }
+        let elements: Vec<String> = ports.iter().map(u16::to_string).collect();
+        out += &format!(
+            "\tset {proto}_listen {{\n\t\ttype inet_service\n\t\telements = {{ {} }}\n\t}}\n",
+            elements.join(", ")
+        );
+        let (lo, hi) = free_range(&ports);
+        chain += &format!(
+            "\t\toifname \"{uplink}\" {proto} sport @{proto}_listen masquerade to :{lo}-{hi}\n"
+        );
+    }
+    out += "\tchain keep-listen-ports-free {\n\t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n";
+    out += &chain;
+    out += "\t}\n}\n";
+    out
+}
+
+fn nft(input: &str) -> Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (the forwarder needs nftables installed)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft rejected:\n{input}\n{}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+pub fn install(uplink: &str, rules: &[Rule]) -> Result<()> {
+    nft(&script(uplink, rules))
+}
+
+pub fn remove() -> Result<()> {
+    nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::spec::AllowFrom;
+
+    #[test]
+    fn free_range_avoids_every_listen_port() {
+        assert_eq!(free_range(&[]), (1024, 65535));
+        assert_eq!(free_range(&[53317]), (1024, 53316));
+        assert_eq!(free_range(&[2000]), (2001, 65535));
+        assert_eq!(free_range(&[80, 443]), (1024, 65535));
+        assert_eq!(free_range(&[65535]), (1024, 65534));
+        assert_eq!(free_range(&[1024]), (1025, 65535));
+        let many: Vec<u16> = (0..10_000).map(|i| 1024 + i * 6).collect();
+        let (lo, hi) = free_range(&many);
+        assert!(many.iter().all(|p| *p < lo || *p > hi));
+        assert!(hi - lo > 1000);
+    }
+
+    #[test]
+    fn script_has_one_rule_per_protocol() {
+        let rule = |proto, port| Rule {
+            proto,
+            port,
+            target: Ipv4Addr::new(10, 137, 0, 5),
+            target_port: port,
+            allow: AllowFrom::Auto,
+        };
+        let s = script("wls6f0", &[rule(Proto::Tcp, 53317), rule(Proto::Udp, 53317), rule(Proto::Tcp, 8080)]);
+        assert!(s.contains("elements = { 53317, 8080 }"), "{s}");
+        assert!(s.contains("oifname \"wls6f0\" tcp sport @tcp_listen masquerade to :8081-53316"), "{s}");
+        assert!(s.contains("oifname \"wls6f0\" udp sport @udp_listen masquerade to :1024-53316"), "{s}");
+        let empty = script("eth0", &[]);
+        assert!(!empty.contains("masquerade"));
+        assert!(empty.contains("priority srcnat - 1"));
+    }
+}

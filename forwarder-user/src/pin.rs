@@ -1,0 +1,159 @@
+//! Where an instance pins its maps and links, and making sure that place is
+//! a bpffs.
+
+use std::{
+    ffi::CString,
+    fs,
+    io,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use forwarder_common::maps::LAYOUT_VERSION;
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `<pin-dir>/v<LAYOUT_VERSION>/{maps,links}`: the version in the path means
+/// an upgraded binary never adopts maps laid out for an older one.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+    pub maps: PathBuf,
+    pub links: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: &Path) -> Self {
+        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        PinLayout {
+            root: root.to_path_buf(),
+            maps: dir.join("maps"),
+            links: dir.join("links"),
+            dir,
+        }
+    }
+
+    pub fn link_pin(&self, role: &str, ifindex: u32) -> PathBuf {
+        self.links.join(format!("{role}-{ifindex}"))
+    }
+
+    /// Removes every pin of an instance and its directories; `root` too when
+    /// nothing else is left in it.
+    pub fn remove(&self) -> io::Result<()> {
+        for dir in [&self.links, &self.maps] {
+            match fs::read_dir(dir) {
+                Ok(entries) => {
+                    for entry in entries {
+                        fs::remove_file(entry?.path())?;
+                    }
+                    fs::remove_dir(dir)?;
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        for dir in [&self.dir, &self.root] {
+            match fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                // Another instance's layout version, or a mount point.
+                Err(err) if dir == &self.root => log::debug!("keeping {}: {err}", dir.display()),
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fs_type(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: statfs writes into the zeroed struct; c is NUL-terminated.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf.f_type as i64)
+}
+
+pub fn is_bpffs(path: &Path) -> bool {
+    fs_type(path).is_ok_and(|t| t == BPF_FS_MAGIC)
+}
+
+/// The closest existing ancestor of `path` (itself included).
+fn existing_ancestor(path: &Path) -> Option<&Path> {
+    path.ancestors().find(|p| p.exists())
+}
+
+/// The conventional bpffs mount point. sysfs allows no new directories, so a
+/// pin directory below it can only exist once a bpffs is mounted there.
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
+/// How the pin directory came to be on a bpffs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bpffs {
+    /// It already was (or lies below a bpffs mount).
+    Existing,
+    /// This process mounted one, at the given path.
+    Mounted(PathBuf),
+}
+
+/// Makes `layout.root` a directory on a bpffs, mounting one if no bpffs
+/// covers it (at /sys/fs/bpf for pin directories below it, else at the pin
+/// directory itself), then creates the layout's directories.
+pub fn prepare(layout: &PinLayout) -> Result<Bpffs> {
+    let ancestor = existing_ancestor(&layout.root)
+        .with_context(|| format!("{} has no existing ancestor", layout.root.display()))?;
+    let how = if is_bpffs(ancestor) {
+        Bpffs::Existing
+    } else {
+        let at = if layout.root.starts_with(SYS_FS_BPF) {
+            PathBuf::from(SYS_FS_BPF)
+        } else {
+            layout.root.clone()
+        };
+        fs::create_dir_all(&at).with_context(|| format!("creating {}", at.display()))?;
+        mount_bpffs(&at)?;
+        Bpffs::Mounted(at)
+    };
+    for dir in [&layout.root, &layout.dir, &layout.maps, &layout.links] {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if !is_bpffs(&layout.maps) {
+        bail!("{} is not on a bpffs", layout.maps.display());
+    }
+    Ok(how)
+}
+
+/// Unmounts a bpffs this process mounted, but only if nothing else was
+/// pinned in it meanwhile: unmounting would silently release those objects.
+pub fn unmount_if_empty(at: &Path) -> Result<bool> {
+    if fs::read_dir(at)?.next().is_some() {
+        return Ok(false);
+    }
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("unmounting the bpffs at {}", at.display()));
+    }
+    Ok(true)
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings.
+    let ret = unsafe {
+        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mounting a bpffs at {}", at.display()));
+    }
+    // Restrict who can even look at the pins: they control forwarding.
+    fs::set_permissions(at, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Forward rules as the daemon holds them, their checks, and their encoding
+//! into the datapath's map entries.
+
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
+
+use forwarder_common::maps::{
+    ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Cidr, ForwardRule, MAX_RULES, ReverseKey, RuleKey,
+};
+
+use crate::spec::{AllowFrom, Proto};
+
+/// A forward rule with its target resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub proto: Proto,
+    pub port: u16,
+    pub target: Ipv4Addr,
+    pub target_port: u16,
+    pub allow: AllowFrom,
+}
+
+impl Rule {
+    pub fn key(&self) -> RuleKey {
+        RuleKey {
+            port: self.port.to_be(),
+            proto: self.proto.number(),
+            pad: 0,
+        }
+    }
+
+    pub fn reverse_key(&self) -> ReverseKey {
+        ReverseKey {
+            addr: u32::from_ne_bytes(self.target.octets()),
+            port: self.target_port.to_be(),
+            proto: self.proto.number(),
+            pad: 0,
+        }
+    }
+
+    /// The map value for this rule, counting into `slot`.
+    pub fn encode(&self, slot: u32) -> ForwardRule {
+        let mut value = ForwardRule {
+            target_addr: u32::from_ne_bytes(self.target.octets()),
+            target_port: self.target_port.to_be(),
+            slot,
+            ..Default::default()
+        };
+        match &self.allow {
+            AllowFrom::Any => value.allow = ALLOW_ANY,
+            AllowFrom::Auto => value.allow = ALLOW_AUTO,
+            AllowFrom::List(cidrs) => {
+                value.allow = ALLOW_LIST;
+                value.n_cidrs = cidrs.len() as u8;
+                for (slot, cidr) in value.cidrs.iter_mut().zip(cidrs) {
+                    *slot = Cidr {
+                        addr: u32::from_ne_bytes(cidr.addr.octets()),
+                        mask: cidr.mask_wire(),
+                    };
+                }
+            }
+        }
+        value
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{} -> {}:{} (allow-from {})",
+            self.proto, self.port, self.target, self.target_port, self.allow
+        )
+    }
+}
+
+/// A set of rules the datapath can hold: at most one rule per listen port,
+/// and at most one per target, since replies are matched by the target.
+pub fn check(rules: &[Rule]) -> Result<(), String> {
+    if rules.len() > MAX_RULES as usize {
+        return Err(format!("{} forward rules; at most {MAX_RULES} are supported", rules.len()));
+    }
+    let mut listen = BTreeSet::new();
+    let mut targets = BTreeSet::new();
+    for rule in rules {
+        if !listen.insert((rule.proto, rule.port)) {
+            return Err(format!("{}:{} is forwarded twice", rule.proto, rule.port));
+        }
+        if !targets.insert((rule.proto, rule.target, rule.target_port)) {
+            return Err(format!(
+                "{} target {}:{} is used by two rules; replies could not be told apart",
+                rule.proto, rule.target, rule.target_port
+            ));
+        }
+        if rule.target.is_unspecified()
+            || rule.target.is_loopback()
+            || rule.target.is_multicast()
+            || rule.target.is_broadcast()
+        {
+            return Err(format!("{}: target {} is not a unicast host", rule_name(rule), rule.target));
+        }
+    }
+    Ok(())
+}
+
+fn rule_name(rule: &Rule) -> String {
+    format!("{}:{}", rule.proto, rule.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use forwarder_common::maps::{UplinkState, prefix_to_mask};
+
+    use super::*;
+
+    fn rule(proto: Proto, port: u16, target: [u8; 4], target_port: u16) -> Rule {
+        Rule { proto, port, target: Ipv4Addr::from(target), target_port, allow: AllowFrom::Auto }
+    }
+
+    #[test]
+    fn encoding_is_in_wire_order() {
+        let mut r = rule(Proto::Tcp, 53317, [10, 137, 0, 17], 8080);
+        r.allow = "192.168.1.0/24".parse().unwrap();
+        let key = r.key();
+        assert_eq!(key.port.to_ne_bytes(), 53317u16.to_be_bytes());
+        assert_eq!(key.proto, 6);
+        let value = r.encode(9);
+        assert_eq!(value.target_addr.to_ne_bytes(), [10, 137, 0, 17]);
+        assert_eq!(value.target_port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(value.slot, 9);
+        assert_eq!((value.allow, value.n_cidrs), (ALLOW_LIST, 1));
+        assert_eq!(value.cidrs[0].mask, prefix_to_mask(24));
+        let uplink = UplinkState::default();
+        assert!(value.allows(u32::from_ne_bytes([192, 168, 1, 9]), &uplink));
+        assert!(!value.allows(u32::from_ne_bytes([192, 168, 9, 9]), &uplink));
+        let rev = r.reverse_key();
+        assert_eq!(rev.addr, value.target_addr);
+        assert_eq!(rev.port, value.target_port);
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let a = rule(Proto::Tcp, 80, [10, 0, 0, 1], 80);
+        let same_port = rule(Proto::Tcp, 80, [10, 0, 0, 2], 80);
+        let same_target = rule(Proto::Tcp, 8080, [10, 0, 0, 1], 80);
+        let other_proto = rule(Proto::Udp, 80, [10, 0, 0, 1], 80);
+        assert!(check(&[a.clone(), other_proto]).is_ok());
+        assert!(check(&[a.clone(), same_port]).unwrap_err().contains("forwarded twice"));
+        assert!(check(&[a, same_target]).unwrap_err().contains("told apart"));
+    }
+
+    #[test]
+    fn non_unicast_targets_are_rejected() {
+        for target in [[0, 0, 0, 0], [127, 0, 0, 1], [224, 0, 0, 167], [255, 255, 255, 255]] {
+            assert!(check(&[rule(Proto::Udp, 1, target, 1)]).is_err(), "{target:?}");
+        }
+    }
+}

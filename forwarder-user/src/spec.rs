@@ -1,0 +1,298 @@
+//! The textual forms operators type: forward specs, allow-from lists, CIDRs.
+//! Every error names the accepted form, so a bad flag or config value can be
+//! fixed from the message alone.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use forwarder_common::maps::{MAX_ALLOW_CIDRS, PROTO_TCP, PROTO_UDP, prefix_to_mask};
+
+pub const FORWARD_FORM: &str = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]], PROTO tcp or udp, ports 1-65535 (e.g. tcp:53317=10.137.0.17 or udp:5000=10.137.0.17:6000)";
+pub const ALLOW_FROM_FORM: &str = "auto, any, or a comma-separated list of up to 8 IPv4 CIDRs (e.g. 192.168.1.0/24,10.0.0.7)";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Proto> {
+        match number {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            _ => Err(format!("unknown protocol {s:?}: expected tcp or udp")),
+        }
+    }
+}
+
+fn parse_port(s: &str, what: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{what} {s:?} is not a port number 1-65535")),
+        Ok(port) => Ok(port),
+    }
+}
+
+fn parse_ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
+    s.parse::<Ipv4Addr>()
+        .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
+}
+
+/// `PROTO:PORT[=TARGET_IP[:TARGET_PORT]]`. A missing target address means
+/// "the default target"; a missing target port means "the same port".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardSpec {
+    pub proto: Proto,
+    pub port: u16,
+    pub target: Option<Ipv4Addr>,
+    pub target_port: Option<u16>,
+}
+
+impl FromStr for ForwardSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let fail = |why: String| format!("{why}; expected {FORWARD_FORM}");
+        let (listen, target) = match s.split_once('=') {
+            Some((listen, target)) => (listen, Some(target)),
+            None => (s, None),
+        };
+        let (proto, port) = listen
+            .split_once(':')
+            .ok_or_else(|| fail(format!("{s:?} has no PROTO:PORT")))?;
+        let proto = proto.parse::<Proto>().map_err(fail)?;
+        let port = parse_port(port, "listen port").map_err(fail)?;
+        let (target, target_port) = match target {
+            None => (None, None),
+            Some(target) => {
+                let (addr, tport) = match target.split_once(':') {
+                    Some((addr, tport)) => (addr, Some(tport)),
+                    None => (target, None),
+                };
+                let addr = parse_ipv4(addr, "target").map_err(fail)?;
+                let tport = tport
+                    .map(|p| parse_port(p, "target port"))
+                    .transpose()
+                    .map_err(fail)?;
+                (Some(addr), tport)
+            }
+        };
+        Ok(ForwardSpec { proto, port, target, target_port })
+    }
+}
+
+impl fmt::Display for ForwardSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.proto, self.port)?;
+        if let Some(target) = self.target {
+            write!(f, "={target}")?;
+            if let Some(port) = self.target_port {
+                write!(f, ":{port}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An IPv4 network. Host bits must be zero: `192.168.1.5/24` is almost
+/// certainly a typo for one of two different things.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn mask_wire(&self) -> u32 {
+        prefix_to_mask(self.prefix_len)
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        (u32::from_ne_bytes(addr.octets()) ^ u32::from_ne_bytes(self.addr.octets()))
+            & self.mask_wire()
+            == 0
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix_len) = match s.split_once('/') {
+            Some((addr, len)) => {
+                let len = len
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|len| *len <= 32)
+                    .ok_or_else(|| format!("{s:?}: prefix length must be 0-32"))?;
+                (addr, len)
+            }
+            None => (s, 32),
+        };
+        let addr = parse_ipv4(addr, "network")?;
+        let cidr = Ipv4Cidr { addr, prefix_len };
+        let network = Ipv4Addr::from(
+            (u32::from_ne_bytes(addr.octets()) & cidr.mask_wire()).to_ne_bytes(),
+        );
+        if network != addr {
+            return Err(format!(
+                "{s:?} has host bits set; the network is {network}/{prefix_len}"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Which peers may use a forward rule (and receive its replies).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AllowFrom {
+    /// The uplink's connected subnet when its prefix is shorter than /32
+    /// (a router on a LAN), otherwise any (an internal hop whose upstream
+    /// router already filtered).
+    #[default]
+    Auto,
+    Any,
+    List(Vec<Ipv4Cidr>),
+}
+
+impl FromStr for AllowFrom {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let fail = |why: String| format!("{why}; expected {ALLOW_FROM_FORM}");
+        match s.trim() {
+            "auto" => Ok(AllowFrom::Auto),
+            "any" => Ok(AllowFrom::Any),
+            "" => Err(fail("empty allow-from".into())),
+            list => {
+                let cidrs = list
+                    .split(',')
+                    .map(|c| c.trim().parse::<Ipv4Cidr>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(fail)?;
+                if cidrs.len() > MAX_ALLOW_CIDRS {
+                    return Err(fail(format!("{} CIDRs given", cidrs.len())));
+                }
+                Ok(AllowFrom::List(cidrs))
+            }
+        }
+    }
+}
+
+impl fmt::Display for AllowFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowFrom::Auto => f.write_str("auto"),
+            AllowFrom::Any => f.write_str("any"),
+            AllowFrom::List(cidrs) => {
+                let parts: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_full_form() {
+        let spec: ForwardSpec = "udp:5000=10.137.0.17:6000".parse().unwrap();
+        assert_eq!(
+            spec,
+            ForwardSpec {
+                proto: Proto::Udp,
+                port: 5000,
+                target: Some(Ipv4Addr::new(10, 137, 0, 17)),
+                target_port: Some(6000),
+            }
+        );
+        assert_eq!(spec.to_string(), "udp:5000=10.137.0.17:6000");
+    }
+
+    #[test]
+    fn forward_short_forms() {
+        let spec: ForwardSpec = "TCP:53317".parse().unwrap();
+        assert_eq!((spec.proto, spec.port, spec.target), (Proto::Tcp, 53317, None));
+        let spec: ForwardSpec = "tcp:80=10.0.0.1".parse().unwrap();
+        assert_eq!(spec.target_port, None);
+        assert_eq!(spec.target, Some(Ipv4Addr::new(10, 0, 0, 1)));
+    }
+
+    #[test]
+    fn forward_errors_name_the_problem_and_the_form() {
+        for (input, needle) in [
+            ("sctp:80", "unknown protocol"),
+            ("tcp", "has no PROTO:PORT"),
+            ("tcp:0", "not a port number"),
+            ("tcp:65536", "not a port number"),
+            ("tcp:80=10.0.0", "not an IPv4 address"),
+            ("tcp:80=10.0.0.1:x", "target port"),
+            ("tcp:80=", "not an IPv4 address"),
+        ] {
+            let err = input.parse::<ForwardSpec>().unwrap_err();
+            assert!(err.contains(needle), "{input}: {err}");
+            assert!(err.contains("PROTO:PORT[=TARGET_IP[:TARGET_PORT]]"), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        let c: Ipv4Cidr = "192.168.1.0/24".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(192, 168, 1, 200)));
+        assert!(!c.contains(Ipv4Addr::new(192, 168, 2, 1)));
+        let host: Ipv4Cidr = "10.0.0.7".parse().unwrap();
+        assert_eq!(host.prefix_len, 32);
+        let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+        let err = "192.168.1.5/24".parse::<Ipv4Cidr>().unwrap_err();
+        assert!(err.contains("192.168.1.0/24"), "{err}");
+        assert!("10.0.0.0/33".parse::<Ipv4Cidr>().is_err());
+    }
+
+    #[test]
+    fn allow_from_forms() {
+        assert_eq!("auto".parse::<AllowFrom>().unwrap(), AllowFrom::Auto);
+        assert_eq!("any".parse::<AllowFrom>().unwrap(), AllowFrom::Any);
+        let list: AllowFrom = "192.168.1.0/24, 10.0.0.7".parse().unwrap();
+        assert_eq!(list.to_string(), "192.168.1.0/24,10.0.0.7/32");
+        let nine = vec!["10.0.0.1"; 9].join(",");
+        assert!(nine.parse::<AllowFrom>().unwrap_err().contains("up to 8"));
+        assert!("".parse::<AllowFrom>().is_err());
+        assert!("lan".parse::<AllowFrom>().unwrap_err().contains("auto, any"));
+    }
+}

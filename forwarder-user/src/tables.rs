@@ -1,0 +1,169 @@
+//! Typed access to the datapath's maps, either from the loaded object (the
+//! daemon) or from their pins (inspect, tests).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use forwarder_common::{
+    maps::{ForwardRule, MAX_RULES, ReverseKey, RuleCounters, RuleKey, UplinkState, names},
+    reason::Reason,
+};
+
+use crate::rules::Rule;
+
+pub struct Tables {
+    uplink: Array<MapData, UplinkState>,
+    forward: HashMap<MapData, RuleKey, ForwardRule>,
+    reverse: HashMap<MapData, ReverseKey, RuleKey>,
+    rule_counters: PerCpuArray<MapData, RuleCounters>,
+    reasons: PerCpuArray<MapData, u64>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+}
+
+fn open(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
+}
+
+impl Tables {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::from_maps(|name| take(ebpf, name))
+    }
+
+    /// Opens the maps a running instance pinned in `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        Self::from_maps(|name| open(dir, name))
+    }
+
+    fn from_maps(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        Ok(Tables {
+            uplink: get(names::UPLINK)?.try_into()?,
+            forward: get(names::FORWARD_RULES)?.try_into()?,
+            reverse: get(names::REVERSE_RULES)?.try_into()?,
+            rule_counters: get(names::RULE_COUNTERS)?.try_into()?,
+            reasons: get(names::REASON_COUNTERS)?.try_into()?,
+        })
+    }
+
+    pub fn uplink(&self) -> Result<UplinkState> {
+        Ok(self.uplink.get(&0, 0)?)
+    }
+
+    pub fn set_uplink(&mut self, state: UplinkState) -> Result<()> {
+        self.uplink.set(0, state, 0).context("updating the uplink state map")
+    }
+
+    /// The rules the datapath holds now, by key.
+    pub fn installed(&self) -> Result<BTreeMap<(u8, u16), (RuleKey, ForwardRule)>> {
+        let mut out = BTreeMap::new();
+        for entry in self.forward.iter() {
+            let (key, value) = entry?;
+            out.insert((key.proto, u16::from_be(key.port)), (key, value));
+        }
+        Ok(out)
+    }
+
+    /// Makes the rule maps hold exactly `rules`. A rule already installed
+    /// keeps its counter slot, so counters survive a restart or a reload;
+    /// a new rule gets a free slot with its counters zeroed.
+    pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<()> {
+        let installed = self.installed()?;
+        let kept: Vec<Option<u32>> = rules
+            .iter()
+            .map(|rule| {
+                installed
+                    .get(&(rule.proto.number(), rule.port))
+                    .map(|(_, value)| value.slot)
+                    .filter(|slot| *slot < MAX_RULES)
+            })
+            .collect();
+        let mut used: BTreeSet<u32> = kept.iter().flatten().copied().collect();
+        let cpus = nr_cpus().map_err(|(_, e)| e)?;
+        let mut next_free = 0;
+        for (rule, kept) in rules.iter().zip(kept) {
+            let slot = match kept {
+                Some(slot) => slot,
+                None => {
+                    while used.contains(&next_free) {
+                        next_free += 1;
+                    }
+                    if next_free >= MAX_RULES {
+                        return Err(anyhow!("no free counter slot for {rule}"));
+                    }
+                    used.insert(next_free);
+                    self.rule_counters
+                        .set(next_free, PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?, 0)
+                        .context("zeroing rule counters")?;
+                    next_free
+                }
+            };
+            // Reverse first: a reply can only follow a forwarded packet.
+            self.reverse
+                .insert(rule.reverse_key(), rule.key(), 0)
+                .with_context(|| format!("installing the reply entry of {rule}"))?;
+            self.forward
+                .insert(rule.key(), rule.encode(slot), 0)
+                .with_context(|| format!("installing {rule}"))?;
+        }
+
+        let wanted_forward: BTreeSet<(u8, u16)> =
+            rules.iter().map(|r| (r.proto.number(), r.port)).collect();
+        for ((proto, port), (key, _)) in &installed {
+            if !wanted_forward.contains(&(*proto, *port)) {
+                self.forward.remove(key).context("removing a stale forward rule")?;
+            }
+        }
+        let wanted_reverse: BTreeSet<(u32, u16, u8)> =
+            rules.iter().map(|r| reverse_tuple(&r.reverse_key())).collect();
+        let stale: Vec<ReverseKey> = self
+            .reverse
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted_reverse.contains(&reverse_tuple(k)))
+            .collect();
+        for key in stale {
+            self.reverse.remove(&key).context("removing a stale reply entry")?;
+        }
+        Ok(())
+    }
+
+    /// A rule's counters summed over CPUs.
+    pub fn rule_counters(&self, slot: u32) -> Result<RuleCounters> {
+        let per_cpu = self.rule_counters.get(&slot, 0)?;
+        Ok(per_cpu.iter().fold(RuleCounters::default(), |acc, c| RuleCounters {
+            packets_in: acc.packets_in + c.packets_in,
+            bytes_in: acc.bytes_in + c.bytes_in,
+            packets_out: acc.packets_out + c.packets_out,
+            bytes_out: acc.bytes_out + c.bytes_out,
+        }))
+    }
+
+    /// Every skip/drop reason with its count summed over CPUs.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>> {
+        Reason::ALL
+            .iter()
+            .map(|reason| {
+                let per_cpu = self.reasons.get(&(*reason as u32), 0)?;
+                Ok((*reason, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn reverse_tuple(key: &ReverseKey) -> (u32, u16, u8) {
+    (key.addr, key.port, key.proto)
+}
