@@ -27,7 +27,13 @@ pub mod names {
     pub const REVERSE_RULES: &str = "REVERSE_RULES";
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
-    pub const ALL: [&str; 5] = [UPLINK, FORWARD_RULES, REVERSE_RULES, RULE_COUNTERS, REASON_COUNTERS];
+    pub const ALL: [&str; 5] = [
+        UPLINK,
+        FORWARD_RULES,
+        REVERSE_RULES,
+        RULE_COUNTERS,
+        REASON_COUNTERS,
+    ];
 }
 
 /// Program names as the eBPF object defines them.
@@ -125,9 +131,7 @@ impl ForwardRule {
     pub fn allows(&self, peer: u32, uplink: &UplinkState) -> bool {
         match self.allow {
             ALLOW_ANY => true,
-            ALLOW_AUTO => {
-                uplink.prefix_len >= 32 || (peer ^ uplink.addr) & uplink.netmask() == 0
-            }
+            ALLOW_AUTO => uplink.prefix_len >= 32 || (peer ^ uplink.addr) & uplink.netmask() == 0,
             _ => {
                 let mut i = 0;
                 while i < MAX_ALLOW_CIDRS {
@@ -205,7 +209,10 @@ mod tests {
 
     #[test]
     fn auto_allows_the_uplink_subnet_only_below_slash_32() {
-        let rule = ForwardRule { allow: ALLOW_AUTO, ..Default::default() };
+        let rule = ForwardRule {
+            allow: ALLOW_AUTO,
+            ..Default::default()
+        };
         let mut uplink = UplinkState {
             addr: wire([192, 168, 1, 2]),
             prefix_len: 24,
@@ -219,9 +226,19 @@ mod tests {
 
     #[test]
     fn list_checks_only_the_configured_cidrs() {
-        let mut rule = ForwardRule { allow: ALLOW_LIST, n_cidrs: 2, ..Default::default() };
-        rule.cidrs[0] = Cidr { addr: wire([10, 0, 0, 0]), mask: prefix_to_mask(8) };
-        rule.cidrs[1] = Cidr { addr: wire([192, 168, 5, 9]), mask: prefix_to_mask(32) };
+        let mut rule = ForwardRule {
+            allow: ALLOW_LIST,
+            n_cidrs: 2,
+            ..Default::default()
+        };
+        rule.cidrs[0] = Cidr {
+            addr: wire([10, 0, 0, 0]),
+            mask: prefix_to_mask(8),
+        };
+        rule.cidrs[1] = Cidr {
+            addr: wire([192, 168, 5, 9]),
+            mask: prefix_to_mask(32),
+        };
         // A stale third entry must not count once n_cidrs says two.
         rule.cidrs[2] = Cidr { addr: 0, mask: 0 };
         let uplink = UplinkState::default();

@@ -93,7 +93,11 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for r in Reason::ALL {
             assert!(seen.insert(r.name()), "duplicate {}", r.name());
-            assert!(r.name().chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+            assert!(
+                r.name()
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            );
             assert!(!r.help().is_empty());
         }
     }

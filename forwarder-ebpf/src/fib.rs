@@ -2,13 +2,13 @@
 //! decision on purpose.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
     },
     helpers::bpf_fib_lookup,
     programs::TcContext,
-    EbpfContext,
 };
 use forwarder_common::reason::Reason;
 
@@ -17,7 +17,11 @@ const AF_INET: u8 = 2;
 /// Where a lookup says a packet goes.
 pub enum Route {
     /// Neighbour known: rewrite the MACs and redirect.
-    Resolved { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    Resolved {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
     /// Neighbour unresolved: let `bpf_redirect_neigh` resolve `nexthop`.
     Unresolved { ifindex: u32, nexthop: u32 },
 }
@@ -50,14 +54,8 @@ pub fn lookup(
     params.__bindgen_anon_3.ipv4_src = saddr;
     params.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
-    let ret = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let ret =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0) };
     // SAFETY: the kernel filled the union members for IPv4.
     let nexthop = unsafe { params.__bindgen_anon_4.ipv4_dst };
     match ret as u32 {

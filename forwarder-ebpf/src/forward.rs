@@ -61,12 +61,28 @@ fn try_forward(ctx: &TcContext) -> Result<Verdict, Reason> {
     if !fib::reverse_path_ok(ctx, ifindex, ip.saddr, ip.daddr, ip.proto) {
         return Err(Reason::ReversePathFailed);
     }
-    let route = fib::lookup(ctx, ifindex, ip.saddr, rule.target_addr, ip.proto, ip.tot_len)?;
+    let route = fib::lookup(
+        ctx,
+        ifindex,
+        ip.saddr,
+        rule.target_addr,
+        ip.proto,
+        parse::wire_len(ctx, &ip, &l4),
+    )?;
     if route.ifindex() == ifindex {
         return Err(Reason::TargetViaUplink);
     }
 
-    if nat::rewrite(ctx, &ip, &l4, End::Destination, rule.target_addr, rule.target_port).is_err() {
+    if nat::rewrite(
+        ctx,
+        &ip,
+        &l4,
+        End::Destination,
+        rule.target_addr,
+        rule.target_port,
+    )
+    .is_err()
+    {
         return Err(Reason::RewriteFailed);
     }
     maps::count_rule(rule.slot, Direction::In, ip.tot_len);

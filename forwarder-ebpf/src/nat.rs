@@ -67,7 +67,11 @@ pub fn rewrite(
     }
 
     // A UDP checksum of zero means "none" and must stay zero.
-    let mangled = if ip.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
+    let mangled = if ip.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0
+    } else {
+        0
+    };
     let flags = u64::from(mangled);
     ctx.l4_csum_replace(
         l4.check_off,
@@ -93,7 +97,11 @@ pub fn rewrite(
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, route: Route) -> i32 {
     match route {
-        Route::Resolved { ifindex, smac, dmac } => {
+        Route::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => {
             // The checksum helpers invalidated earlier packet pointers.
             if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
                 // SAFETY: bounds checked by ptr_at.
@@ -114,8 +122,7 @@ pub fn redirect(ctx: &TcContext, route: Route) -> i32 {
             };
             // SAFETY: nh is a valid bpf_redir_neigh for IPv4.
             unsafe {
-                bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
-                    as i32
+                bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) as i32
             }
         }
     }

@@ -121,7 +121,9 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
         return Err(Reason::IpOptions);
     }
     let tot_len = u16::from_be_bytes(ip.tot_len);
-    if (tot_len as usize) < IPV4_HLEN || tot_len as usize > (ctx.len() as usize).saturating_sub(L3_OFF) {
+    if (tot_len as usize) < IPV4_HLEN
+        || tot_len as usize > (ctx.len() as usize).saturating_sub(L3_OFF)
+    {
         return Err(Reason::BadLength);
     }
     // Any offset, or More Fragments: only the reassembling stack can tell
@@ -138,12 +140,14 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
     })
 }
 
-/// Ports of a TCP or UDP segment, with its checksum's offset in the packet.
+/// Ports of a TCP or UDP segment, with its checksum's offset in the packet
+/// and its header length.
 #[derive(Clone, Copy)]
 pub struct L4 {
     pub sport: u16,
     pub dport: u16,
     pub check_off: usize,
+    pub hlen: u16,
 }
 
 #[inline(always)]
@@ -156,16 +160,25 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Reason> {
     if (ip.tot_len as usize) < IPV4_HLEN + hlen {
         return Err(Reason::BadLength);
     }
-    if ctx.data() + L4_OFF + hlen > ctx.data_end() {
-        return Err(Reason::Truncated);
-    }
     let ports: *const Ports = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { &*ports };
+    let hlen = if ip.proto == PROTO_TCP {
+        let offset: *const u8 = ptr_at(ctx, L4_OFF + 12).ok_or(Reason::Truncated)?;
+        // SAFETY: bounds checked by ptr_at.
+        let data_offset = unsafe { *offset } >> 4;
+        if data_offset < 5 || (ip.tot_len as usize) < IPV4_HLEN + usize::from(data_offset) * 4 {
+            return Err(Reason::BadLength);
+        }
+        u16::from(data_offset) * 4
+    } else {
+        hlen as u16
+    };
     Ok(L4 {
         sport: ports.sport,
         dport: ports.dport,
         check_off,
+        hlen,
     })
 }
 
@@ -205,4 +218,18 @@ pub fn parse_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<QuotedFlow>
         proto: inner.proto,
         dport: ports.dport,
     }))
+}
+
+/// The largest IP packet this skb will put on the wire: a GSO packet is cut
+/// into segments of `gso_size` payload at the egress, so its own length says
+/// nothing about the MTU it needs.
+#[inline(always)]
+pub fn wire_len(ctx: &TcContext, ip: &Ipv4, l4: &L4) -> u16 {
+    // SAFETY: reading a field of the context the program was given.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        ip.tot_len
+    } else {
+        (IPV4_HLEN as u32 + u32::from(l4.hlen) + gso_size).min(u32::from(u16::MAX)) as u16
+    }
 }

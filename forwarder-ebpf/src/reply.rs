@@ -57,7 +57,14 @@ fn try_reply(ctx: &TcContext) -> Result<Verdict, Reason> {
     if !fib::reverse_path_ok(ctx, ifindex, ip.saddr, ip.daddr, ip.proto) {
         return Err(Reason::ReversePathFailed);
     }
-    let route = fib::lookup(ctx, ifindex, uplink.addr, ip.daddr, ip.proto, ip.tot_len)?;
+    let route = fib::lookup(
+        ctx,
+        ifindex,
+        uplink.addr,
+        ip.daddr,
+        ip.proto,
+        parse::wire_len(ctx, &ip, &l4),
+    )?;
     if route.ifindex() != uplink.ifindex {
         return Err(Reason::ReplyNotViaUplink);
     }

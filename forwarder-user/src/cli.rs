@@ -111,21 +111,42 @@ mod tests {
     #[test]
     fn repeated_flags_accumulate() {
         let cli = parse(&[
-            "run", "--uplink", "eth0", "--forward", "tcp:1=10.0.0.1", "--forward", "udp:2=10.0.0.1",
-            "--downstream", "^a", "--downstream", "^b",
+            "run",
+            "--uplink",
+            "eth0",
+            "--forward",
+            "tcp:1=10.0.0.1",
+            "--forward",
+            "udp:2=10.0.0.1",
+            "--downstream",
+            "^a",
+            "--downstream",
+            "^b",
         ])
         .unwrap();
         let Command::Run(args) = cli.command;
         assert_eq!(args.forward.len(), 2);
-        assert_eq!(args.downstream.len(), 2, "explicit patterns replace the default");
+        assert_eq!(
+            args.downstream.len(),
+            2,
+            "explicit patterns replace the default"
+        );
     }
 
     #[test]
     fn bad_values_name_the_flag_and_the_form() {
         for (args, flag, form) in [
-            (vec!["--forward", "tcp:x"], "--forward", "PROTO:PORT[=TARGET_IP[:TARGET_PORT]]"),
+            (
+                vec!["--forward", "tcp:x"],
+                "--forward",
+                "PROTO:PORT[=TARGET_IP[:TARGET_PORT]]",
+            ),
             (vec!["--allow-from", "lan"], "--allow-from", "auto, any"),
-            (vec!["--downstream", "("], "--downstream", "regular expression"),
+            (
+                vec!["--downstream", "("],
+                "--downstream",
+                "regular expression",
+            ),
             (vec!["--target", "10.0.0"], "--target", "IP"),
         ] {
             let mut full = vec!["run", "--uplink", "eth0"];
@@ -135,7 +156,15 @@ mod tests {
             assert!(err.contains(form), "{err}");
         }
         let err = parse(&["run", "--uplink", "a/b"]).unwrap_err().to_string();
-        assert!(err.contains("--uplink") && err.contains("1-15 characters"), "{err}");
-        assert!(parse(&["run"]).unwrap_err().to_string().contains("--uplink"));
+        assert!(
+            err.contains("--uplink") && err.contains("1-15 characters"),
+            "{err}"
+        );
+        assert!(
+            parse(&["run"])
+                .unwrap_err()
+                .to_string()
+                .contains("--uplink")
+        );
     }
 }

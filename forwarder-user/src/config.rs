@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use regex::Regex;
 
-use crate::{cli::RunArgs, rules::{self, Rule}};
+use crate::{
+    cli::RunArgs,
+    rules::{self, Rule},
+};
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -61,7 +64,15 @@ mod tests {
 
     #[test]
     fn targets_resolve_from_the_spec_or_the_default() {
-        let c = config(&["--forward", "tcp:80", "--forward", "udp:53=10.0.0.9:5353", "--target", "10.0.0.1"]).unwrap();
+        let c = config(&[
+            "--forward",
+            "tcp:80",
+            "--forward",
+            "udp:53=10.0.0.9:5353",
+            "--target",
+            "10.0.0.1",
+        ])
+        .unwrap();
         assert_eq!(c.rules[0].target, Ipv4Addr::new(10, 0, 0, 1));
         assert_eq!(c.rules[0].target_port, 80);
         assert_eq!(c.rules[1].target, Ipv4Addr::new(10, 0, 0, 9));
@@ -71,12 +82,21 @@ mod tests {
     #[test]
     fn missing_target_names_the_flag() {
         let err = config(&["--forward", "tcp:80"]).unwrap_err();
-        assert!(err.contains("--forward tcp:80") && err.contains("--target"), "{err}");
+        assert!(
+            err.contains("--forward tcp:80") && err.contains("--target"),
+            "{err}"
+        );
     }
 
     #[test]
     fn conflicting_rules_name_the_flag() {
-        let err = config(&["--forward", "tcp:80=10.0.0.1", "--forward", "tcp:80=10.0.0.2"]).unwrap_err();
+        let err = config(&[
+            "--forward",
+            "tcp:80=10.0.0.1",
+            "--forward",
+            "tcp:80=10.0.0.2",
+        ])
+        .unwrap_err();
         assert!(err.starts_with("--forward"), "{err}");
     }
 }

@@ -35,9 +35,16 @@ impl Daemon {
         if state != self.uplink {
             self.datapath.tables.set_uplink(state)?;
             if state.ifindex == 0 {
-                warn!("uplink {} is absent; waiting for it to appear", self.config.uplink);
+                warn!(
+                    "uplink {} is absent; waiting for it to appear",
+                    self.config.uplink
+                );
             } else {
-                info!("uplink {}: {}", self.config.uplink, interfaces::describe(&state));
+                info!(
+                    "uplink {}: {}",
+                    self.config.uplink,
+                    interfaces::describe(&state)
+                );
             }
             self.uplink = state;
         }
@@ -46,7 +53,10 @@ impl Daemon {
         if let Some(link) = self.interfaces.link_by_name(&self.config.uplink) {
             wanted.insert(link.index, (Role::Uplink, link.name.clone()));
         }
-        for link in self.interfaces.downstream(&self.config.downstream, &self.config.uplink) {
+        for link in self
+            .interfaces
+            .downstream(&self.config.downstream, &self.config.uplink)
+        {
             wanted.insert(link.index, (Role::Downstream, link.name.clone()));
         }
 
@@ -67,8 +77,14 @@ impl Daemon {
                 continue;
             }
             match self.datapath.attach(ifindex, &name, role) {
-                Ok(true) => info!("adopted the pinned {} link on {name} (ifindex {ifindex})", role.name()),
-                Ok(false) => info!("attached {} program to {name} (ifindex {ifindex})", role.name()),
+                Ok(true) => info!(
+                    "adopted the pinned {} link on {name} (ifindex {ifindex})",
+                    role.name()
+                ),
+                Ok(false) => info!(
+                    "attached {} program to {name} (ifindex {ifindex})",
+                    role.name()
+                ),
                 // The interface can vanish between the event and the attach;
                 // its removal event follows and settles the state.
                 Err(err) => warn!("cannot attach to {name} (ifindex {ifindex}): {err:#}"),
@@ -84,7 +100,9 @@ impl Daemon {
     }
 
     async fn resync(&mut self) -> Result<()> {
-        let (links, addresses) = netlink::dump().await.context("dumping links and addresses")?;
+        let (links, addresses) = netlink::dump()
+            .await
+            .context("dumping links and addresses")?;
         self.interfaces = Interfaces::new(links, addresses);
         self.reconcile()
     }
@@ -129,7 +147,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
     if let Bpffs::Mounted(at) = &bpffs {
         match pin::unmount_if_empty(at) {
             Ok(true) => info!("unmounted the bpffs at {}", at.display()),
-            Ok(false) => info!("left the bpffs at {} mounted: it holds other pins", at.display()),
+            Ok(false) => info!(
+                "left the bpffs at {} mounted: it holds other pins",
+                at.display()
+            ),
             Err(err) => warn!("{err:#}"),
         }
     }
@@ -151,7 +172,10 @@ async fn serve(config: RunConfig, layout: &PinLayout) -> Result<()> {
             info!("forwarding {rule}");
         }
         nft::install(&config.uplink, &config.rules)?;
-        info!("nftables table ip {} keeps masquerade off the listen ports", nft::TABLE);
+        info!(
+            "nftables table ip {} keeps masquerade off the listen ports",
+            nft::TABLE
+        );
         Ok(())
     })();
     if let Err(err) = setup {

@@ -99,6 +99,15 @@ impl Datapath {
         })
     }
 
+    /// The loaded program of a role, for BPF_PROG_TEST_RUN.
+    pub fn program(&self, role: Role) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(role.program())
+            .ok_or_else(|| anyhow!("no program {}", role.program()))?
+            .try_into()?)
+    }
+
     pub fn attached(&self) -> &BTreeMap<u32, Attachment> {
         &self.attached
     }
@@ -143,12 +152,22 @@ impl Datapath {
                 let pinned = fd_link
                     .pin(&pin)
                     .with_context(|| format!("pinning {}", pin.display()))?;
-                Hook::Tcx { link: FdLink::from(pinned), pin }
+                Hook::Tcx {
+                    link: FdLink::from(pinned),
+                    pin,
+                }
             }
         } else {
             Hook::Clsact(link)
         };
-        self.attached.insert(ifindex, Attachment { role, ifname: ifname.to_string(), hook });
+        self.attached.insert(
+            ifindex,
+            Attachment {
+                role,
+                ifname: ifname.to_string(),
+                hook,
+            },
+        );
         Ok(adopted)
     }
 

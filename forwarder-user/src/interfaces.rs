@@ -106,11 +106,19 @@ pub fn describe(state: &UplinkState) -> String {
         return "absent".into();
     }
     let addr = if state.flags & UPLINK_HAS_ADDR != 0 {
-        format!("{}/{}", Ipv4Addr::from(state.addr.to_ne_bytes()), state.prefix_len)
+        format!(
+            "{}/{}",
+            Ipv4Addr::from(state.addr.to_ne_bytes()),
+            state.prefix_len
+        )
     } else {
         "no IPv4 address".into()
     };
-    let link = if state.flags & UPLINK_UP != 0 { "up" } else { "down" };
+    let link = if state.flags & UPLINK_UP != 0 {
+        "up"
+    } else {
+        "down"
+    };
     let mac = state.mac.map(|b| format!("{b:02x}")).join(":");
     format!("ifindex {} {link}, {addr}, MAC {mac}", state.ifindex)
 }
@@ -120,11 +128,21 @@ mod tests {
     use super::*;
 
     fn link(index: u32, name: &str, running: bool) -> Link {
-        Link { index, name: name.into(), mac: Some([2, 0, 0, 0, 0, index as u8]), running }
+        Link {
+            index,
+            name: name.into(),
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            running,
+        }
     }
 
     fn addr(index: u32, a: [u8; 4], prefix_len: u8, secondary: bool) -> Address {
-        Address { index, addr: Ipv4Addr::from(a), prefix_len, secondary }
+        Address {
+            index,
+            addr: Ipv4Addr::from(a),
+            prefix_len,
+            secondary,
+        }
     }
 
     #[test]
@@ -159,11 +177,22 @@ mod tests {
     #[test]
     fn downstream_matching_excludes_the_uplink() {
         let ifs = Interfaces::new(
-            vec![link(1, "lo", true), link(2, "eth0", true), link(3, "vif3.0", true), link(4, "vif3.0-emu", true)],
+            vec![
+                link(1, "lo", true),
+                link(2, "eth0", true),
+                link(3, "vif3.0", true),
+                link(4, "vif3.0-emu", true),
+            ],
             vec![],
         );
-        let patterns = [Regex::new(r"^vif[0-9]+\.[0-9]+$").unwrap(), Regex::new("^eth").unwrap()];
-        let names: Vec<_> = ifs.downstream(&patterns, "eth0").map(|l| l.name.as_str()).collect();
+        let patterns = [
+            Regex::new(r"^vif[0-9]+\.[0-9]+$").unwrap(),
+            Regex::new("^eth").unwrap(),
+        ];
+        let names: Vec<_> = ifs
+            .downstream(&patterns, "eth0")
+            .map(|l| l.name.as_str())
+            .collect();
         assert_eq!(names, ["vif3.0"]);
     }
 

@@ -2,7 +2,10 @@
 //! dump and as a stream of changes. A stream that overflowed (the kernel
 //! dropped messages) is reported so the caller can dump again.
 
-use std::{io, net::{IpAddr, Ipv4Addr}};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -242,7 +245,9 @@ mod tests {
         msg.header.index = 7;
         msg.header.flags = LinkFlags::Up | LinkFlags::Running;
         msg.attributes.push(LinkAttribute::IfName("vif3.0".into()));
-        msg.attributes.push(LinkAttribute::Address(vec![0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]));
+        msg.attributes.push(LinkAttribute::Address(vec![
+            0xfe, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]));
         let events = roundtrip(RouteNetlinkMessage::NewLink(msg.clone()));
         let expected = Event::NewLink(Link {
             index: 7,
@@ -257,7 +262,10 @@ mod tests {
             panic!("not a link");
         };
         assert!(!link.running, "up without carrier is not running");
-        assert_eq!(roundtrip(RouteNetlinkMessage::DelLink(msg))[0], Event::DelLink(7));
+        assert_eq!(
+            roundtrip(RouteNetlinkMessage::DelLink(msg))[0],
+            Event::DelLink(7)
+        );
     }
 
     #[test]
@@ -266,8 +274,14 @@ mod tests {
         msg.header.family = AddressFamily::Inet;
         msg.header.index = 3;
         msg.header.prefix_len = 24;
-        msg.attributes.push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 2))));
-        msg.attributes.push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 2))));
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(
+                192, 168, 1, 2,
+            ))));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(
+                192, 168, 1, 2,
+            ))));
         let events = roundtrip(RouteNetlinkMessage::NewAddress(msg.clone()));
         assert_eq!(
             events[0],
@@ -290,8 +304,14 @@ mod tests {
         let mut msg = AddressMessage::default();
         msg.header.family = AddressFamily::Inet;
         msg.header.prefix_len = 32;
-        msg.attributes.push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))));
-        msg.attributes.push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(
+                10, 0, 0, 2,
+            ))));
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(
+                10, 0, 0, 1,
+            ))));
         let Event::NewAddress(addr) = roundtrip(RouteNetlinkMessage::NewAddress(msg))[0] else {
             panic!("not an address");
         };
@@ -302,7 +322,8 @@ mod tests {
     fn ipv6_addresses_are_ignored() {
         let mut msg = AddressMessage::default();
         msg.header.family = AddressFamily::Inet6;
-        msg.attributes.push(AddressAttribute::Local("fe80::1".parse().unwrap()));
+        msg.attributes
+            .push(AddressAttribute::Local("fe80::1".parse().unwrap()));
         assert!(roundtrip(RouteNetlinkMessage::NewAddress(msg)).is_empty());
     }
 }

@@ -24,7 +24,11 @@ pub fn free_range(listen: &[u16]) -> (u16, u16) {
     let mut best = (0u16, 0u16);
     let mut best_len = 0u32;
     let mut start: u32 = 1024;
-    for port in taken.iter().map(|p| u32::from(*p)).chain(std::iter::once(65536)) {
+    for port in taken
+        .iter()
+        .map(|p| u32::from(*p))
+        .chain(std::iter::once(65536))
+    {
         if port > start && port - start > best_len {
             best_len = port - start;
             best = (start as u16, (port - 1) as u16);
@@ -35,7 +39,11 @@ pub fn free_range(listen: &[u16]) -> (u16, u16) {
 }
 
 fn ports_of(rules: &[Rule], proto: Proto) -> Vec<u16> {
-    rules.iter().filter(|r| r.proto == proto).map(|r| r.port).collect()
+    rules
+        .iter()
+        .filter(|r| r.proto == proto)
+        .map(|r| r.port)
+        .collect()
 }
 
 /// The complete table as one atomic nft transaction: create-then-delete
@@ -124,10 +132,23 @@ mod tests {
             target_port: port,
             allow: AllowFrom::Auto,
         };
-        let s = script("wls6f0", &[rule(Proto::Tcp, 53317), rule(Proto::Udp, 53317), rule(Proto::Tcp, 8080)]);
+        let s = script(
+            "wls6f0",
+            &[
+                rule(Proto::Tcp, 53317),
+                rule(Proto::Udp, 53317),
+                rule(Proto::Tcp, 8080),
+            ],
+        );
         assert!(s.contains("elements = { 53317, 8080 }"), "{s}");
-        assert!(s.contains("oifname \"wls6f0\" tcp sport @tcp_listen masquerade to :8081-53316"), "{s}");
-        assert!(s.contains("oifname \"wls6f0\" udp sport @udp_listen masquerade to :1024-53316"), "{s}");
+        assert!(
+            s.contains("oifname \"wls6f0\" tcp sport @tcp_listen masquerade to :8081-53316"),
+            "{s}"
+        );
+        assert!(
+            s.contains("oifname \"wls6f0\" udp sport @udp_listen masquerade to :1024-53316"),
+            "{s}"
+        );
         let empty = script("eth0", &[]);
         assert!(!empty.contains("masquerade"));
         assert!(empty.contains("priority srcnat - 1"));

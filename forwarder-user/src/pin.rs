@@ -3,8 +3,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
 };
@@ -147,7 +146,13 @@ fn mount_bpffs(at: &Path) -> Result<()> {
     let fstype = c"bpf";
     // SAFETY: all pointers are valid NUL-terminated strings.
     let ret = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if ret != 0 {
         return Err(io::Error::last_os_error())

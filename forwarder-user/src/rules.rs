@@ -77,7 +77,10 @@ impl fmt::Display for Rule {
 /// and at most one per target, since replies are matched by the target.
 pub fn check(rules: &[Rule]) -> Result<(), String> {
     if rules.len() > MAX_RULES as usize {
-        return Err(format!("{} forward rules; at most {MAX_RULES} are supported", rules.len()));
+        return Err(format!(
+            "{} forward rules; at most {MAX_RULES} are supported",
+            rules.len()
+        ));
     }
     let mut listen = BTreeSet::new();
     let mut targets = BTreeSet::new();
@@ -96,7 +99,11 @@ pub fn check(rules: &[Rule]) -> Result<(), String> {
             || rule.target.is_multicast()
             || rule.target.is_broadcast()
         {
-            return Err(format!("{}: target {} is not a unicast host", rule_name(rule), rule.target));
+            return Err(format!(
+                "{}: target {} is not a unicast host",
+                rule_name(rule),
+                rule.target
+            ));
         }
     }
     Ok(())
@@ -113,7 +120,13 @@ mod tests {
     use super::*;
 
     fn rule(proto: Proto, port: u16, target: [u8; 4], target_port: u16) -> Rule {
-        Rule { proto, port, target: Ipv4Addr::from(target), target_port, allow: AllowFrom::Auto }
+        Rule {
+            proto,
+            port,
+            target: Ipv4Addr::from(target),
+            target_port,
+            allow: AllowFrom::Auto,
+        }
     }
 
     #[test]
@@ -144,14 +157,26 @@ mod tests {
         let same_target = rule(Proto::Tcp, 8080, [10, 0, 0, 1], 80);
         let other_proto = rule(Proto::Udp, 80, [10, 0, 0, 1], 80);
         assert!(check(&[a.clone(), other_proto]).is_ok());
-        assert!(check(&[a.clone(), same_port]).unwrap_err().contains("forwarded twice"));
+        assert!(
+            check(&[a.clone(), same_port])
+                .unwrap_err()
+                .contains("forwarded twice")
+        );
         assert!(check(&[a, same_target]).unwrap_err().contains("told apart"));
     }
 
     #[test]
     fn non_unicast_targets_are_rejected() {
-        for target in [[0, 0, 0, 0], [127, 0, 0, 1], [224, 0, 0, 167], [255, 255, 255, 255]] {
-            assert!(check(&[rule(Proto::Udp, 1, target, 1)]).is_err(), "{target:?}");
+        for target in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [224, 0, 0, 167],
+            [255, 255, 255, 255],
+        ] {
+            assert!(
+                check(&[rule(Proto::Udp, 1, target, 1)]).is_err(),
+                "{target:?}"
+            );
         }
     }
 }

@@ -7,7 +7,8 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 use forwarder_common::maps::{MAX_ALLOW_CIDRS, PROTO_TCP, PROTO_UDP, prefix_to_mask};
 
 pub const FORWARD_FORM: &str = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]], PROTO tcp or udp, ports 1-65535 (e.g. tcp:53317=10.137.0.17 or udp:5000=10.137.0.17:6000)";
-pub const ALLOW_FROM_FORM: &str = "auto, any, or a comma-separated list of up to 8 IPv4 CIDRs (e.g. 192.168.1.0/24,10.0.0.7)";
+pub const ALLOW_FROM_FORM: &str =
+    "auto, any, or a comma-separated list of up to 8 IPv4 CIDRs (e.g. 192.168.1.0/24,10.0.0.7)";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Proto {
@@ -106,7 +107,12 @@ impl FromStr for ForwardSpec {
                 (Some(addr), tport)
             }
         };
-        Ok(ForwardSpec { proto, port, target, target_port })
+        Ok(ForwardSpec {
+            proto,
+            port,
+            target,
+            target_port,
+        })
     }
 }
 
@@ -159,9 +165,8 @@ impl FromStr for Ipv4Cidr {
         };
         let addr = parse_ipv4(addr, "network")?;
         let cidr = Ipv4Cidr { addr, prefix_len };
-        let network = Ipv4Addr::from(
-            (u32::from_ne_bytes(addr.octets()) & cidr.mask_wire()).to_ne_bytes(),
-        );
+        let network =
+            Ipv4Addr::from((u32::from_ne_bytes(addr.octets()) & cidr.mask_wire()).to_ne_bytes());
         if network != addr {
             return Err(format!(
                 "{s:?} has host bits set; the network is {network}/{prefix_len}"
@@ -247,7 +252,10 @@ mod tests {
     #[test]
     fn forward_short_forms() {
         let spec: ForwardSpec = "TCP:53317".parse().unwrap();
-        assert_eq!((spec.proto, spec.port, spec.target), (Proto::Tcp, 53317, None));
+        assert_eq!(
+            (spec.proto, spec.port, spec.target),
+            (Proto::Tcp, 53317, None)
+        );
         let spec: ForwardSpec = "tcp:80=10.0.0.1".parse().unwrap();
         assert_eq!(spec.target_port, None);
         assert_eq!(spec.target, Some(Ipv4Addr::new(10, 0, 0, 1)));
@@ -266,7 +274,10 @@ mod tests {
         ] {
             let err = input.parse::<ForwardSpec>().unwrap_err();
             assert!(err.contains(needle), "{input}: {err}");
-            assert!(err.contains("PROTO:PORT[=TARGET_IP[:TARGET_PORT]]"), "{input}: {err}");
+            assert!(
+                err.contains("PROTO:PORT[=TARGET_IP[:TARGET_PORT]]"),
+                "{input}: {err}"
+            );
         }
     }
 
@@ -293,6 +304,11 @@ mod tests {
         let nine = vec!["10.0.0.1"; 9].join(",");
         assert!(nine.parse::<AllowFrom>().unwrap_err().contains("up to 8"));
         assert!("".parse::<AllowFrom>().is_err());
-        assert!("lan".parse::<AllowFrom>().unwrap_err().contains("auto, any"));
+        assert!(
+            "lan"
+                .parse::<AllowFrom>()
+                .unwrap_err()
+                .contains("auto, any")
+        );
     }
 }

@@ -34,7 +34,8 @@ fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
     Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
 }
 
@@ -64,7 +65,9 @@ impl Tables {
     }
 
     pub fn set_uplink(&mut self, state: UplinkState) -> Result<()> {
-        self.uplink.set(0, state, 0).context("updating the uplink state map")
+        self.uplink
+            .set(0, state, 0)
+            .context("updating the uplink state map")
     }
 
     /// The rules the datapath holds now, by key.
@@ -106,7 +109,11 @@ impl Tables {
                     }
                     used.insert(next_free);
                     self.rule_counters
-                        .set(next_free, PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?, 0)
+                        .set(
+                            next_free,
+                            PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?,
+                            0,
+                        )
                         .context("zeroing rule counters")?;
                     next_free
                 }
@@ -124,11 +131,15 @@ impl Tables {
             rules.iter().map(|r| (r.proto.number(), r.port)).collect();
         for ((proto, port), (key, _)) in &installed {
             if !wanted_forward.contains(&(*proto, *port)) {
-                self.forward.remove(key).context("removing a stale forward rule")?;
+                self.forward
+                    .remove(key)
+                    .context("removing a stale forward rule")?;
             }
         }
-        let wanted_reverse: BTreeSet<(u32, u16, u8)> =
-            rules.iter().map(|r| reverse_tuple(&r.reverse_key())).collect();
+        let wanted_reverse: BTreeSet<(u32, u16, u8)> = rules
+            .iter()
+            .map(|r| reverse_tuple(&r.reverse_key()))
+            .collect();
         let stale: Vec<ReverseKey> = self
             .reverse
             .keys()
@@ -136,7 +147,9 @@ impl Tables {
             .filter(|k| !wanted_reverse.contains(&reverse_tuple(k)))
             .collect();
         for key in stale {
-            self.reverse.remove(&key).context("removing a stale reply entry")?;
+            self.reverse
+                .remove(&key)
+                .context("removing a stale reply entry")?;
         }
         Ok(())
     }
@@ -144,12 +157,14 @@ impl Tables {
     /// A rule's counters summed over CPUs.
     pub fn rule_counters(&self, slot: u32) -> Result<RuleCounters> {
         let per_cpu = self.rule_counters.get(&slot, 0)?;
-        Ok(per_cpu.iter().fold(RuleCounters::default(), |acc, c| RuleCounters {
-            packets_in: acc.packets_in + c.packets_in,
-            bytes_in: acc.bytes_in + c.bytes_in,
-            packets_out: acc.packets_out + c.packets_out,
-            bytes_out: acc.bytes_out + c.bytes_out,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(RuleCounters::default(), |acc, c| RuleCounters {
+                packets_in: acc.packets_in + c.packets_in,
+                bytes_in: acc.bytes_in + c.bytes_in,
+                packets_out: acc.packets_out + c.packets_out,
+                bytes_out: acc.bytes_out + c.bytes_out,
+            }))
     }
 
     /// Every skip/drop reason with its count summed over CPUs.

@@ -1,0 +1,193 @@
+//! A router namespace for BPF_PROG_TEST_RUN: real interfaces, routes and
+//! neighbours, so the programs' FIB lookups really happen, and the datapath
+//! loaded with its maps pinned in the test bpffs.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::programs::{TestRun as _, TestRunOptions};
+use forwarder::{
+    datapath::{Datapath, Role},
+    pin::{self, PinLayout},
+    rules::Rule,
+};
+use forwarder_common::{
+    maps::{UPLINK_HAS_ADDR, UPLINK_UP, UplinkState},
+    reason::Reason,
+};
+
+use crate::{bpffs::PinDir, netns::Netns, packet::Mac};
+
+pub const TC_ACT_UNSPEC: i32 = -1;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
+
+/// sizeof(struct __sk_buff) and the offset of its `ifindex`, which
+/// BPF_PROG_TEST_RUN uses to pick the device the packet arrives on.
+const SKB_CTX_LEN: usize = 192;
+const SKB_CTX_IFINDEX: usize = 40;
+const SKB_CTX_GSO_SIZE: usize = 176;
+
+pub const UPLINK_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
+pub const LAN_PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+pub const LAN_PEER_MAC: Mac = [0x02, 0, 0, 0, 1, 0x0a];
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+pub const GATEWAY_MAC: Mac = [0x02, 0, 0, 0, 1, 0x01];
+/// Behind vif1.0, with a neighbour entry.
+pub const TARGET: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 5);
+pub const TARGET_MAC: Mac = [0x02, 0, 0, 0, 0, 0x05];
+/// Behind vif2.0, with a neighbour entry.
+pub const OTHER_VM: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 6);
+/// Behind vif1.0, without a neighbour entry.
+pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
+
+#[derive(Clone, Debug)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+    pub mac: Mac,
+}
+
+pub struct Harness {
+    pub datapath: Datapath,
+    pub ns: Netns,
+    pub uplink: Iface,
+    pub vif1: Iface,
+    pub vif2: Iface,
+    _pins: PinDir,
+}
+
+fn iface(ns: &Netns, name: &str) -> Result<Iface> {
+    let line = ns.ip(&format!("-o link show dev {name}"))?;
+    let index = line
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no ifindex in {line:?}"))?;
+    let mac = line
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .ok_or_else(|| anyhow!("no MAC in {line:?}"))?;
+    Ok(Iface {
+        name: name.into(),
+        index,
+        mac: parse_mac(mac)?,
+    })
+}
+
+pub fn parse_mac(s: &str) -> Result<Mac> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC {s:?}"))?;
+    bytes.try_into().map_err(|_| anyhow!("MAC {s:?}"))
+}
+
+fn mac_str(mac: Mac) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+impl Harness {
+    pub fn new(rules: &[Rule]) -> Result<Self> {
+        let ns = Netns::new("testrun")?;
+        ns.sysctl("net.ipv4.ip_forward=1")?;
+        for (a, b) in [("up0", "lan0"), ("vif1.0", "vm1"), ("vif2.0", "vm2")] {
+            ns.ip(&format!("link add {a} type veth peer name {b}"))?;
+            ns.ip(&format!("link set {a} up"))?;
+            ns.ip(&format!("link set {b} up"))?;
+        }
+        ns.ip(&format!("addr add {UPLINK_ADDR}/24 dev up0"))?;
+        ns.ip(&format!("route add default via {GATEWAY} dev up0"))?;
+        for (addr, mac, dev) in [
+            (GATEWAY, GATEWAY_MAC, "up0"),
+            (LAN_PEER, LAN_PEER_MAC, "up0"),
+            (TARGET, TARGET_MAC, "vif1.0"),
+            (OTHER_VM, [0x02, 0, 0, 0, 0, 0x06], "vif2.0"),
+        ] {
+            if dev != "up0" {
+                ns.ip(&format!("route add {addr}/32 dev {dev}"))?;
+            }
+            ns.ip(&format!(
+                "neigh replace {addr} lladdr {} dev {dev} nud permanent",
+                mac_str(mac)
+            ))?;
+        }
+        ns.ip(&format!("route add {UNRESOLVED}/32 dev vif1.0"))?;
+        for dev in ["vif1.0", "vif2.0"] {
+            ns.ip(&format!("addr add 10.138.0.1/32 dev {dev}"))?;
+        }
+
+        let pins = PinDir::new("testrun")?;
+        let layout = PinLayout::new(pins.path());
+        pin::prepare(&layout)?;
+        let mut datapath = Datapath::load(&layout)?;
+        datapath.tables.sync_rules(rules)?;
+        let harness = Harness {
+            uplink: iface(&ns, "up0")?,
+            vif1: iface(&ns, "vif1.0")?,
+            vif2: iface(&ns, "vif2.0")?,
+            datapath,
+            ns,
+            _pins: pins,
+        };
+        let state = harness.uplink_state();
+        let mut harness = harness;
+        harness.datapath.tables.set_uplink(state)?;
+        Ok(harness)
+    }
+
+    /// The state the daemon would write for up0.
+    pub fn uplink_state(&self) -> UplinkState {
+        UplinkState {
+            ifindex: self.uplink.index,
+            addr: u32::from_ne_bytes(UPLINK_ADDR.octets()),
+            prefix_len: 24,
+            flags: UPLINK_UP | UPLINK_HAS_ADDR,
+            mac: self.uplink.mac,
+        }
+    }
+
+    /// Runs `role`'s program on `frame` as if it arrived on `ifindex`.
+    /// Returns the TC action and the packet as the program left it.
+    pub fn run(&self, role: Role, ifindex: u32, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
+        self.run_gso(role, ifindex, frame, 0)
+    }
+
+    /// As `run`, for a GSO packet the stack will cut into `gso_size` pieces.
+    pub fn run_gso(
+        &self,
+        role: Role,
+        ifindex: u32,
+        frame: &[u8],
+        gso_size: u32,
+    ) -> Result<(i32, Vec<u8>)> {
+        let _inside = self.ns.enter()?;
+        let prog = self.datapath.program(role)?;
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_CTX_IFINDEX..SKB_CTX_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[SKB_CTX_GSO_SIZE..SKB_CTX_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 512];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
+    pub fn reason(&self, reason: Reason) -> u64 {
+        self.datapath
+            .tables
+            .reason_counters()
+            .expect("reading reason counters")
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| n)
+    }
+}
