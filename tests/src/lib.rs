@@ -2,6 +2,11 @@
 //! Qubes-like topology and the processes running in it.
 
 pub mod bpffs;
+pub mod capture;
+pub mod daemon;
 pub mod netns;
 pub mod packet;
+pub mod sockets;
 pub mod testrun;
+pub mod topology;
+pub mod wait;

@@ -1,1 +1,50 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build|test>`.
+
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "forwarder's build, test and setup tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (idempotent): rust-src for
+    /// the nightly, bpf-linker for its LLVM, and the Debian packages.
+    Setup,
+    /// Set up, then build the self-contained `forwarder` binary (release).
+    Build,
+    /// Set up, then run every test tier: host unit tests, BPF_PROG_TEST_RUN
+    /// tests and the network-namespace integration tests (needs root).
+    Test {
+        /// Arguments passed to the privileged test binaries (e.g. a filter).
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => setup::run().and_then(|()| test::build_release()),
+        Task::Test { filter } => setup::run().and_then(|()| test::run(&filter)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

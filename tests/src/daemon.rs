@@ -1,0 +1,142 @@
+//! A `forwarder run` process inside a router namespace, stopped on drop.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use forwarder::{pin::PinLayout, tables::Tables};
+
+use crate::{bpffs::PinDir, netns::Netns, wait::wait_until};
+
+/// The `forwarder` binary under test: $FORWARDER_BIN, or the one cargo
+/// built next to this test executable.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FORWARDER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let candidate = profile_dir.join("forwarder");
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        bail!(
+            "{} not found: build it first (cargo build -p forwarder-user) or set FORWARDER_BIN",
+            candidate.display()
+        )
+    }
+}
+
+pub struct Forwarder {
+    child: Option<Child>,
+    pub pins: PinDir,
+    log: PathBuf,
+    label: String,
+}
+
+impl Forwarder {
+    /// Starts `forwarder run <args> --pin-dir <own dir>` in `ns` and waits
+    /// until the uplink program is attached and the uplink has an address.
+    pub fn start(ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
+        let pins = PinDir::new(label)?;
+        let log = std::env::temp_dir().join(format!("{}-{label}.log", ns.name()));
+        let stderr = File::create(&log)?;
+        let child = ns
+            .command(binary()?.to_str().context("binary path")?)
+            .arg("run")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(pins.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("spawning forwarder")?;
+        let mut fwd = Forwarder {
+            child: Some(child),
+            pins,
+            log,
+            label: label.into(),
+        };
+        let ready = wait_until(Duration::from_secs(20), || fwd.ready());
+        if !ready {
+            let status = fwd.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            bail!(
+                "{label} did not become ready (exit: {status:?}); log:\n{}",
+                fwd.log_text()
+            );
+        }
+        Ok(fwd)
+    }
+
+    fn layout(&self) -> PinLayout {
+        PinLayout::new(self.pins.path())
+    }
+
+    fn ready(&self) -> bool {
+        let layout = self.layout();
+        let has_uplink_link = std::fs::read_dir(&layout.links).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("uplink-"))
+        });
+        has_uplink_link
+            && Tables::open_pinned(&layout.maps)
+                .and_then(|t| t.uplink())
+                .is_ok_and(|u| u.usable())
+    }
+
+    /// The instance's maps, opened from their pins.
+    pub fn tables(&self) -> Result<Tables> {
+        Tables::open_pinned(&self.layout().maps)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("{} already stopped", self.label))?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} ignored SIGTERM for 10 s; log:\n{}",
+                    self.label,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Err(err) = self.stop() {
+                eprintln!("cleanup: {err:#}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,230 @@
+//! Echo servers and clients that live in a namespace. Servers report the
+//! peer address they saw, so tests can check which source survived NAT.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::Netns;
+
+/// Answers every TCP connection and UDP datagram on a port with
+/// "<peer ip>:<peer port> <what was received>".
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn reply_for(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{peer} ").into_bytes();
+    out.extend_from_slice(data);
+    out
+}
+
+impl EchoServer {
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp, udp) = ns.run(|| -> Result<_> {
+            let tcp = TcpListener::bind(("0.0.0.0", port)).context("binding TCP")?;
+            tcp.set_nonblocking(true)?;
+            let udp = UdpSocket::bind(("0.0.0.0", port)).context("binding UDP")?;
+            udp.set_read_timeout(Some(Duration::from_millis(20)))?;
+            Ok((tcp, udp))
+        })?;
+        let mut threads = Vec::new();
+        {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut conn, peer)) => {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                            std::thread::spawn(move || {
+                                let mut buf = [0u8; 65536];
+                                while let Ok(n) = conn.read(&mut buf) {
+                                    if n == 0
+                                        || conn.write_all(&reply_for(peer, &buf[..n])).is_err()
+                                    {
+                                        break;
+                                    }
+                                }
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }));
+        }
+        {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&reply_for(peer, &buf[..n]), peer);
+                    }
+                }
+            }));
+        }
+        Ok(EchoServer { stop, threads })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a client got back: the server's view of the client, and the reply's
+/// own source (for UDP).
+#[derive(Debug)]
+pub struct Echo {
+    pub seen_as: SocketAddr,
+    pub reply_from: Option<SocketAddr>,
+}
+
+fn parse_reply(reply: &[u8], sent: &[u8]) -> Result<SocketAddr> {
+    let text = String::from_utf8_lossy(reply);
+    let (peer, rest) = text.split_once(' ').context("malformed echo")?;
+    if rest.as_bytes() != sent {
+        bail!(
+            "echo mismatch: sent {:?}, got {rest:?}",
+            String::from_utf8_lossy(sent)
+        );
+    }
+    Ok(peer.parse()?)
+}
+
+/// One TCP exchange from `ns` to `to`, optionally from a fixed source port.
+pub fn tcp_echo(
+    ns: &Netns,
+    to: SocketAddrV4,
+    from_port: Option<u16>,
+    timeout: Duration,
+) -> Result<Echo> {
+    ns.run(|| {
+        let mut stream = match from_port {
+            None => TcpStream::connect_timeout(&to.into(), timeout)?,
+            Some(port) => connect_from(port, to, timeout)?,
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        let msg = b"hello through two NATs";
+        stream.write_all(msg)?;
+        let mut buf = vec![0u8; 256];
+        let mut got = 0;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let n = stream.read(&mut buf[got..])?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+            if let Ok(seen_as) = parse_reply(&buf[..got], msg) {
+                return Ok(Echo {
+                    seen_as,
+                    reply_from: None,
+                });
+            }
+        }
+        bail!(
+            "incomplete TCP echo: {:?}",
+            String::from_utf8_lossy(&buf[..got])
+        )
+    })
+}
+
+fn connect_from(port: u16, to: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    // std cannot bind before connect; do it by hand.
+    // SAFETY: plain socket calls with checked results; the fd is owned by
+    // the TcpStream on success and closed on failure.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let one: i32 = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
+        let mut local: libc::sockaddr_in = std::mem::zeroed();
+        local.sin_family = libc::AF_INET as u16;
+        local.sin_port = port.to_be();
+        if libc::bind(
+            fd,
+            (&raw const local).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            bail!("bind to port {port}: {err}");
+        }
+        let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let mut remote: libc::sockaddr_in = std::mem::zeroed();
+        remote.sin_family = libc::AF_INET as u16;
+        remote.sin_port = to.port().to_be();
+        remote.sin_addr.s_addr = u32::from_ne_bytes(to.ip().octets());
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as i64,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        );
+        if libc::connect(
+            fd,
+            (&raw const remote).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
+            bail!(
+                "connect to {to} from port {port}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(stream)
+    }
+}
+
+/// One UDP exchange, resending every 200 ms until a reply or the timeout.
+pub fn udp_echo(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Echo> {
+    ns.run(|| {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let msg = b"udp through two NATs";
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            sock.send_to(msg, to)?;
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let seen_as = parse_reply(&buf[..n], msg)?;
+                return Ok(Echo {
+                    seen_as,
+                    reply_from: Some(from),
+                });
+            }
+        }
+        bail!("no UDP reply from {to} within {timeout:?}")
+    })
+}

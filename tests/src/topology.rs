@@ -1,0 +1,291 @@
+//! The Qubes-like test topology of DESIGN.md:
+//!
+//!     lan (peer) -- sys-net --vif2.0/eth0-- sys-firewall --vif3.0/eth0-- app
+//!                                                        --vif4.0/eth0-- app2
+//!
+//! Routers carry Qubes 4.2's netvm tables (antispoofing, input policy drop,
+//! forward rules, masquerade) and sys-firewall also the qubes-firewall
+//! table; VMs have /32 addresses, vifs are in link group 2 with /32 routes
+//! and proxy ARP; the app runs a VM's own input table with the seed's accept
+//! rule. Every namespace is removed on drop.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::Netns;
+
+pub const LAN_PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+pub const LAN_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+pub const SYSNET_LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
+pub const SYSNET_INTERNAL: Ipv4Addr = Ipv4Addr::new(10, 138, 0, 1);
+pub const SYSFW: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 5);
+pub const APP: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 17);
+pub const APP2: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 18);
+pub const SYSNET_UPLINK: &str = "wls6f0";
+pub const SYSFW_UPLINK: &str = "eth0";
+pub const LOCALSEND_PORT: u16 = 53317;
+/// A port the app serves and accepts in its own firewall but that no router
+/// forwards: reaching it from the LAN would be a leak.
+pub const UNFORWARDED_PORT: u16 = 8080;
+
+/// Whether senders leave transport checksums to "hardware" (veth passes
+/// them on as CHECKSUM_PARTIAL, as Xen guests send) or compute them fully.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offload {
+    On,
+    Off,
+}
+
+pub struct Topology {
+    pub lan: Netns,
+    pub sysnet: Netns,
+    pub sysfw: Netns,
+    pub app: Netns,
+    pub app2: Netns,
+}
+
+fn qubes_netvm_tables(downstream: &[(&str, Ipv4Addr)]) -> String {
+    let addrs: Vec<String> = downstream.iter().map(|(_, a)| a.to_string()).collect();
+    let allowed: Vec<String> = downstream
+        .iter()
+        .map(|(vif, a)| format!("\"{vif}\" . {a}"))
+        .collect();
+    format!(
+        r#"table ip qubes {{
+    set downstream {{ type ipv4_addr; elements = {{ {addrs} }} }}
+    set allowed {{ type ifname . ipv4_addr; elements = {{ {allowed} }} }}
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifgroup 2 goto antispoof
+        ip saddr @downstream counter drop
+    }}
+    chain antispoof {{
+        iifname . ip saddr @allowed accept
+        counter drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifgroup 2 accept
+        oif lo accept
+        masquerade
+    }}
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        jump custom-input
+        ct state invalid counter drop
+        iifgroup 2 udp dport 68 counter drop
+        ct state established,related accept
+        iifgroup 2 meta l4proto icmp accept
+        iif lo accept
+        iifgroup 2 counter reject with icmp host-prohibited
+        counter
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        jump custom-forward
+        ct state invalid counter drop
+        ct state established,related accept
+        oifgroup 2 counter drop
+    }}
+    chain custom-input {{ }}
+    chain custom-forward {{ }}
+}}
+"#,
+        addrs = addrs.join(", "),
+        allowed = allowed.join(", "),
+    )
+}
+
+fn qubes_firewall_table(vms: &[Ipv4Addr]) -> String {
+    let mut out = String::from(
+        "table ip qubes-firewall {\n    chain forward {\n        type filter hook forward priority filter; policy drop;\n        ct state established,related accept\n        iifname != \"vif*\" accept\n",
+    );
+    for vm in vms {
+        out += &format!(
+            "        ip saddr {vm} jump qbs-{}\n",
+            vm.to_string().replace('.', "-")
+        );
+    }
+    out += "    }\n    chain prerouting {\n        type filter hook prerouting priority raw; policy accept;\n";
+    for vm in vms {
+        out += &format!("        iifname != \"vif*\" ip saddr {vm} drop\n");
+    }
+    out += "    }\n    chain postrouting {\n        type filter hook postrouting priority raw; policy accept;\n";
+    for vm in vms {
+        out += &format!("        oifname != \"vif*\" ip daddr {vm} drop\n");
+    }
+    out += "    }\n";
+    for vm in vms {
+        out += &format!(
+            "    chain qbs-{} {{\n        accept\n    }}\n",
+            vm.to_string().replace('.', "-")
+        );
+    }
+    out += "}\n";
+    out
+}
+
+/// A VM's own input table: policy drop, plus the seed's accept rules for
+/// `ports` (rc.local in the seed).
+fn vm_input_table(me: Ipv4Addr, ports: &[u16]) -> String {
+    let mut accept = String::new();
+    for port in ports {
+        for proto in ["tcp", "udp"] {
+            accept += &format!(
+                "        iif \"eth0\" {proto} dport {port} ip daddr {me} ct state new,established,related counter accept\n"
+            );
+        }
+    }
+    format!(
+        r#"table ip qubes {{
+    chain custom-input {{
+{accept}    }}
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        jump custom-input
+        ct state invalid counter drop
+        ct state established,related accept
+        iif lo accept
+        meta l4proto icmp accept
+        counter reject with icmp host-prohibited
+    }}
+}}
+"#
+    )
+}
+
+fn nft(ns: &Netns, ruleset: &str) -> Result<()> {
+    let path = std::env::temp_dir().join(format!("{}.nft", ns.name()));
+    std::fs::write(&path, ruleset)?;
+    let result = ns.sh(&format!("nft -f {}", path.display()));
+    let _ = std::fs::remove_file(&path);
+    result
+        .with_context(|| format!("loading nftables in {}:\n{ruleset}", ns.name()))
+        .map(drop)
+}
+
+/// A Qubes backend vif: the VM's /32 route, the gateway address on the vif,
+/// link group 2 and proxy ARP.
+fn vif(router: &Netns, vm: &Netns, vif: &str, gateway: Ipv4Addr, vm_addr: Ipv4Addr) -> Result<()> {
+    router.ip(&format!(
+        "link add {vif} type veth peer name eth0 netns {}",
+        vm.name()
+    ))?;
+    router.ip(&format!("link set {vif} group 2 up"))?;
+    router.ip(&format!("addr add {gateway}/32 dev {vif}"))?;
+    router.ip(&format!("route add {vm_addr}/32 dev {vif} metric 32752"))?;
+    router.sh(&format!("echo 1 > /proc/sys/net/ipv4/conf/{vif}/proxy_arp"))?;
+    vm.ip("link set eth0 up")?;
+    vm.ip(&format!("addr add {vm_addr}/32 dev eth0"))?;
+    vm.ip(&format!("route add {gateway}/32 dev eth0 scope link"))?;
+    vm.ip(&format!("route add default via {gateway} dev eth0"))?;
+    Ok(())
+}
+
+impl Topology {
+    pub fn build(offload: Offload) -> Result<Self> {
+        crate::netns::sweep_leftovers();
+        let t = Topology {
+            lan: Netns::new("lan")?,
+            sysnet: Netns::new("sysnet")?,
+            sysfw: Netns::new("sysfw")?,
+            app: Netns::new("app")?,
+            app2: Netns::new("app2")?,
+        };
+        t.lan.ip(&format!(
+            "link add eth0 type veth peer name {SYSNET_UPLINK} netns {}",
+            t.sysnet.name()
+        ))?;
+        t.lan.ip("link set eth0 up")?;
+        t.lan.ip(&format!("addr add {LAN_PEER}/24 dev eth0"))?;
+        t.lan.ip(&format!("route add default via {LAN_GATEWAY}"))?;
+        t.sysnet.ip(&format!("link set {SYSNET_UPLINK} up"))?;
+        t.sysnet
+            .ip(&format!("addr add {SYSNET_LAN}/24 dev {SYSNET_UPLINK}"))?;
+        t.sysnet
+            .ip(&format!("route add default via {LAN_GATEWAY}"))?;
+
+        vif(&t.sysnet, &t.sysfw, "vif2.0", SYSNET_INTERNAL, SYSFW)?;
+        vif(&t.sysfw, &t.app, "vif3.0", SYSFW, APP)?;
+        vif(&t.sysfw, &t.app2, "vif4.0", SYSFW, APP2)?;
+        for router in [&t.sysnet, &t.sysfw] {
+            router.sysctl("net.ipv4.ip_forward=1")?;
+        }
+
+        nft(&t.sysnet, &qubes_netvm_tables(&[("vif2.0", SYSFW)]))?;
+        nft(
+            &t.sysfw,
+            &qubes_netvm_tables(&[("vif3.0", APP), ("vif4.0", APP2)]),
+        )?;
+        nft(&t.sysfw, &qubes_firewall_table(&[APP, APP2]))?;
+        nft(
+            &t.app,
+            &vm_input_table(APP, &[LOCALSEND_PORT, UNFORWARDED_PORT]),
+        )?;
+        nft(&t.app2, &vm_input_table(APP2, &[LOCALSEND_PORT]))?;
+
+        t.set_offload(offload)?;
+        Ok(t)
+    }
+
+    pub fn namespaces(&self) -> [(&'static str, &Netns); 5] {
+        [
+            ("lan", &self.lan),
+            ("sys-net", &self.sysnet),
+            ("sys-firewall", &self.sysfw),
+            ("app", &self.app),
+            ("app2", &self.app2),
+        ]
+    }
+
+    /// Transmit checksum offload (and with it TSO) on every veth end.
+    pub fn set_offload(&self, offload: Offload) -> Result<()> {
+        let state = match offload {
+            Offload::On => "on",
+            Offload::Off => "off",
+        };
+        for (_, ns) in self.namespaces() {
+            ns.sh(&format!(
+                "for dev in $(ls /sys/class/net); do [ \"$dev\" = lo ] || ethtool -K \"$dev\" tx {state} >/dev/null; done"
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Receive checksum errors, summed over TCP, UDP and ICMP, per namespace.
+    pub fn checksum_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::new();
+        for (name, ns) in self.namespaces() {
+            let mut total = 0;
+            for group in ["Tcp", "Udp", "Icmp"] {
+                total += ns.snmp(group, "InCsumErrors")?;
+            }
+            out.push((name, total));
+        }
+        Ok(out)
+    }
+
+    /// The seed's "Incoming TCP and UDP" recipe in both routers: nftables
+    /// DNAT hop by hop plus the forward accepts.
+    pub fn install_seed_recipe(&self, port: u16) -> Result<()> {
+        for (router, iface, target) in [
+            (&self.sysnet, SYSNET_UPLINK, SYSFW),
+            (&self.sysfw, SYSFW_UPLINK, APP),
+        ] {
+            let mut script = String::from(
+                "add chain ip qubes custom-dnat-localsend { type nat hook prerouting priority filter + 1; policy accept; }\n",
+            );
+            for proto in ["tcp", "udp"] {
+                script += &format!(
+                    "add rule ip qubes custom-dnat-localsend iif {iface} {proto} dport {port} ct state new,established,related counter dnat {target}\n"
+                );
+                script += &format!(
+                    "add rule ip qubes custom-forward iif {iface} ip daddr {target} {proto} dport {port} ct state new,established,related counter accept\n"
+                );
+            }
+            nft(router, &script)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,341 @@
+//! Forward rules on the Qubes-like topology, end to end, for the forwarder
+//! and for the seed's nftables recipe, with checksum offload on and off.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use anyhow::{Result, anyhow, bail, ensure};
+use aya::programs::{SchedClassifier, TcAttachType};
+use forwarder_tests::{
+    capture::{self, Capture},
+    daemon::Forwarder,
+    netns::Netns,
+    sockets::{EchoServer, tcp_echo, udp_echo},
+    topology::*,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Forwarder,
+    SeedRecipe,
+}
+
+struct Check {
+    name: &'static str,
+    result: Result<()>,
+}
+
+fn lan_socket(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(SYSNET_LAN, port)
+}
+
+fn is_internal(addr: &Ipv4Addr) -> bool {
+    addr.octets()[0] == 10
+}
+
+fn ping(ns: &Netns, to: Ipv4Addr) -> Result<()> {
+    // Up to three tries: the first may be spent resolving neighbours.
+    let mut last = anyhow!("not tried");
+    for _ in 0..3 {
+        match ns.sh(&format!("ping -c 1 -W 2 {to}")) {
+            Ok(_) => return Ok(()),
+            Err(err) => last = err,
+        }
+    }
+    bail!("no ping reply from {to}: {last:#}")
+}
+
+fn start_forwarders(t: &Topology) -> Result<(Forwarder, Forwarder)> {
+    let port = LOCALSEND_PORT;
+    let sysnet = Forwarder::start(
+        &t.sysnet,
+        "sys-net",
+        &[
+            "--uplink",
+            SYSNET_UPLINK,
+            "--forward",
+            &format!("tcp:{port}={SYSFW}"),
+            "--forward",
+            &format!("udp:{port}={SYSFW}"),
+        ],
+    )?;
+    let sysfw = Forwarder::start(
+        &t.sysfw,
+        "sys-firewall",
+        &[
+            "--uplink",
+            SYSFW_UPLINK,
+            "--forward",
+            &format!("tcp:{port}={APP}"),
+            "--forward",
+            &format!("udp:{port}={APP}"),
+        ],
+    )?;
+    Ok((sysnet, sysfw))
+}
+
+/// Forwarded flows from the LAN peer that conntrack tracks in a router.
+fn conntrack_entries(ns: &Netns) -> Result<usize> {
+    let text = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/nf_conntrack"))?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("src={LAN_PEER} "))
+                && l.contains(&format!("dport={LOCALSEND_PORT} "))
+        })
+        .count())
+}
+
+fn datapath_counted(fwd: &Forwarder) -> Result<()> {
+    let tables = fwd.tables()?;
+    for ((proto, port), (_, rule)) in tables.installed()? {
+        let c = tables.rule_counters(rule.slot)?;
+        ensure!(
+            c.packets_in > 0 && c.packets_out > 0,
+            "rule {proto}/{port}: {} in, {} out",
+            c.packets_in,
+            c.packets_out
+        );
+    }
+    Ok(())
+}
+
+fn scenario(contender: Contender, offload: Offload) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let t = Topology::build(offload).expect("building the topology");
+    let mut forwarders = match contender {
+        Contender::Forwarder => Some(start_forwarders(&t).expect("starting the forwarders")),
+        Contender::SeedRecipe => {
+            t.install_seed_recipe(LOCALSEND_PORT)
+                .expect("installing the seed recipe");
+            None
+        }
+    };
+    let capture = Capture::start(&t.lan, "eth0").expect("capturing on the LAN");
+    let _app_server = EchoServer::start(&t.app, LOCALSEND_PORT).expect("app server");
+    let _app_unforwarded = EchoServer::start(&t.app, UNFORWARDED_PORT).expect("app server");
+    let _lan_server = EchoServer::start(&t.lan, 8000).expect("LAN server");
+    let timeout = Duration::from_secs(5);
+
+    let mut check = |name, result| checks.push(Check { name, result });
+    check(
+        "tcp from the LAN reaches the app and echoes back",
+        (|| {
+            let echo = tcp_echo(&t.lan, lan_socket(LOCALSEND_PORT), None, timeout)?;
+            ensure!(echo.seen_as.ip() == LAN_PEER, "app saw {}", echo.seen_as);
+            Ok(())
+        })(),
+    );
+    check(
+        "udp from the LAN reaches the app; reply comes from sys-net:53317",
+        (|| {
+            let echo = udp_echo(&t.lan, lan_socket(LOCALSEND_PORT), timeout)?;
+            ensure!(echo.seen_as.ip() == LAN_PEER, "app saw {}", echo.seen_as);
+            let from = echo.reply_from.ok_or_else(|| anyhow!("no source"))?;
+            ensure!(
+                from == lan_socket(LOCALSEND_PORT).into(),
+                "reply came from {from}"
+            );
+            Ok(())
+        })(),
+    );
+    check(
+        "a port not forwarded stays unreachable",
+        (|| {
+            let short = Duration::from_secs(1);
+            ensure!(
+                tcp_echo(&t.lan, lan_socket(UNFORWARDED_PORT), None, short).is_err(),
+                "tcp got through"
+            );
+            ensure!(
+                udp_echo(&t.lan, lan_socket(UNFORWARDED_PORT), short).is_err(),
+                "udp got through"
+            );
+            Ok(())
+        })(),
+    );
+    check(
+        "the app's outbound tcp works through masquerade",
+        (|| {
+            let echo = tcp_echo(&t.app, SocketAddrV4::new(LAN_PEER, 8000), None, timeout)?;
+            ensure!(echo.seen_as.ip() == SYSNET_LAN, "LAN saw {}", echo.seen_as);
+            Ok(())
+        })(),
+    );
+    check("the app can ping the LAN", ping(&t.app, LAN_PEER));
+    check(
+        "a second VM's outbound flow from the listen port is not captured",
+        (|| {
+            let echo = tcp_echo(
+                &t.app2,
+                SocketAddrV4::new(LAN_PEER, 8000),
+                Some(LOCALSEND_PORT),
+                timeout,
+            )?;
+            ensure!(echo.seen_as.ip() == SYSNET_LAN, "LAN saw {}", echo.seen_as);
+            if contender == Contender::Forwarder {
+                ensure!(
+                    echo.seen_as.port() != LOCALSEND_PORT,
+                    "masquerade kept the listen port"
+                );
+            }
+            Ok(())
+        })(),
+    );
+    if let Some((sysnet, sysfw)) = &forwarders {
+        check(
+            "both routers forwarded in the datapath",
+            datapath_counted(sysnet).and(datapath_counted(sysfw)),
+        );
+        check(
+            "conntrack never saw the forwarded flows",
+            (|| {
+                for (name, ns) in [("sys-net", &t.sysnet), ("sys-firewall", &t.sysfw)] {
+                    let n = conntrack_entries(ns)?;
+                    ensure!(n == 0, "{name} tracks {n} forwarded flows");
+                }
+                Ok(())
+            })(),
+        );
+    }
+
+    let frames = capture.finish();
+    check(
+        "no internal address leaves the uplink",
+        (|| {
+            ensure!(!frames.is_empty(), "the capture saw nothing at all");
+            let leaks: Vec<_> = frames
+                .iter()
+                .filter(|f| capture::addresses(f).iter().any(is_internal))
+                .map(|f| capture::addresses(f))
+                .collect();
+            ensure!(
+                leaks.is_empty(),
+                "{} frames with internal addresses, e.g. {:?}",
+                leaks.len(),
+                leaks[0]
+            );
+            Ok(())
+        })(),
+    );
+    check(
+        "receivers counted no checksum errors",
+        (|| {
+            let errors = t.checksum_errors()?;
+            ensure!(errors.iter().all(|(_, n)| *n == 0), "{errors:?}");
+            Ok(())
+        })(),
+    );
+
+    if let Some((mut sysnet, mut sysfw)) = forwarders.take() {
+        check(
+            "a clean stop removes programs, links, pins and the nftables table",
+            (|| {
+                for (fwd, ns, ifaces) in [
+                    (&mut sysnet, &t.sysnet, [SYSNET_UPLINK, "vif2.0"].as_slice()),
+                    (
+                        &mut sysfw,
+                        &t.sysfw,
+                        [SYSFW_UPLINK, "vif3.0", "vif4.0"].as_slice(),
+                    ),
+                ] {
+                    let status = fwd.stop()?;
+                    ensure!(
+                        status.success(),
+                        "exit status {status}; log:\n{}",
+                        fwd.log_text()
+                    );
+                    let left = fwd.pins.contents();
+                    ensure!(left.is_empty(), "pins left: {left:?}");
+                    ensure!(
+                        !ns.sh("nft list tables")?.contains("forwarder"),
+                        "nftables table left"
+                    );
+                    for iface in ifaces {
+                        let (_, progs) =
+                            ns.run(|| SchedClassifier::query_tcx(iface, TcAttachType::Ingress))?;
+                        ensure!(progs.is_empty(), "{} programs left on {iface}", progs.len());
+                    }
+                }
+                Ok(())
+            })(),
+        );
+    }
+    checks
+}
+
+fn report(contender: Contender, offload: Offload, checks: &[Check]) -> usize {
+    println!("{contender:?}, checksum offload {offload:?}:");
+    let mut failed = 0;
+    for c in checks {
+        match &c.result {
+            Ok(()) => println!("  pass  {}", c.name),
+            Err(e) => {
+                failed += 1;
+                println!("  FAIL  {}: {e:#}", c.name);
+            }
+        }
+    }
+    failed
+}
+
+fn assert_all_pass(contender: Contender, offload: Offload) {
+    let checks = scenario(contender, offload);
+    let failed = report(contender, offload, &checks);
+    assert_eq!(failed, 0, "{failed} of {} checks failed", checks.len());
+}
+
+#[test]
+fn forwarder_with_checksum_offload() {
+    assert_all_pass(Contender::Forwarder, Offload::On);
+}
+
+#[test]
+fn forwarder_without_checksum_offload() {
+    assert_all_pass(Contender::Forwarder, Offload::Off);
+}
+
+#[test]
+fn seed_recipe_with_checksum_offload() {
+    assert_all_pass(Contender::SeedRecipe, Offload::On);
+}
+
+#[test]
+fn seed_recipe_without_checksum_offload() {
+    assert_all_pass(Contender::SeedRecipe, Offload::Off);
+}
+
+/// The checksum assertion above is only worth something if receivers do
+/// count bad checksums: a corrupted datagram must show up in the counter.
+#[test]
+fn receivers_count_corrupt_checksums() {
+    let t = Topology::build(Offload::Off).expect("topology");
+    let mac = |ns: &Netns, dev: &str| {
+        let line = ns.ip(&format!("-o link show dev {dev}")).unwrap();
+        let mac = line
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap()
+            .to_string();
+        forwarder_tests::testrun::parse_mac(&mac).unwrap()
+    };
+    let mut frame = forwarder_tests::packet::Frame::udp(SYSNET_LAN, 40000, LAN_PEER, 9)
+        .with_payload(b"corrupt");
+    frame.src_mac = mac(&t.sysnet, SYSNET_UPLINK);
+    frame.dst_mac = mac(&t.lan, "eth0");
+    let mut bytes = frame.build();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let before = t.lan.snmp("Udp", "InCsumErrors").unwrap();
+    capture::inject(&t.sysnet, SYSNET_UPLINK, &bytes).unwrap();
+    let counted = forwarder_tests::wait::wait_until(Duration::from_secs(2), || {
+        t.lan.snmp("Udp", "InCsumErrors").unwrap() > before
+    });
+    assert!(
+        counted,
+        "the LAN peer did not count a corrupted UDP checksum"
+    );
+}

@@ -1,0 +1,179 @@
+//! Idempotent installation of everything the build and the tests need.
+//! Each step says what it checks and only acts when something is missing.
+
+use std::{
+    env,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Debian packages the tests drive: nftables (the baseline recipe and the
+/// forwarder's own table), iproute2 (namespaces), ethtool (checksum
+/// offload), iputils-ping.
+const TEST_PACKAGES: &[&str] = &["nftables", "iproute2", "ethtool", "iputils-ping"];
+
+pub fn step(what: &str) {
+    println!("==> {what}");
+}
+
+/// `$CARGO_HOME/bin`, where `cargo install` puts bpf-linker.
+pub fn cargo_bin() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// PATH with `$CARGO_HOME/bin` first, for every command xtask runs.
+pub fn path_env() -> std::ffi::OsString {
+    let mut paths = vec![cargo_bin()];
+    if let Some(path) = env::var_os("PATH") {
+        paths.extend(env::split_paths(&path));
+    }
+    env::join_paths(paths).expect("PATH entries contain no separator")
+}
+
+pub fn command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("PATH", path_env());
+    cmd
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The LLVM major version of the installed nightly: bpf-linker must link
+/// against the same one, or the bitcode it reads is not its own.
+fn nightly_llvm_major() -> Result<u32> {
+    let info = output(command("rustc").args(["+nightly", "-vV"]))
+        .context("the nightly toolchain is required (rustup toolchain install nightly)")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse().ok())
+        .context("no LLVM version in `rustc +nightly -vV`")
+}
+
+fn missing_packages(packages: &[String]) -> Vec<String> {
+    packages
+        .iter()
+        .filter(|p| {
+            let status = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p.as_str()])
+                .stderr(Stdio::null())
+                .output();
+            !status
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .cloned()
+        .collect()
+}
+
+fn apt_install(packages: &[String]) -> Result<()> {
+    let missing = missing_packages(packages);
+    if missing.is_empty() {
+        println!("    all present: {}", packages.join(" "));
+        return Ok(());
+    }
+    println!("    installing: {}", missing.join(" "));
+    if !is_root() {
+        bail!(
+            "installing packages needs root; install them by hand: apt-get install {}",
+            missing.join(" ")
+        );
+    }
+    run_cmd(command("apt-get").args(["update", "-q"]))?;
+    run_cmd(
+        command("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn bpf_linker_ok() -> bool {
+    command("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn run() -> Result<()> {
+    step("nightly toolchain and rust-src");
+    let llvm = nightly_llvm_major()?;
+    let installed = output(command("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("    rust-src present; nightly uses LLVM {llvm}");
+    } else {
+        run_cmd(command("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    step(&format!(
+        "Debian packages for building bpf-linker against LLVM {llvm} and for the tests"
+    ));
+    let mut packages: Vec<String> = vec![
+        format!("llvm-{llvm}-dev"),
+        format!("libpolly-{llvm}-dev"),
+        "zlib1g-dev".into(),
+        "libzstd-dev".into(),
+    ];
+    packages.extend(TEST_PACKAGES.iter().map(|p| p.to_string()));
+    apt_install(&packages)?;
+
+    step("bpf-linker");
+    if bpf_linker_ok() {
+        println!("    present in {}", cargo_bin().display());
+    } else {
+        run_cmd(
+            command("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                ])
+                .arg(format!("llvm-{llvm}"))
+                .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
+        )?;
+    }
+    Ok(())
+}

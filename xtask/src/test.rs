@@ -1,0 +1,100 @@
+//! The three test tiers, run in order, with a summary of what ran.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::Stdio,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::setup::{command, is_root, run_cmd, step};
+
+/// Runs cargo with its stdout echoed, returning how many tests passed.
+fn cargo_test(args: &[&str], after: &[String]) -> Result<u64> {
+    let mut cmd = command("cargo");
+    cmd.arg("test")
+        .args(args)
+        .arg("--")
+        .args(after)
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let stdout = child.stdout.take().context("cargo stdout")?;
+    let mut passed = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ok. ") {
+            passed += rest
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(passed)
+}
+
+pub fn build_release() -> Result<()> {
+    step("building the forwarder (release)");
+    run_cmd(command("cargo").args(["build", "--release", "-p", "forwarder-user"]))?;
+    println!("    target/release/forwarder (eBPF object embedded)");
+    Ok(())
+}
+
+pub fn run(filter: &[String]) -> Result<()> {
+    let mut summary = Vec::new();
+
+    step("tier 1: host unit tests (parsing, checksums, rule encoding, config)");
+    let n = cargo_test(
+        &[
+            "-p",
+            "forwarder-common",
+            "-p",
+            "forwarder-user",
+            "-p",
+            "forwarder-tests",
+            "--lib",
+        ],
+        &[],
+    )?;
+    summary.push(("host unit tests", n));
+
+    if !is_root() {
+        bail!(
+            "the BPF_PROG_TEST_RUN and integration tiers load programs and create namespaces: run as root"
+        );
+    }
+    step("building the forwarder binary the integration tests run");
+    run_cmd(command("cargo").args(["build", "-p", "forwarder-user"]))?;
+
+    let mut privileged: Vec<String> = vec!["--test-threads=1".into()];
+    privileged.extend(filter.iter().cloned());
+
+    step("tier 2: packet-in/packet-out tests through BPF_PROG_TEST_RUN");
+    let n = cargo_test(
+        &["-p", "forwarder-tests", "--test", "test_run"],
+        &privileged,
+    )?;
+    summary.push(("BPF_PROG_TEST_RUN tests", n));
+
+    step(
+        "tier 3: integration tests on the Qubes-like topology (forwarder and the seed's nftables recipe)",
+    );
+    let mut verbose = privileged.clone();
+    verbose.push("--nocapture".into());
+    let n = cargo_test(
+        &["-p", "forwarder-tests", "--test", "integration"],
+        &verbose,
+    )?;
+    summary.push(("integration tests", n));
+
+    step("summary");
+    for (tier, n) in &summary {
+        println!("    {n:>4} passed  {tier}");
+    }
+    Ok(())
+}
