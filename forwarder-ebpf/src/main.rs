@@ -36,7 +36,7 @@ fn finish(verdict: Verdict) -> i32 {
             maps::count_reason(reason);
             match reason.disposition() {
                 Disposition::Passed => TC_ACT_UNSPEC,
-                Disposition::Dropped => TC_ACT_SHOT as i32,
+                Disposition::Dropped => TC_ACT_SHOT,
             }
         }
     }

@@ -301,7 +301,7 @@ mod tests {
         assert_eq!("any".parse::<AllowFrom>().unwrap(), AllowFrom::Any);
         let list: AllowFrom = "192.168.1.0/24, 10.0.0.7".parse().unwrap();
         assert_eq!(list.to_string(), "192.168.1.0/24,10.0.0.7/32");
-        let nine = vec!["10.0.0.1"; 9].join(",");
+        let nine = ["10.0.0.1"; 9].join(",");
         assert!(nine.parse::<AllowFrom>().unwrap_err().contains("up to 8"));
         assert!("".parse::<AllowFrom>().is_err());
         assert!(

@@ -159,22 +159,6 @@ pub fn addresses(frame: &[u8]) -> Vec<Ipv4Addr> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::packet::{Frame, icmp_error};
-
-    #[test]
-    fn addresses_include_quoted_headers() {
-        let a = Ipv4Addr::new(192, 168, 1, 10);
-        let b = Ipv4Addr::new(10, 137, 0, 17);
-        let plain = Frame::udp(a, 1, b, 2).build();
-        assert_eq!(addresses(&plain), vec![a, b]);
-        let err = icmp_error(a, a, 3, 3, &plain);
-        assert!(addresses(&err).contains(&b));
-    }
-}
-
 /// Sends one raw frame out of `ifname` in `ns`, exactly as given.
 pub fn inject(ns: &Netns, ifname: &str, frame: &[u8]) -> Result<()> {
     ns.run(|| {
@@ -189,4 +173,20 @@ pub fn inject(ns: &Netns, ifname: &str, frame: &[u8]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{Frame, icmp_error};
+
+    #[test]
+    fn addresses_include_quoted_headers() {
+        let a = Ipv4Addr::new(192, 168, 1, 10);
+        let b = Ipv4Addr::new(10, 137, 0, 17);
+        let plain = Frame::udp(a, 1, b, 2).build();
+        assert_eq!(addresses(&plain), vec![a, b]);
+        let err = icmp_error(a, a, 3, 3, &plain);
+        assert!(addresses(&err).contains(&b));
+    }
 }
