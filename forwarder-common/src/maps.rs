@@ -16,6 +16,12 @@ pub const LAYOUT_VERSION: u32 = 1;
 pub const MAX_RULES: u32 = 16_384;
 /// Allow-from CIDRs a single forward rule can carry.
 pub const MAX_ALLOW_CIDRS: usize = 8;
+/// Capacity of the relay map and its counter and bucket arrays.
+pub const MAX_RELAYS: u32 = 64;
+/// Targets a single relay can copy to.
+pub const MAX_RELAY_TARGETS: usize = 8;
+/// Downstream interfaces the datapath knows the MAC of.
+pub const MAX_IFACES: u32 = 4096;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -27,13 +33,10 @@ pub mod names {
     pub const REVERSE_RULES: &str = "REVERSE_RULES";
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
-    pub const ALL: [&str; 5] = [
-        UPLINK,
-        FORWARD_RULES,
-        REVERSE_RULES,
-        RULE_COUNTERS,
-        REASON_COUNTERS,
-    ];
+    pub const RELAYS: &str = "RELAYS";
+    pub const RELAY_COUNTERS: &str = "RELAY_COUNTERS";
+    pub const RELAY_BUCKETS: &str = "RELAY_BUCKETS";
+    pub const DOWNSTREAM_MACS: &str = "DOWNSTREAM_MACS";
 }
 
 /// Program names as the eBPF object defines them.
@@ -170,7 +173,75 @@ pub struct RuleCounters {
     pub bytes_out: u64,
 }
 
+/// A relay is found by its group and UDP port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RelayKey {
+    pub group: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Copies datagrams to `group:port` between the uplink and the VMs in
+/// `targets`. The VM-to-LAN direction is rate limited by a GCRA bucket: each
+/// copy costs `interval_ns`, and up to `burst_ns` of debt is allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Relay {
+    pub targets: [u32; MAX_RELAY_TARGETS],
+    pub n_targets: u8,
+    /// TTL of copies sent to the LAN; 0 keeps the sender's.
+    pub ttl: u8,
+    pub pad: u16,
+    /// Index into `RELAY_COUNTERS` and `RELAY_BUCKETS`.
+    pub slot: u32,
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+}
+
+impl Relay {
+    pub fn has_target(&self, addr: u32) -> bool {
+        let mut i = 0;
+        while i < MAX_RELAY_TARGETS {
+            if i >= self.n_targets as usize {
+                return false;
+            }
+            if self.targets[i] == addr {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Per-relay traffic, one copy per CPU. "up" counts copies sent out of the
+/// uplink, "down" copies sent toward VMs (one per target interface).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RelayCounters {
+    pub packets_up: u64,
+    pub bytes_up: u64,
+    pub packets_down: u64,
+    pub bytes_down: u64,
+    pub rate_limited: u64,
+}
+
+/// The multicast MAC of an IPv4 group: 01:00:5e and the low 23 bits.
+pub const fn group_mac(group: u32) -> [u8; 6] {
+    let b = group.to_ne_bytes();
+    [0x01, 0x00, 0x5e, b[1] & 0x7f, b[2], b[3]]
+}
+
+/// Whether a wire-order address is IPv4 multicast (224.0.0.0/4).
+pub const fn is_multicast(addr: u32) -> bool {
+    addr.to_ne_bytes()[0] & 0xf0 == 0xe0
+}
+
 const _: () = {
+    assert!(size_of::<RelayKey>() == 8);
+    assert!(size_of::<Relay>() == 4 * MAX_RELAY_TARGETS + 24);
+    assert!(size_of::<RelayCounters>() == 40);
     assert!(size_of::<UplinkState>() == 16);
     assert!(size_of::<RuleKey>() == 4);
     assert!(size_of::<Cidr>() == 8);
@@ -189,6 +260,9 @@ mod user {
     unsafe impl aya::Pod for ForwardRule {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for RuleCounters {}
+    unsafe impl aya::Pod for RelayKey {}
+    unsafe impl aya::Pod for Relay {}
+    unsafe impl aya::Pod for RelayCounters {}
 }
 
 #[cfg(test)]
@@ -197,6 +271,39 @@ mod tests {
 
     fn wire(octets: [u8; 4]) -> u32 {
         u32::from_ne_bytes(octets)
+    }
+
+    #[test]
+    fn group_macs_keep_the_low_23_bits() {
+        assert_eq!(
+            group_mac(wire([224, 0, 0, 167])),
+            [0x01, 0x00, 0x5e, 0, 0, 167]
+        );
+        assert_eq!(
+            group_mac(wire([239, 255, 130, 9])),
+            [0x01, 0x00, 0x5e, 0x7f, 130, 9]
+        );
+        assert_eq!(
+            group_mac(wire([225, 128, 1, 2])),
+            [0x01, 0x00, 0x5e, 0, 1, 2]
+        );
+        assert!(is_multicast(wire([224, 0, 0, 167])));
+        assert!(is_multicast(wire([239, 1, 1, 1])));
+        assert!(!is_multicast(wire([240, 0, 0, 1])));
+        assert!(!is_multicast(wire([192, 168, 1, 1])));
+    }
+
+    #[test]
+    fn relay_targets_respect_the_count() {
+        let mut relay = Relay {
+            n_targets: 1,
+            ..Default::default()
+        };
+        relay.targets[0] = wire([10, 137, 0, 17]);
+        relay.targets[1] = wire([10, 137, 0, 18]);
+        assert!(relay.has_target(wire([10, 137, 0, 17])));
+        assert!(!relay.has_target(wire([10, 137, 0, 18])));
+        assert!(!relay.has_target(0));
     }
 
     #[test]

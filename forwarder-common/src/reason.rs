@@ -69,6 +69,11 @@ reasons! {
     FibFwdDisabled = "fib_forwarding_disabled", Passed, "IPv4 forwarding is disabled on the ingress interface";
     FibNoRoute = "fib_no_route", Passed, "no usable route (unreachable, blackhole, prohibit, local or unsupported)";
     FibFragNeeded = "fib_frag_needed", Passed, "packet exceeds the egress MTU; left to the stack";
+    Reflected = "reflected", Passed, "multicast carrying this router's own MAC or address (reflected by an access point)";
+    RelayNotTarget = "relay_not_target", Passed, "multicast to a relay group from a host that is not one of its targets";
+    RelayRateLimited = "relay_rate_limited", Passed, "relay copy to the LAN suppressed by the relay's token bucket";
+    RelayNoRoute = "relay_no_route", Passed, "no relay target routes through a downstream interface";
+    RelayCloneFailed = "relay_clone_failed", Passed, "the kernel refused to clone a relay copy";
     IcmpErrorDropped = "icmp_error_dropped", Dropped, "ICMP error quoting a forwarded flow from the downstream side";
     RewriteFailed = "rewrite_failed", Dropped, "the kernel refused a checksum update mid-rewrite";
 }

@@ -5,7 +5,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup as FibParams,
     },
     helpers::bpf_fib_lookup,
     programs::TcContext,
@@ -32,6 +32,36 @@ impl Route {
             Route::Resolved { ifindex, .. } | Route::Unresolved { ifindex, .. } => *ifindex,
         }
     }
+}
+
+fn params(ifindex: u32, saddr: u32, daddr: u32, proto: u8, tot_len: u16) -> FibParams {
+    // SAFETY: bpf_fib_lookup is plain old data; all-zero is its neutral value.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    params
+}
+
+/// The interface a packet from `saddr` to `daddr` arriving on `ifindex`
+/// would leave by, without resolving a neighbour: relay copies are
+/// multicast and need no neighbour.
+#[inline(always)]
+pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u32> {
+    let mut params = params(ifindex, saddr, daddr, 0, 0);
+    // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    (ret as u32 == BPF_FIB_LKUP_RET_SUCCESS).then_some(params.ifindex)
 }
 
 /// What the stack would do with a packet from `saddr` to `daddr` arriving on

@@ -1,15 +1,20 @@
-//! Uplink ingress: a packet to the uplink's address on a forwarded port, from
-//! a peer the rule allows, is DNATed to the rule's target and redirected to
-//! the interface that routes there.
+//! Uplink ingress. A packet to the uplink's address on a forwarded port,
+//! from a peer the rule allows, is DNATed to the rule's target and redirected
+//! to the interface that routes there. A LAN peer's datagram to a relay
+//! group is copied toward the relay's targets and continues.
 
 use aya_ebpf::programs::TcContext;
-use forwarder_common::{maps::RuleKey, reason::Reason};
+use forwarder_common::{
+    maps::{RuleKey, UplinkState, is_multicast},
+    reason::Reason,
+};
 
 use crate::{
     Verdict, fib,
     maps::{self, Direction},
     nat::{self, End},
-    parse::{self, L4_OFF},
+    parse::{self, Ipv4, L4_OFF},
+    relay,
 };
 
 /// Enough for Ethernet, IPv4 without options and a TCP header.
@@ -17,14 +22,14 @@ const HEADERS: usize = L4_OFF + 20;
 
 #[inline(always)]
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
-    match try_forward(ctx) {
+    match try_uplink(ctx) {
         Ok(verdict) => verdict,
         Err(reason) => Verdict::Skipped(reason),
     }
 }
 
 #[inline(always)]
-fn try_forward(ctx: &TcContext) -> Result<Verdict, Reason> {
+fn try_uplink(ctx: &TcContext) -> Result<Verdict, Reason> {
     parse::pull_headers(ctx, HEADERS);
     parse::parse_eth(ctx)?;
     let ip = parse::parse_ipv4(ctx)?;
@@ -38,21 +43,40 @@ fn try_forward(ctx: &TcContext) -> Result<Verdict, Reason> {
     if !uplink.usable() {
         return Err(Reason::NoUplinkAddress);
     }
+    if is_multicast(ip.daddr) {
+        return relay::from_lan(ctx, &ip, &uplink);
+    }
     if ip.daddr != uplink.addr {
         return Err(Reason::OtherDestination);
     }
-    let l4 = parse::parse_l4(ctx, &ip)?;
+    forward(ctx, &ip, &uplink, ifindex)
+}
+
+/// No LAN host may use a martian source or the router's own address.
+#[inline(always)]
+pub fn plausible_lan_source(ip: &Ipv4, uplink: &UplinkState) -> Result<(), Reason> {
+    if fib::is_martian(ip.saddr) || ip.saddr == uplink.addr {
+        return Err(Reason::MartianSource);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn forward(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    uplink: &UplinkState,
+    ifindex: u32,
+) -> Result<Verdict, Reason> {
+    let l4 = parse::parse_l4(ctx, ip)?;
     let key = RuleKey {
         port: l4.dport,
         proto: ip.proto,
         pad: 0,
     };
     let rule = maps::forward_rule(&key).ok_or(Reason::NoRule)?;
-
-    if fib::is_martian(ip.saddr) || ip.saddr == uplink.addr {
-        return Err(Reason::MartianSource);
-    }
-    if !rule.allows(ip.saddr, &uplink) {
+    plausible_lan_source(ip, uplink)?;
+    if !rule.allows(ip.saddr, uplink) {
         return Err(Reason::SourceNotAllowed);
     }
     if ip.ttl <= 1 {
@@ -67,24 +91,22 @@ fn try_forward(ctx: &TcContext) -> Result<Verdict, Reason> {
         ip.saddr,
         rule.target_addr,
         ip.proto,
-        parse::wire_len(ctx, &ip, &l4),
+        parse::wire_len(ctx, ip, &l4),
     )?;
     if route.ifindex() == ifindex {
         return Err(Reason::TargetViaUplink);
     }
 
-    if nat::rewrite(
+    nat::translate(
         ctx,
-        &ip,
+        ip,
         &l4,
         End::Destination,
         rule.target_addr,
         rule.target_port,
     )
-    .is_err()
-    {
-        return Err(Reason::RewriteFailed);
-    }
+    .map_err(|_| Reason::RewriteFailed)?;
+    let action = nat::redirect(ctx, route).map_err(|_| Reason::RewriteFailed)?;
     maps::count_rule(rule.slot, Direction::In, ip.tot_len);
-    Ok(Verdict::Redirected(nat::redirect(ctx, route)))
+    Ok(Verdict::Redirected(action))
 }

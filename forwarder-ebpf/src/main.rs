@@ -11,6 +11,7 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod relay;
 mod reply;
 
 use aya_ebpf::{
@@ -25,6 +26,8 @@ pub enum Verdict {
     /// The packet was rewritten and redirected; the value is the TC action
     /// the redirect helper returned.
     Redirected(i32),
+    /// Relayed: copies went out, the original continues untouched.
+    Relayed,
     /// Not claimed (or dropped, per the reason's disposition).
     Skipped(Reason),
 }
@@ -32,6 +35,7 @@ pub enum Verdict {
 fn finish(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Redirected(action) => action,
+        Verdict::Relayed => TC_ACT_UNSPEC,
         Verdict::Skipped(reason) => {
             maps::count_reason(reason);
             match reason.disposition() {

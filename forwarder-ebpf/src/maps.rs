@@ -2,11 +2,15 @@
 //! them. Maps are pinned by name so a restarted daemon adopts them.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
 use forwarder_common::{
-    maps::{ForwardRule, MAX_RULES, ReverseKey, RuleCounters, RuleKey, UplinkState},
+    maps::{
+        ForwardRule, MAX_IFACES, MAX_RELAYS, MAX_RULES, Relay, RelayCounters, RelayKey, ReverseKey,
+        RuleCounters, RuleKey, UplinkState,
+    },
     reason::Reason,
 };
 
@@ -26,6 +30,24 @@ static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES,
 #[map]
 static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 
+#[map]
+static RELAYS: HashMap<RelayKey, Relay> = HashMap::pinned(MAX_RELAYS, 0);
+
+#[map]
+static RELAY_COUNTERS: PerCpuArray<RelayCounters> = PerCpuArray::pinned(MAX_RELAYS, 0);
+
+/// Per relay, the GCRA "theoretical arrival time" in ktime nanoseconds.
+/// Shared by all CPUs: concurrent updates can let a copy or two more
+/// through, which a rate limit for Wi-Fi airtime can afford.
+#[map]
+static RELAY_BUCKETS: Array<u64> = Array::pinned(MAX_RELAYS, 0);
+
+/// MAC of every interface the downstream program is attached to, written by
+/// userspace: relay copies toward a VM need the egress MAC, which a FIB
+/// lookup only yields together with a resolved neighbour.
+#[map]
+static DOWNSTREAM_MACS: HashMap<u32, [u8; 6]> = HashMap::pinned(MAX_IFACES, 0);
+
 #[inline(always)]
 pub fn uplink() -> Option<UplinkState> {
     UPLINK.get(0).copied()
@@ -41,6 +63,68 @@ pub fn forward_rule(key: &RuleKey) -> Option<ForwardRule> {
 pub fn reverse_rule(key: &ReverseKey) -> Option<RuleKey> {
     // SAFETY: as above.
     unsafe { REVERSE_RULES.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn relay(key: &RelayKey) -> Option<Relay> {
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { RELAYS.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn downstream_mac(ifindex: u32) -> Option<[u8; 6]> {
+    // SAFETY: as above.
+    unsafe { DOWNSTREAM_MACS.get(ifindex).copied() }
+}
+
+/// GCRA: a copy is allowed unless the bucket is more than `burst_ns` ahead
+/// of now; each allowed copy moves it `interval_ns` further.
+#[inline(always)]
+pub fn take_relay_token(relay: &Relay) -> bool {
+    if relay.interval_ns == 0 {
+        return true;
+    }
+    let Some(tat) = RELAY_BUCKETS.get_ptr_mut(relay.slot) else {
+        return false;
+    };
+    // SAFETY: plain helper call; tat points into the map value.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let base = if *tat > now { *tat } else { now };
+        if base - now > relay.burst_ns {
+            return false;
+        }
+        *tat = base + relay.interval_ns;
+    }
+    true
+}
+
+#[derive(Clone, Copy)]
+pub enum RelayEvent {
+    /// A copy went out of the uplink.
+    Up(u16),
+    /// A copy went toward a VM.
+    Down(u16),
+    RateLimited,
+}
+
+#[inline(always)]
+pub fn count_relay(slot: u32, event: RelayEvent) {
+    if let Some(counters) = RELAY_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot.
+        let counters = unsafe { &mut *counters };
+        match event {
+            RelayEvent::Up(bytes) => {
+                counters.packets_up += 1;
+                counters.bytes_up += u64::from(bytes);
+            }
+            RelayEvent::Down(bytes) => {
+                counters.packets_down += 1;
+                counters.bytes_down += u64::from(bytes);
+            }
+            RelayEvent::RateLimited => counters.rate_limited += 1,
+        }
+    }
 }
 
 #[inline(always)]

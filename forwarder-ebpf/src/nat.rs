@@ -1,5 +1,5 @@
-//! Packet rewriting: one address and one port, TTL, checksums, MACs, and the
-//! redirect itself.
+//! Packet rewriting: addresses, ports, TTL and MACs, each with its checksum
+//! fix, and the redirect itself.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_redir_neigh},
@@ -22,96 +22,152 @@ pub enum End {
     Destination,
 }
 
-/// The rewrite could not complete; the packet may be half-written and must
-/// not be delivered.
+/// A rewrite could not complete; the packet may be half-written and must not
+/// be delivered.
 pub struct RewriteFailed;
 
-/// Replaces the address and port at `end`, decrements the TTL and fixes both
-/// checksums. The IP header checksum is never offloaded, so it is updated
-/// here; the transport checksum goes through `bpf_l4_csum_replace`, which
-/// knows whether the skb is CHECKSUM_PARTIAL (only the pseudo-header part may
-/// change then) or carries a complete checksum.
+/// Flags for `bpf_l4_csum_replace`: a UDP checksum of zero means "none" and
+/// must stay zero.
 #[inline(always)]
-pub fn rewrite(
+fn l4_flags(ip: &Ipv4) -> u64 {
+    if ip.proto == PROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    }
+}
+
+/// Replaces the address at `end` and fixes the IP checksum (never
+/// offloaded, so updated here) and the transport checksum through
+/// `bpf_l4_csum_replace`, which knows whether the skb is CHECKSUM_PARTIAL
+/// (only the pseudo-header part may change then) or complete.
+#[inline(always)]
+pub fn set_addr(
     ctx: &TcContext,
     ip: &Ipv4,
     l4: &L4,
     end: End,
-    new_addr: u32,
-    new_port: u16,
+    new: u32,
 ) -> Result<(), RewriteFailed> {
     let hdr: *mut Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
-    let ports: *mut Ports = ptr_at(ctx, L4_OFF).ok_or(RewriteFailed)?;
-    // SAFETY: both pointers were bounds checked and no helper ran since.
-    let (hdr, ports) = unsafe { (&mut *hdr, &mut *ports) };
-
-    let (old_addr, old_port) = match end {
-        End::Source => (hdr.saddr, ports.sport),
-        End::Destination => (hdr.daddr, ports.dport),
+    // SAFETY: bounds checked by ptr_at; no helper ran since.
+    let hdr = unsafe { &mut *hdr };
+    let old = match end {
+        End::Source => hdr.saddr,
+        End::Destination => hdr.daddr,
     };
-    let old_ttl = u16::from_be_bytes([hdr.ttl, hdr.proto]);
-    let new_ttl = u16::from_be_bytes([hdr.ttl - 1, hdr.proto]);
-    let check = csum::update_word(u16::from_be_bytes(hdr.check), old_ttl, new_ttl);
-    let check = csum::update_addr(check, old_addr.to_ne_bytes(), new_addr.to_ne_bytes());
-    hdr.ttl -= 1;
+    let check = csum::update_addr(
+        u16::from_be_bytes(hdr.check),
+        old.to_ne_bytes(),
+        new.to_ne_bytes(),
+    );
     hdr.check = check.to_be_bytes();
     match end {
-        End::Source => {
-            hdr.saddr = new_addr;
-            ports.sport = new_port;
-        }
-        End::Destination => {
-            hdr.daddr = new_addr;
-            ports.dport = new_port;
-        }
+        End::Source => hdr.saddr = new,
+        End::Destination => hdr.daddr = new,
     }
-
-    // A UDP checksum of zero means "none" and must stay zero.
-    let mangled = if ip.proto == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0
-    } else {
-        0
-    };
-    let flags = u64::from(mangled);
     ctx.l4_csum_replace(
         l4.check_off,
-        u64::from(old_addr),
-        u64::from(new_addr),
-        flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+        u64::from(old),
+        u64::from(new),
+        l4_flags(ip) | u64::from(BPF_F_PSEUDO_HDR) | 4,
     )
-    .map_err(|_| RewriteFailed)?;
-    if old_port != new_port {
-        ctx.l4_csum_replace(
-            l4.check_off,
-            u64::from(old_port),
-            u64::from(new_port),
-            flags | 2,
-        )
-        .map_err(|_| RewriteFailed)?;
+    .map_err(|_| RewriteFailed)
+}
+
+/// Replaces the port at `end` and fixes the transport checksum.
+#[inline(always)]
+pub fn set_port(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    end: End,
+    new: u16,
+) -> Result<(), RewriteFailed> {
+    let ports: *mut Ports = ptr_at(ctx, L4_OFF).ok_or(RewriteFailed)?;
+    // SAFETY: bounds checked by ptr_at; no helper ran since.
+    let ports = unsafe { &mut *ports };
+    let old = match end {
+        End::Source => ports.sport,
+        End::Destination => ports.dport,
+    };
+    if old == new {
+        return Ok(());
+    }
+    match end {
+        End::Source => ports.sport = new,
+        End::Destination => ports.dport = new,
+    }
+    ctx.l4_csum_replace(
+        l4.check_off,
+        u64::from(old),
+        u64::from(new),
+        l4_flags(ip) | 2,
+    )
+    .map_err(|_| RewriteFailed)
+}
+
+/// Sets the TTL and fixes the IP checksum.
+#[inline(always)]
+pub fn set_ttl(ctx: &TcContext, ttl: u8) -> Result<(), RewriteFailed> {
+    let hdr: *mut Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let hdr = unsafe { &mut *hdr };
+    let old = u16::from_be_bytes([hdr.ttl, hdr.proto]);
+    let new = u16::from_be_bytes([ttl, hdr.proto]);
+    hdr.check = csum::update_word(u16::from_be_bytes(hdr.check), old, new).to_be_bytes();
+    hdr.ttl = ttl;
+    Ok(())
+}
+
+/// NAT of one end: address, port and a TTL decrement, as a router does.
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    end: End,
+    addr: u32,
+    port: u16,
+) -> Result<(), RewriteFailed> {
+    set_ttl(ctx, ip.ttl - 1)?;
+    set_port(ctx, ip, l4, end, port)?;
+    set_addr(ctx, ip, l4, end, addr)
+}
+
+/// Writes both MACs of the Ethernet header.
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), RewriteFailed> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(RewriteFailed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst = dst;
+        (*eth).src = src;
     }
     Ok(())
+}
+
+/// Both MACs as the packet carries them now.
+#[inline(always)]
+pub fn macs(ctx: &TcContext) -> Option<([u8; 6], [u8; 6])> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { Some(((*eth).dst, (*eth).src)) }
 }
 
 /// Sends the rewritten packet out of the route's interface. Returns the TC
 /// action the redirect helper chose.
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, route: Route) -> i32 {
+pub fn redirect(ctx: &TcContext, route: Route) -> Result<i32, RewriteFailed> {
     match route {
         Route::Resolved {
             ifindex,
             smac,
             dmac,
         } => {
-            // The checksum helpers invalidated earlier packet pointers.
-            if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
-                // SAFETY: bounds checked by ptr_at.
-                unsafe {
-                    (*eth).dst = dmac;
-                    (*eth).src = smac;
-                }
-            }
+            set_macs(ctx, dmac, smac)?;
             // SAFETY: plain helper call.
-            unsafe { bpf_redirect(ifindex, 0) as i32 }
+            Ok(unsafe { bpf_redirect(ifindex, 0) as i32 })
         }
         Route::Unresolved { ifindex, nexthop } => {
             let mut nh = bpf_redir_neigh {
@@ -121,9 +177,9 @@ pub fn redirect(ctx: &TcContext, route: Route) -> i32 {
                 },
             };
             // SAFETY: nh is a valid bpf_redir_neigh for IPv4.
-            unsafe {
+            Ok(unsafe {
                 bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) as i32
-            }
+            })
         }
     }
 }

@@ -1,16 +1,22 @@
-//! Downstream ingress: a forward target's reply, from the target port, on the
-//! interface that routes to the target, to a peer the rule allows, is SNATed
-//! to the uplink's address and listen port and redirected out of the uplink.
-//! Both directions thus bypass conntrack, which never sees half a flow.
+//! Downstream ingress. A forward target's reply, from the target port, on
+//! the interface that routes to the target, to a peer the rule allows, is
+//! SNATed to the uplink's address and listen port and redirected out of the
+//! uplink, so both directions bypass conntrack, which never sees half a flow.
+//! A relay target's datagram to its relay group is copied out of the uplink
+//! and continues.
 
 use aya_ebpf::programs::TcContext;
-use forwarder_common::{maps::ReverseKey, reason::Reason};
+use forwarder_common::{
+    maps::{ReverseKey, is_multicast},
+    reason::Reason,
+};
 
 use crate::{
     Verdict, fib,
     maps::{self, Direction},
     nat::{self, End},
-    parse::{self, L4_OFF, PROTO_ICMP},
+    parse::{self, Ipv4, L4_OFF, PROTO_ICMP},
+    relay,
 };
 
 /// Ethernet, IPv4, and either TCP or an ICMP error quoting IPv4 and ports.
@@ -18,21 +24,29 @@ const HEADERS: usize = L4_OFF + 36;
 
 #[inline(always)]
 pub fn downstream_ingress(ctx: &TcContext) -> Verdict {
-    match try_reply(ctx) {
+    match try_downstream(ctx) {
         Ok(verdict) => verdict,
         Err(reason) => Verdict::Skipped(reason),
     }
 }
 
 #[inline(always)]
-fn try_reply(ctx: &TcContext) -> Result<Verdict, Reason> {
+fn try_downstream(ctx: &TcContext) -> Result<Verdict, Reason> {
     parse::pull_headers(ctx, HEADERS);
     parse::parse_eth(ctx)?;
     let ip = parse::parse_ipv4(ctx)?;
     if ip.proto == PROTO_ICMP {
         return Err(icmp_error_reason(ctx, &ip));
     }
-    let l4 = parse::parse_l4(ctx, &ip)?;
+    if is_multicast(ip.daddr) {
+        return relay::to_lan(ctx, &ip);
+    }
+    reply(ctx, &ip)
+}
+
+#[inline(always)]
+fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
+    let l4 = parse::parse_l4(ctx, ip)?;
     let reverse = ReverseKey {
         addr: ip.saddr,
         port: l4.sport,
@@ -63,24 +77,24 @@ fn try_reply(ctx: &TcContext) -> Result<Verdict, Reason> {
         uplink.addr,
         ip.daddr,
         ip.proto,
-        parse::wire_len(ctx, &ip, &l4),
+        parse::wire_len(ctx, ip, &l4),
     )?;
     if route.ifindex() != uplink.ifindex {
         return Err(Reason::ReplyNotViaUplink);
     }
 
-    if nat::rewrite(ctx, &ip, &l4, End::Source, uplink.addr, key.port).is_err() {
-        return Err(Reason::RewriteFailed);
-    }
+    nat::translate(ctx, ip, &l4, End::Source, uplink.addr, key.port)
+        .map_err(|_| Reason::RewriteFailed)?;
+    let action = nat::redirect(ctx, route).map_err(|_| Reason::RewriteFailed)?;
     maps::count_rule(rule.slot, Direction::Out, ip.tot_len);
-    Ok(Verdict::Redirected(nat::redirect(ctx, route)))
+    Ok(Verdict::Redirected(action))
 }
 
 /// An ICMP error about a forwarded flow quotes the target's internal address;
 /// it must never be routed toward the uplink. It is dropped here; anything
 /// else ICMP is the stack's.
 #[inline(always)]
-fn icmp_error_reason(ctx: &TcContext, ip: &parse::Ipv4) -> Reason {
+fn icmp_error_reason(ctx: &TcContext, ip: &Ipv4) -> Reason {
     match parse::parse_icmp_error(ctx, ip) {
         Ok(Some(quoted)) => {
             let key = ReverseKey {

@@ -6,12 +6,16 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 use regex::Regex;
 
-use crate::spec::{AllowFrom, ForwardSpec};
+use crate::spec::{AllowFrom, ForwardSpec, RelaySpec, parse_rate, parse_ttl};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/forwarder";
 /// Qubes' own naming of the backend side of a VM's network interface; the
 /// anchors keep the `-emu` devices of HVM stub domains out.
 pub const DEFAULT_DOWNSTREAM: &str = r"^vif[0-9]+\.[0-9]+$";
+/// Copies per second one relay may send to the LAN: far above what
+/// discovery protocols announce, far below what would eat a WLAN's airtime
+/// at the basic rate multicast goes out at.
+pub const DEFAULT_RELAY_RATE: &str = "25";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +59,24 @@ pub struct RunArgs {
     /// otherwise any.
     #[arg(long, value_name = "auto|any|CIDR[,CIDR...]", default_value = "auto")]
     pub allow_from: AllowFrom,
+
+    /// Copy UDP datagrams to a multicast group between the LAN and the
+    /// targets, both ways (repeatable).
+    #[arg(long = "relay", value_name = "GROUP:PORT=TARGET_IP[,TARGET_IP...]")]
+    pub relay: Vec<RelaySpec>,
+
+    /// TTL of relay copies sent to the LAN [default: the sender's].
+    #[arg(long, value_name = "N", value_parser = parse_ttl)]
+    pub relay_ttl: Option<u8>,
+
+    /// Per-relay limit of copies sent to the LAN, in packets per second.
+    #[arg(long, value_name = "PKTS/S", value_parser = parse_rate, default_value = DEFAULT_RELAY_RATE)]
+    pub relay_rate: u32,
+
+    /// LocalSend preset: forward tcp:53317 and udp:53317 to TARGET_IP and
+    /// relay 224.0.0.167:53317 to and from it.
+    #[arg(long, value_name = "TARGET_IP")]
+    pub localsend: Option<Ipv4Addr>,
 
     /// bpffs directory for this instance's pinned maps and links.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
@@ -148,6 +170,18 @@ mod tests {
                 "regular expression",
             ),
             (vec!["--target", "10.0.0"], "--target", "IP"),
+            (
+                vec!["--relay", "10.0.0.1:1=10.0.0.2"],
+                "--relay",
+                "GROUP:PORT=TARGET_IP",
+            ),
+            (vec!["--relay-rate", "0"], "--relay-rate", "PKTS/s"),
+            (vec!["--relay-ttl", "300"], "--relay-ttl", "1 to 255"),
+            (
+                vec!["--localsend", "sys-firewall"],
+                "--localsend",
+                "TARGET_IP",
+            ),
         ] {
             let mut full = vec!["run", "--uplink", "eth0"];
             full.extend(args);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use forwarder_common::maps::UplinkState;
+use forwarder_common::maps::{UPLINK_UP, UplinkState};
 use log::{info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -12,6 +12,7 @@ use crate::{
     config::RunConfig,
     datapath::{Datapath, Role},
     interfaces::{self, Interfaces},
+    multicast::Memberships,
     netlink::{self, Event, Monitor},
     nft,
     pin::{self, Bpffs, PinLayout},
@@ -22,6 +23,9 @@ struct Daemon {
     datapath: Datapath,
     interfaces: Interfaces,
     uplink: UplinkState,
+    memberships: Memberships,
+    /// What DOWNSTREAM_MACS holds, as last written.
+    downstream_macs: BTreeMap<u32, [u8; 6]>,
     /// Link pins a predecessor left are adopted at the first reconcile and
     /// only then may the rest be removed.
     first_reconcile: bool,
@@ -47,6 +51,14 @@ impl Daemon {
                 );
             }
             self.uplink = state;
+        }
+        let uplink_ifindex = if state.flags & UPLINK_UP != 0 {
+            state.ifindex
+        } else {
+            0
+        };
+        for group in self.memberships.follow(uplink_ifindex)? {
+            info!("joined {group} on {}", self.config.uplink);
         }
 
         let mut wanted: BTreeMap<u32, (Role, String)> = BTreeMap::new();
@@ -90,12 +102,37 @@ impl Daemon {
                 Err(err) => warn!("cannot attach to {name} (ifindex {ifindex}): {err:#}"),
             }
         }
+        self.sync_downstream_macs()?;
         if self.first_reconcile {
             self.first_reconcile = false;
             for path in self.datapath.remove_stale_link_pins()? {
                 info!("removed stale pinned link {}", path.display());
             }
         }
+        Ok(())
+    }
+
+    /// Keeps DOWNSTREAM_MACS equal to the MACs of the attached downstream
+    /// interfaces, which relay copies toward VMs use as source.
+    fn sync_downstream_macs(&mut self) -> Result<()> {
+        let wanted: BTreeMap<u32, [u8; 6]> = self
+            .datapath
+            .attached()
+            .iter()
+            .filter(|(_, a)| a.role == Role::Downstream)
+            .filter_map(|(ifindex, _)| Some((*ifindex, self.interfaces.link(*ifindex)?.mac?)))
+            .collect();
+        for ifindex in self.downstream_macs.keys() {
+            if !wanted.contains_key(ifindex) {
+                self.datapath.tables.remove_downstream_mac(*ifindex)?;
+            }
+        }
+        for (ifindex, mac) in &wanted {
+            if self.downstream_macs.get(ifindex) != Some(mac) {
+                self.datapath.tables.set_downstream_mac(*ifindex, *mac)?;
+            }
+        }
+        self.downstream_macs = wanted;
         Ok(())
     }
 
@@ -171,6 +208,10 @@ async fn serve(config: RunConfig, layout: &PinLayout) -> Result<()> {
         for rule in &config.rules {
             info!("forwarding {rule}");
         }
+        datapath.tables.sync_relays(&config.relays)?;
+        for relay in &config.relays {
+            info!("relaying {relay}");
+        }
         nft::install(&config.uplink, &config.rules)?;
         info!(
             "nftables table ip {} keeps masquerade off the listen ports",
@@ -184,11 +225,14 @@ async fn serve(config: RunConfig, layout: &PinLayout) -> Result<()> {
         }
         return Err(err);
     }
+    let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
     let mut daemon = Daemon {
         config,
         datapath,
         interfaces: Interfaces::default(),
         uplink: UplinkState::default(),
+        memberships,
+        downstream_macs: BTreeMap::new(),
         first_reconcile: true,
     };
     // Subscribe before the dump, so no change falls between the two.

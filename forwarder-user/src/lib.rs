@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod interfaces;
+pub mod multicast;
 pub mod netlink;
 pub mod nft;
 pub mod pin;

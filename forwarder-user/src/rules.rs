@@ -4,10 +4,11 @@
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
 
 use forwarder_common::maps::{
-    ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Cidr, ForwardRule, MAX_RULES, ReverseKey, RuleKey,
+    ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Cidr, ForwardRule, MAX_RELAYS, MAX_RULES,
+    Relay as RelayValue, RelayKey, ReverseKey, RuleKey,
 };
 
-use crate::spec::{AllowFrom, Proto};
+use crate::spec::{AllowFrom, Proto, is_unicast};
 
 /// A forward rule with its target resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,16 +95,84 @@ pub fn check(rules: &[Rule]) -> Result<(), String> {
                 rule.proto, rule.target, rule.target_port
             ));
         }
-        if rule.target.is_unspecified()
-            || rule.target.is_loopback()
-            || rule.target.is_multicast()
-            || rule.target.is_broadcast()
-        {
+        if !is_unicast(rule.target) {
             return Err(format!(
                 "{}: target {} is not a unicast host",
                 rule_name(rule),
                 rule.target
             ));
+        }
+    }
+    Ok(())
+}
+
+/// A multicast relay with its options resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relay {
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub targets: Vec<Ipv4Addr>,
+    /// TTL of copies sent to the LAN; `None` keeps the sender's.
+    pub ttl: Option<u8>,
+    /// Copies per second toward the LAN; a burst of one second's worth.
+    pub rate: u32,
+}
+
+impl Relay {
+    pub fn key(&self) -> RelayKey {
+        RelayKey {
+            group: u32::from_ne_bytes(self.group.octets()),
+            port: self.port.to_be(),
+            pad: 0,
+        }
+    }
+
+    pub fn encode(&self, slot: u32) -> RelayValue {
+        let mut value = RelayValue {
+            n_targets: self.targets.len() as u8,
+            ttl: self.ttl.unwrap_or(0),
+            slot,
+            interval_ns: 1_000_000_000 / u64::from(self.rate.max(1)),
+            ..Default::default()
+        };
+        value.burst_ns = value.interval_ns * u64::from(self.rate.max(1) - 1);
+        for (slot, target) in value.targets.iter_mut().zip(&self.targets) {
+            *slot = u32::from_ne_bytes(target.octets());
+        }
+        value
+    }
+}
+
+impl fmt::Display for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "{}:{} <-> {} (",
+            self.group,
+            self.port,
+            targets.join(",")
+        )?;
+        match self.ttl {
+            Some(ttl) => write!(f, "TTL {ttl}, ")?,
+            None => write!(f, "TTL kept, ")?,
+        }
+        write!(f, "{}/s to the LAN)", self.rate)
+    }
+}
+
+/// At most one relay per group and port.
+pub fn check_relays(relays: &[Relay]) -> Result<(), String> {
+    if relays.len() > MAX_RELAYS as usize {
+        return Err(format!(
+            "{} relays; at most {MAX_RELAYS} are supported",
+            relays.len()
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for relay in relays {
+        if !seen.insert((relay.group, relay.port)) {
+            return Err(format!("{}:{} is relayed twice", relay.group, relay.port));
         }
     }
     Ok(())
@@ -163,6 +232,32 @@ mod tests {
                 .contains("forwarded twice")
         );
         assert!(check(&[a, same_target]).unwrap_err().contains("told apart"));
+    }
+
+    #[test]
+    fn relay_encoding() {
+        let relay = Relay {
+            group: Ipv4Addr::new(224, 0, 0, 167),
+            port: 53317,
+            targets: vec![Ipv4Addr::new(10, 137, 0, 17), Ipv4Addr::new(10, 137, 0, 18)],
+            ttl: Some(2),
+            rate: 4,
+        };
+        let value = relay.encode(3);
+        assert_eq!(value.n_targets, 2);
+        assert_eq!(value.targets[1].to_ne_bytes(), [10, 137, 0, 18]);
+        assert_eq!((value.ttl, value.slot), (2, 3));
+        assert_eq!(value.interval_ns, 250_000_000);
+        assert_eq!(
+            value.burst_ns, 750_000_000,
+            "a burst of one second's worth: 4 copies"
+        );
+        assert_eq!(relay.key().port.to_ne_bytes(), 53317u16.to_be_bytes());
+        assert!(
+            check_relays(&[relay.clone(), relay])
+                .unwrap_err()
+                .contains("twice")
+        );
     }
 
     #[test]

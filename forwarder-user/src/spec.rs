@@ -4,9 +4,12 @@
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
-use forwarder_common::maps::{MAX_ALLOW_CIDRS, PROTO_TCP, PROTO_UDP, prefix_to_mask};
+use forwarder_common::maps::{
+    MAX_ALLOW_CIDRS, MAX_RELAY_TARGETS, PROTO_TCP, PROTO_UDP, prefix_to_mask,
+};
 
 pub const FORWARD_FORM: &str = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]], PROTO tcp or udp, ports 1-65535 (e.g. tcp:53317=10.137.0.17 or udp:5000=10.137.0.17:6000)";
+pub const RELAY_FORM: &str = "GROUP:PORT=TARGET_IP[,TARGET_IP...], GROUP an IPv4 multicast address, up to 8 unicast targets (e.g. 224.0.0.167:53317=10.137.0.17)";
 pub const ALLOW_FROM_FORM: &str =
     "auto, any, or a comma-separated list of up to 8 IPv4 CIDRs (e.g. 192.168.1.0/24,10.0.0.7)";
 
@@ -126,6 +129,80 @@ impl fmt::Display for ForwardSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// `GROUP:PORT=TARGET_IP[,TARGET_IP...]`: UDP datagrams to the group and
+/// port are copied between the LAN and the targets, in both directions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelaySpec {
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub targets: Vec<Ipv4Addr>,
+}
+
+impl FromStr for RelaySpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let fail = |why: String| format!("{why}; expected {RELAY_FORM}");
+        let (listen, targets) = s
+            .split_once('=')
+            .ok_or_else(|| fail(format!("{s:?} has no =TARGET_IP")))?;
+        let (group, port) = listen
+            .split_once(':')
+            .ok_or_else(|| fail(format!("{listen:?} has no GROUP:PORT")))?;
+        let group = parse_ipv4(group, "group").map_err(fail)?;
+        if !group.is_multicast() {
+            return Err(fail(format!("group {group} is not a multicast address")));
+        }
+        let port = parse_port(port, "port").map_err(fail)?;
+        let targets = targets
+            .split(',')
+            .map(|t| parse_ipv4(t.trim(), "target"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
+        if targets.len() > MAX_RELAY_TARGETS {
+            return Err(fail(format!("{} targets given", targets.len())));
+        }
+        if let Some(bad) = targets.iter().find(|t| !is_unicast(**t)) {
+            return Err(fail(format!("target {bad} is not a unicast host")));
+        }
+        Ok(RelaySpec {
+            group,
+            port,
+            targets,
+        })
+    }
+}
+
+impl fmt::Display for RelaySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
+        write!(f, "{}:{}={}", self.group, self.port, targets.join(","))
+    }
+}
+
+/// A host address a rule or relay may target.
+pub fn is_unicast(addr: Ipv4Addr) -> bool {
+    !(addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() || addr.is_broadcast())
+}
+
+/// `--relay-rate`: copies per second toward the LAN, 1 to 1,000,000.
+pub fn parse_rate(s: &str) -> Result<u32, String> {
+    let digits = s.strip_suffix("/s").unwrap_or(s);
+    match digits.parse::<u32>() {
+        Ok(rate @ 1..=1_000_000) => Ok(rate),
+        _ => Err(format!(
+            "{s:?} is not a rate: expected PKTS or PKTS/s, 1 to 1000000 (e.g. 25/s)"
+        )),
+    }
+}
+
+/// `--relay-ttl`: 1 to 255.
+pub fn parse_ttl(s: &str) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(ttl @ 1..=255) => Ok(ttl),
+        _ => Err(format!("{s:?} is not a TTL: expected 1 to 255")),
     }
 }
 
@@ -279,6 +356,46 @@ mod tests {
                 "{input}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn relay_forms() {
+        let relay: RelaySpec = "224.0.0.167:53317=10.137.0.17,10.137.0.18".parse().unwrap();
+        assert_eq!(relay.group, Ipv4Addr::new(224, 0, 0, 167));
+        assert_eq!(relay.targets.len(), 2);
+        assert_eq!(
+            relay.to_string(),
+            "224.0.0.167:53317=10.137.0.17,10.137.0.18"
+        );
+        for (input, needle) in [
+            ("224.0.0.167:53317", "has no =TARGET_IP"),
+            ("10.0.0.1:53317=10.0.0.2", "not a multicast"),
+            ("224.0.0.167:0=10.0.0.2", "not a port number"),
+            ("224.0.0.167:1=224.0.0.1", "not a unicast host"),
+            ("224.0.0.167:1=10.0.0.300", "not an IPv4 address"),
+        ] {
+            let err = input.parse::<RelaySpec>().unwrap_err();
+            assert!(err.contains(needle), "{input}: {err}");
+            assert!(err.contains("GROUP:PORT=TARGET_IP"), "{input}: {err}");
+        }
+        let nine = ["10.0.0.1"; 9].join(",");
+        assert!(
+            format!("224.0.0.1:1={nine}")
+                .parse::<RelaySpec>()
+                .unwrap_err()
+                .contains("9 targets")
+        );
+    }
+
+    #[test]
+    fn rate_and_ttl() {
+        assert_eq!(parse_rate("25"), Ok(25));
+        assert_eq!(parse_rate("25/s"), Ok(25));
+        assert!(parse_rate("0").unwrap_err().contains("PKTS/s"));
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_ttl("2"), Ok(2));
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_ttl("256").is_err());
     }
 
     #[test]

@@ -13,11 +13,14 @@ use aya::{
     util::nr_cpus,
 };
 use forwarder_common::{
-    maps::{ForwardRule, MAX_RULES, ReverseKey, RuleCounters, RuleKey, UplinkState, names},
+    maps::{
+        ForwardRule, MAX_RELAYS, MAX_RULES, Relay as RelayValue, RelayCounters, RelayKey,
+        ReverseKey, RuleCounters, RuleKey, UplinkState, names,
+    },
     reason::Reason,
 };
 
-use crate::rules::Rule;
+use crate::rules::{Relay, Rule};
 
 pub struct Tables {
     uplink: Array<MapData, UplinkState>,
@@ -25,6 +28,10 @@ pub struct Tables {
     reverse: HashMap<MapData, ReverseKey, RuleKey>,
     rule_counters: PerCpuArray<MapData, RuleCounters>,
     reasons: PerCpuArray<MapData, u64>,
+    relays: HashMap<MapData, RelayKey, RelayValue>,
+    relay_counters: PerCpuArray<MapData, RelayCounters>,
+    relay_buckets: Array<MapData, u64>,
+    downstream_macs: HashMap<MapData, u32, [u8; 6]>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -57,6 +64,10 @@ impl Tables {
             reverse: get(names::REVERSE_RULES)?.try_into()?,
             rule_counters: get(names::RULE_COUNTERS)?.try_into()?,
             reasons: get(names::REASON_COUNTERS)?.try_into()?,
+            relays: get(names::RELAYS)?.try_into()?,
+            relay_counters: get(names::RELAY_COUNTERS)?.try_into()?,
+            relay_buckets: get(names::RELAY_BUCKETS)?.try_into()?,
+            downstream_macs: get(names::DOWNSTREAM_MACS)?.try_into()?,
         })
     }
 
@@ -152,6 +163,113 @@ impl Tables {
                 .context("removing a stale reply entry")?;
         }
         Ok(())
+    }
+
+    /// The relays the datapath holds now, by group and port.
+    pub fn installed_relays(&self) -> Result<BTreeMap<(u32, u16), RelayValue>> {
+        let mut out = BTreeMap::new();
+        for entry in self.relays.iter() {
+            let (key, value) = entry?;
+            out.insert((key.group, key.port), value);
+        }
+        Ok(out)
+    }
+
+    /// Makes the relay map hold exactly `relays`, keeping the slots (and
+    /// so the counters) of relays already installed.
+    pub fn sync_relays(&mut self, relays: &[Relay]) -> Result<()> {
+        let installed = self.installed_relays()?;
+        let kept: Vec<Option<u32>> = relays
+            .iter()
+            .map(|r| {
+                let key = r.key();
+                installed
+                    .get(&(key.group, key.port))
+                    .map(|v| v.slot)
+                    .filter(|s| *s < MAX_RELAYS)
+            })
+            .collect();
+        let mut used: BTreeSet<u32> = kept.iter().flatten().copied().collect();
+        let cpus = nr_cpus().map_err(|(_, e)| e)?;
+        let mut next_free = 0;
+        for (relay, kept) in relays.iter().zip(kept) {
+            let slot = match kept {
+                Some(slot) => slot,
+                None => {
+                    while used.contains(&next_free) {
+                        next_free += 1;
+                    }
+                    if next_free >= MAX_RELAYS {
+                        return Err(anyhow!("no free relay slot for {relay}"));
+                    }
+                    used.insert(next_free);
+                    self.relay_counters.set(
+                        next_free,
+                        PerCpuValues::try_from(vec![RelayCounters::default(); cpus])?,
+                        0,
+                    )?;
+                    self.relay_buckets.set(next_free, 0, 0)?;
+                    next_free
+                }
+            };
+            self.relays
+                .insert(relay.key(), relay.encode(slot), 0)
+                .with_context(|| format!("installing relay {relay}"))?;
+        }
+        let wanted: BTreeSet<(u32, u16)> = relays
+            .iter()
+            .map(|r| (r.key().group, r.key().port))
+            .collect();
+        for (group, port) in installed.keys() {
+            if !wanted.contains(&(*group, *port)) {
+                self.relays
+                    .remove(&RelayKey {
+                        group: *group,
+                        port: *port,
+                        pad: 0,
+                    })
+                    .context("removing a stale relay")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A relay's counters summed over CPUs.
+    pub fn relay_counters(&self, slot: u32) -> Result<RelayCounters> {
+        let per_cpu = self.relay_counters.get(&slot, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(RelayCounters::default(), |acc, c| RelayCounters {
+                packets_up: acc.packets_up + c.packets_up,
+                bytes_up: acc.bytes_up + c.bytes_up,
+                packets_down: acc.packets_down + c.packets_down,
+                bytes_down: acc.bytes_down + c.bytes_down,
+                rate_limited: acc.rate_limited + c.rate_limited,
+            }))
+    }
+
+    /// Records the MAC of a downstream interface, for relay copies.
+    pub fn set_downstream_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        self.downstream_macs
+            .insert(ifindex, mac, 0)
+            .context("updating the downstream MAC map")
+    }
+
+    pub fn remove_downstream_mac(&mut self, ifindex: u32) -> Result<()> {
+        match self.downstream_macs.remove(&ifindex) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(err) => Err(err).context("updating the downstream MAC map"),
+        }
+    }
+
+    /// Interfaces the datapath holds a downstream MAC for.
+    pub fn downstream_macs(&self) -> Result<BTreeMap<u32, [u8; 6]>> {
+        let mut out = BTreeMap::new();
+        for entry in self.downstream_macs.iter() {
+            let (ifindex, mac) = entry?;
+            out.insert(ifindex, mac);
+        }
+        Ok(out)
     }
 
     /// A rule's counters summed over CPUs.

@@ -119,6 +119,11 @@ impl Capture {
         })
     }
 
+    /// Every frame seen so far; the capture goes on.
+    pub fn snapshot(&self) -> Vec<Vec<u8>> {
+        self.frames.lock().unwrap().clone()
+    }
+
     /// Stops and returns every frame seen.
     pub fn finish(mut self) -> Vec<Vec<u8>> {
         self.halt();

@@ -133,9 +133,10 @@ impl Forwarder {
 impl Drop for Forwarder {
     fn drop(&mut self) {
         if self.child.is_some()
-            && let Err(err) = self.stop() {
-                eprintln!("cleanup: {err:#}");
-            }
+            && let Err(err) = self.stop()
+        {
+            eprintln!("cleanup: {err:#}");
+        }
         let _ = std::fs::remove_file(&self.log);
     }
 }

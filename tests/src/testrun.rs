@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use forwarder::{
     datapath::{Datapath, Role},
     pin::{self, PinLayout},
-    rules::Rule,
+    rules::{Relay, Rule},
 };
 use forwarder_common::{
     maps::{UPLINK_HAS_ADDR, UPLINK_UP, UplinkState},
@@ -91,6 +91,10 @@ fn mac_str(mac: Mac) -> String {
 
 impl Harness {
     pub fn new(rules: &[Rule]) -> Result<Self> {
+        Self::with_relays(rules, &[])
+    }
+
+    pub fn with_relays(rules: &[Rule], relays: &[Relay]) -> Result<Self> {
         let ns = Netns::new("testrun")?;
         ns.sysctl("net.ipv4.ip_forward=1")?;
         for (a, b) in [("up0", "lan0"), ("vif1.0", "vm1"), ("vif2.0", "vm2")] {
@@ -124,6 +128,7 @@ impl Harness {
         pin::prepare(&layout)?;
         let mut datapath = Datapath::load(&layout)?;
         datapath.tables.sync_rules(rules)?;
+        datapath.tables.sync_relays(relays)?;
         let harness = Harness {
             uplink: iface(&ns, "up0")?,
             vif1: iface(&ns, "vif1.0")?,
@@ -135,6 +140,12 @@ impl Harness {
         let state = harness.uplink_state();
         let mut harness = harness;
         harness.datapath.tables.set_uplink(state)?;
+        for vif in [harness.vif1.clone(), harness.vif2.clone()] {
+            harness
+                .datapath
+                .tables
+                .set_downstream_mac(vif.index, vif.mac)?;
+        }
         Ok(harness)
     }
 

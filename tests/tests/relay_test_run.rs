@@ -1,0 +1,224 @@
+//! Packet in, packet out for the multicast relay. Copies leave through
+//! bpf_clone_redirect for real and are captured on the far end of the veth
+//! they were sent out of; the original must come back unchanged.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use forwarder::{datapath::Role, rules::Relay};
+use forwarder_common::{maps::group_mac, reason::Reason};
+use forwarder_tests::{
+    capture::Capture,
+    netns,
+    packet::{self, Frame},
+    testrun::*,
+    wait::wait_until,
+};
+
+const GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 167);
+const PORT: u16 = 53317;
+
+fn relay(targets: &[Ipv4Addr], ttl: Option<u8>, rate: u32) -> Relay {
+    Relay {
+        group: GROUP,
+        port: PORT,
+        targets: targets.to_vec(),
+        ttl,
+        rate,
+    }
+}
+
+fn harness(relays: &[Relay]) -> Harness {
+    netns::sweep_leftovers();
+    Harness::with_relays(&[], relays).expect("test_run harness")
+}
+
+/// A VM's announcement as it arrives on its vif: TTL 1, ephemeral port.
+fn announcement(from: Ipv4Addr) -> Frame {
+    let mut frame =
+        Frame::udp(from, 41234, GROUP, PORT).with_payload(br#"{"alias":"app","announce":true}"#);
+    frame.dst_mac = group_mac(u32::from_ne_bytes(GROUP.octets()));
+    frame.ttl = 1;
+    frame
+}
+
+fn lan_announcement(from: Ipv4Addr) -> Frame {
+    let mut frame = announcement(from);
+    frame.src_mac = LAN_PEER_MAC;
+    frame.ttl = 2;
+    frame
+}
+
+/// The relay frames a capture receives: waits until `expected` arrived,
+/// then gives extra ones a deadline to show up (there must be none).
+fn collect(capture: Capture, expected: usize) -> Vec<packet::Parsed> {
+    let count = || {
+        capture
+            .snapshot()
+            .iter()
+            .filter(|f| is_relay_frame(f))
+            .count()
+    };
+    wait_until(Duration::from_secs(2), || count() >= expected);
+    wait_until(Duration::from_millis(200), || count() > expected);
+    capture
+        .finish()
+        .into_iter()
+        .filter(|f| is_relay_frame(f))
+        .filter_map(|f| packet::parse(&f))
+        .collect()
+}
+
+fn is_relay_frame(frame: &[u8]) -> bool {
+    packet::parse(frame).is_some_and(|p| p.daddr == GROUP && p.dport == PORT)
+}
+
+#[test]
+fn a_vm_announcement_is_copied_to_the_uplink_with_the_uplink_source() {
+    let h = harness(&[relay(&[TARGET], None, 25)]);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    let frame = announcement(TARGET).build();
+    let (action, out) = h.run(Role::Downstream, h.vif1.index, &frame).unwrap();
+    assert_eq!(action, TC_ACT_UNSPEC, "the original continues");
+    assert_eq!(out, frame, "the original is unchanged");
+    let copies = collect(lan, 1);
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let copy = &copies[0];
+    assert_eq!((copy.saddr, copy.sport), (UPLINK_ADDR, 41234));
+    assert_eq!(copy.ttl, 1, "the sender's TTL is kept");
+    assert_eq!(copy.dst_mac, group_mac(u32::from_ne_bytes(GROUP.octets())));
+    assert_eq!(copy.src_mac, h.uplink.mac);
+    assert!(copy.ip_checksum_ok && copy.l4_checksum_ok);
+    assert_eq!(copy.payload, br#"{"alias":"app","announce":true}"#);
+    let relays = h.datapath.tables.installed_relays().unwrap();
+    let slot = relays.values().next().unwrap().slot;
+    assert_eq!(
+        h.datapath.tables.relay_counters(slot).unwrap().packets_up,
+        1
+    );
+}
+
+#[test]
+fn a_configured_ttl_replaces_the_senders() {
+    let h = harness(&[relay(&[TARGET], Some(2), 25)]);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    let mut frame = announcement(TARGET);
+    frame.udp_no_checksum = true;
+    let bytes = frame.build();
+    let (_, out) = h.run(Role::Downstream, h.vif1.index, &bytes).unwrap();
+    assert_eq!(out, bytes);
+    let copies = collect(lan, 1);
+    assert_eq!(copies[0].ttl, 2);
+    assert!(copies[0].udp_checksum_zero, "no UDP checksum stays none");
+    assert!(copies[0].ip_checksum_ok);
+}
+
+#[test]
+fn spoofed_and_non_target_senders_are_not_relayed() {
+    let h = harness(&[relay(&[TARGET], None, 25)]);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    for (frame, ifindex, reason) in [
+        (announcement(OTHER_VM), h.vif2.index, Reason::RelayNotTarget),
+        (
+            announcement(TARGET),
+            h.vif2.index,
+            Reason::ReversePathFailed,
+        ),
+    ] {
+        let before = h.reason(reason);
+        let bytes = frame.build();
+        let (action, out) = h.run(Role::Downstream, ifindex, &bytes).unwrap();
+        assert_eq!((action, out), (TC_ACT_UNSPEC, bytes));
+        assert_eq!(h.reason(reason), before + 1, "{reason:?}");
+    }
+    let mut other_port = announcement(TARGET);
+    other_port.dport = 5353;
+    let before = h.reason(Reason::OtherDestination);
+    h.run(Role::Downstream, h.vif1.index, &other_port.build())
+        .unwrap();
+    assert_eq!(h.reason(Reason::OtherDestination), before + 1);
+    assert!(collect(lan, 1).is_empty(), "nothing may reach the LAN");
+}
+
+#[test]
+fn a_lan_announcement_is_copied_toward_the_targets_with_the_peer_source() {
+    let h = harness(&[relay(&[TARGET, UNRESOLVED, OTHER_VM], None, 25)]);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+    let vm2 = Capture::start(&h.ns, "vm2").unwrap();
+    let frame = lan_announcement(LAN_PEER).build();
+    let (action, out) = h.run(Role::Uplink, h.uplink.index, &frame).unwrap();
+    assert_eq!(action, TC_ACT_UNSPEC);
+    assert_eq!(out, frame, "the original is unchanged");
+    let to_vm1 = collect(vm1, 1);
+    let to_vm2 = collect(vm2, 1);
+    // TARGET and UNRESOLVED both sit behind vif1.0: one copy there.
+    assert_eq!(
+        (to_vm1.len(), to_vm2.len()),
+        (1, 1),
+        "{to_vm1:?} {to_vm2:?}"
+    );
+    for (copy, vif) in [(&to_vm1[0], &h.vif1), (&to_vm2[0], &h.vif2)] {
+        assert_eq!(copy.saddr, LAN_PEER, "the peer's source is kept");
+        assert_eq!(copy.daddr, GROUP, "still multicast");
+        assert_eq!(copy.ttl, 2);
+        assert_eq!(copy.src_mac, vif.mac);
+        assert_eq!(copy.dst_mac, group_mac(u32::from_ne_bytes(GROUP.octets())));
+        assert!(copy.ip_checksum_ok && copy.l4_checksum_ok);
+    }
+    assert!(
+        collect(lan, 1).is_empty(),
+        "never sent back out of the uplink"
+    );
+}
+
+#[test]
+fn reflected_and_foreign_lan_frames_are_ignored() {
+    let h = harness(&[relay(&[TARGET], None, 25)]);
+    let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+    let mut own_mac = lan_announcement(LAN_PEER);
+    own_mac.src_mac = h.uplink.mac;
+    let own_addr = lan_announcement(UPLINK_ADDR);
+    let off_subnet = lan_announcement(Ipv4Addr::new(192, 168, 9, 9));
+    for (frame, reason) in [
+        (own_mac, Reason::Reflected),
+        (own_addr, Reason::Reflected),
+        (off_subnet, Reason::SourceNotAllowed),
+        (
+            lan_announcement(Ipv4Addr::new(127, 0, 0, 1)),
+            Reason::MartianSource,
+        ),
+    ] {
+        let before = h.reason(reason);
+        let bytes = frame.build();
+        let (action, out) = h.run(Role::Uplink, h.uplink.index, &bytes).unwrap();
+        assert_eq!((action, out), (TC_ACT_UNSPEC, bytes));
+        assert_eq!(h.reason(reason), before + 1, "{reason:?}");
+    }
+    assert!(collect(vm1, 1).is_empty());
+}
+
+#[test]
+fn the_token_bucket_limits_copies_to_the_lan() {
+    let h = harness(&[relay(&[TARGET], None, 3)]);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    let frame = announcement(TARGET).build();
+    let before = h.reason(Reason::RelayRateLimited);
+    for _ in 0..8 {
+        let (action, out) = h.run(Role::Downstream, h.vif1.index, &frame).unwrap();
+        assert_eq!((action, &out), (TC_ACT_UNSPEC, &frame));
+    }
+    let copies = collect(lan, 3);
+    assert_eq!(copies.len(), 3, "a burst of one second's worth at 3/s");
+    assert_eq!(h.reason(Reason::RelayRateLimited), before + 5);
+    let slot = h
+        .datapath
+        .tables
+        .installed_relays()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .slot;
+    let counters = h.datapath.tables.relay_counters(slot).unwrap();
+    assert_eq!((counters.packets_up, counters.rate_limited), (3, 5));
+}
