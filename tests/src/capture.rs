@@ -180,6 +180,26 @@ pub fn inject(ns: &Netns, ifname: &str, frame: &[u8]) -> Result<()> {
     })
 }
 
+/// One line about a frame, for failure messages.
+pub fn describe(frame: &[u8]) -> String {
+    match crate::packet::parse(frame) {
+        Some(p) => format!(
+            "{} {}:{} -> {}:{} ttl {}",
+            match p.proto {
+                6 => "tcp",
+                17 => "udp",
+                _ => "ip",
+            },
+            p.saddr,
+            p.sport,
+            p.daddr,
+            p.dport,
+            p.ttl
+        ),
+        None => format!("{:?} ({} bytes)", addresses(frame), frame.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,9 @@
 
 pub mod bpffs;
 pub mod capture;
+pub mod checks;
 pub mod daemon;
+pub mod netlink_watch;
 pub mod netns;
 pub mod packet;
 pub mod sockets;

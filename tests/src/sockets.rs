@@ -228,3 +228,144 @@ pub fn udp_echo(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Echo>
         bail!("no UDP reply from {to} within {timeout:?}")
     })
 }
+
+/// Sends datagrams to a multicast group at a fixed interval until dropped,
+/// each carrying its sequence number.
+pub struct Announcer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn multicast_ttl(sock: &UdpSocket, ttl: u32) -> Result<()> {
+    sock.set_multicast_ttl_v4(ttl)?;
+    Ok(())
+}
+
+impl Announcer {
+    /// Payloads are "<tag> <sequence number>".
+    pub fn start(
+        ns: &Netns,
+        tag: &str,
+        group: Ipv4Addr,
+        port: u16,
+        ttl: u32,
+        interval: Duration,
+    ) -> Result<Self> {
+        let tag = tag.to_string();
+        let sock = ns.run(|| -> Result<UdpSocket> {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            multicast_ttl(&sock, ttl)?;
+            Ok(sock)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let thread = {
+            let stop = stop.clone();
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let msg = format!("{tag} {seq}");
+                    if sock.send_to(msg.as_bytes(), (group, port)).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    seq += 1;
+                    std::thread::sleep(interval);
+                }
+            })
+        };
+        Ok(Announcer {
+            stop,
+            thread: Some(thread),
+            sent,
+        })
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One datagram a listener received, and when.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub from: SocketAddr,
+    pub payload: Vec<u8>,
+    pub at: Instant,
+}
+
+/// A socket joined to a multicast group, recording what arrives.
+pub struct MulticastListener {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    received: Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl MulticastListener {
+    pub fn start(ns: &Netns, group: Ipv4Addr, port: u16) -> Result<Self> {
+        let sock = ns.run(|| -> Result<UdpSocket> {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+                .with_context(|| format!("binding UDP {port}"))?;
+            sock.join_multicast_v4(&group, &Ipv4Addr::UNSPECIFIED)?;
+            sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+            Ok(sock)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let thread = {
+            let stop = stop.clone();
+            let received = received.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let at = Instant::now();
+                        received.lock().unwrap().push(Received {
+                            from,
+                            payload: buf[..n].to_vec(),
+                            at,
+                        });
+                    }
+                }
+            })
+        };
+        Ok(MulticastListener {
+            stop,
+            thread: Some(thread),
+            received,
+        })
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until a datagram from `source` whose payload starts with `tag`
+    /// arrives, returning it.
+    pub fn wait_from(&self, source: Ipv4Addr, tag: &str, timeout: Duration) -> Option<Received> {
+        let mut found = None;
+        crate::wait::wait_until(timeout, || {
+            found = self
+                .received()
+                .into_iter()
+                .find(|r| r.from.ip() == source && r.payload.starts_with(tag.as_bytes()));
+            found.is_some()
+        });
+        found
+    }
+}
+
+impl Drop for MulticastListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -11,6 +11,12 @@
 
 use std::net::Ipv4Addr;
 
+use std::{
+    os::unix::process::CommandExt as _,
+    process::{Child, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
 use anyhow::{Context as _, Result};
 
 use crate::netns::Netns;
@@ -28,6 +34,7 @@ pub const LOCALSEND_PORT: u16 = 53317;
 /// A port the app serves and accepts in its own firewall but that no router
 /// forwards: reaching it from the LAN would be a leak.
 pub const UNFORWARDED_PORT: u16 = 8080;
+pub const LOCALSEND_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 167);
 
 /// Whether senders leave transport checksums to "hardware" (veth passes
 /// them on as CHECKSUM_PARTIAL, as Xen guests send) or compute them fully.
@@ -127,13 +134,16 @@ fn qubes_firewall_table(vms: &[Ipv4Addr]) -> String {
 }
 
 /// A VM's own input table: policy drop, plus the seed's accept rules for
-/// `ports` (rc.local in the seed).
+/// `ports` (rc.local in the seed), plus LocalSend's discovery group, which
+/// the seed's rule (matching the VM's own address) does not admit.
 fn vm_input_table(me: Ipv4Addr, ports: &[u16]) -> String {
-    let mut accept = String::new();
+    let mut accept = format!(
+        "        iifname \"eth0\" udp dport {LOCALSEND_PORT} ip daddr {LOCALSEND_GROUP} counter accept\n"
+    );
     for port in ports {
         for proto in ["tcp", "udp"] {
             accept += &format!(
-                "        iif \"eth0\" {proto} dport {port} ip daddr {me} ct state new,established,related counter accept\n"
+                "        iifname \"eth0\" {proto} dport {port} ip daddr {me} ct state new,established,related counter accept\n"
             );
         }
     }
@@ -266,9 +276,83 @@ impl Topology {
         Ok(out)
     }
 
+    /// The seed's complete recipe: DNAT hop by hop, `dup` of the VM's
+    /// announcements with `ip ttl set 2`, and in sys-net the SNAT chain its
+    /// NetworkManager dispatcher script rewrites, emulated by a script run
+    /// from `ip monitor address`.
+    pub fn install_seed_recipe(&self) -> Result<SeedRecipe> {
+        self.install_seed_forwarding(LOCALSEND_PORT)?;
+        let port = LOCALSEND_PORT;
+        let group = LOCALSEND_GROUP;
+        let mut sysnet = format!(
+            "add chain ip qubes custom-prerouting\n\
+             insert rule ip qubes prerouting jump custom-prerouting\n\
+             add chain ip qubes custom-snat-localsend\n\
+             add rule ip qubes custom-snat-localsend drop\n\
+             add rule ip qubes custom-prerouting iif != {SYSNET_UPLINK} udp dport {port} ip daddr {group} jump custom-snat-localsend\n"
+        );
+        sysnet += &format!(
+            "add rule ip qubes custom-prerouting iif != {SYSNET_UPLINK} udp dport {port} ip daddr {group} ip ttl set 2 dup to {group} device {SYSNET_UPLINK} notrack\n"
+        );
+        nft(&self.sysnet, &sysnet)?;
+        nft(
+            &self.sysfw,
+            &format!(
+                "add chain ip qubes custom-prerouting\n\
+                 insert rule ip qubes prerouting jump custom-prerouting\n\
+                 add rule ip qubes custom-prerouting iif != {SYSFW_UPLINK} udp dport {port} ip daddr {group} ip ttl set 2 dup to {group} device {SYSFW_UPLINK} notrack\n"
+            ),
+        )?;
+        let script = format!(
+            r#"update() {{
+    ip=$(ip -o -4 addr list {SYSNET_UPLINK} | awk '{{print $4}}' | cut -d/ -f1 | head -n1)
+    if [ -n "$ip" ]; then
+        nft flush chain ip qubes custom-snat-localsend
+        nft add rule ip qubes custom-snat-localsend ip saddr set $ip
+    else
+        nft flush chain ip qubes custom-snat-localsend
+        nft add rule ip qubes custom-snat-localsend drop
+    fi
+}}
+update
+echo ready
+ip monitor address dev {SYSNET_UPLINK} | while read -r _; do update; done"#
+        );
+        let mut child = self
+            .sysnet
+            .command("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting the dispatcher emulation")?;
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("dispatcher stdout")?),
+            &mut ready,
+        )?;
+        Ok(SeedRecipe { dispatcher: child })
+    }
+
+    /// Deletes the app's vif and creates it anew under another name, as Qubes
+    /// does when the VM restarts: same address, new interface and ifindex.
+    /// Qubes' own antispoofing set learns the new name too.
+    pub fn restart_app_vif(&self, old: &str) -> Result<String> {
+        static NEXT: AtomicU32 = AtomicU32::new(10);
+        let name = format!("vif{}.0", NEXT.fetch_add(1, Ordering::Relaxed));
+        self.sysfw.ip(&format!("link del {old}"))?;
+        vif(&self.sysfw, &self.app, &name, SYSFW, APP)?;
+        nft(
+            &self.sysfw,
+            &format!("add element ip qubes allowed {{ \"{name}\" . {APP} }}\n"),
+        )?;
+        Ok(name)
+    }
+
     /// The seed's "Incoming TCP and UDP" recipe in both routers: nftables
     /// DNAT hop by hop plus the forward accepts.
-    pub fn install_seed_recipe(&self, port: u16) -> Result<()> {
+    pub fn install_seed_forwarding(&self, port: u16) -> Result<()> {
         for (router, iface, target) in [
             (&self.sysnet, SYSNET_UPLINK, SYSFW),
             (&self.sysfw, SYSFW_UPLINK, APP),
@@ -287,5 +371,19 @@ impl Topology {
             nft(router, &script)?;
         }
         Ok(())
+    }
+}
+
+/// The seed recipe's moving part: its dispatcher emulation, stopped on drop.
+pub struct SeedRecipe {
+    dispatcher: Child,
+}
+
+impl Drop for SeedRecipe {
+    fn drop(&mut self) {
+        // The script and its `ip monitor` share a process group.
+        // SAFETY: signalling a process group we created.
+        unsafe { libc::kill(-(self.dispatcher.id() as i32), libc::SIGTERM) };
+        let _ = self.dispatcher.wait();
     }
 }

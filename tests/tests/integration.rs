@@ -10,6 +10,7 @@ use anyhow::{Result, anyhow, bail, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
 use forwarder_tests::{
     capture::{self, Capture},
+    checks::Checks,
     daemon::Forwarder,
     netns::Netns,
     sockets::{EchoServer, tcp_echo, udp_echo},
@@ -20,11 +21,6 @@ use forwarder_tests::{
 enum Contender {
     Forwarder,
     SeedRecipe,
-}
-
-struct Check {
-    name: &'static str,
-    result: Result<()>,
 }
 
 fn lan_socket(port: u16) -> SocketAddrV4 {
@@ -102,16 +98,18 @@ fn datapath_counted(fwd: &Forwarder) -> Result<()> {
     Ok(())
 }
 
-fn scenario(contender: Contender, offload: Offload) -> Vec<Check> {
-    let mut checks = Vec::new();
+fn scenario(contender: Contender, offload: Offload) -> Checks {
+    let mut checks = Checks::default();
     let t = Topology::build(offload).expect("building the topology");
-    let mut forwarders = match contender {
-        Contender::Forwarder => Some(start_forwarders(&t).expect("starting the forwarders")),
-        Contender::SeedRecipe => {
-            t.install_seed_recipe(LOCALSEND_PORT)
-                .expect("installing the seed recipe");
-            None
-        }
+    let (mut forwarders, _recipe) = match contender {
+        Contender::Forwarder => (
+            Some(start_forwarders(&t).expect("starting the forwarders")),
+            None,
+        ),
+        Contender::SeedRecipe => (
+            None,
+            Some(t.install_seed_recipe().expect("installing the seed recipe")),
+        ),
     };
     let capture = Capture::start(&t.lan, "eth0").expect("capturing on the LAN");
     let _app_server = EchoServer::start(&t.app, LOCALSEND_PORT).expect("app server");
@@ -119,7 +117,7 @@ fn scenario(contender: Contender, offload: Offload) -> Vec<Check> {
     let _lan_server = EchoServer::start(&t.lan, 8000).expect("LAN server");
     let timeout = Duration::from_secs(5);
 
-    let mut check = |name, result| checks.push(Check { name, result });
+    let mut check = |name, result: Result<()>| checks.add(name, result.map(|()| String::new()));
     check(
         "tcp from the LAN reaches the app and echoes back",
         (|| {
@@ -266,25 +264,15 @@ fn scenario(contender: Contender, offload: Offload) -> Vec<Check> {
     checks
 }
 
-fn report(contender: Contender, offload: Offload, checks: &[Check]) -> usize {
-    println!("{contender:?}, checksum offload {offload:?}:");
-    let mut failed = 0;
-    for c in checks {
-        match &c.result {
-            Ok(()) => println!("  pass  {}", c.name),
-            Err(e) => {
-                failed += 1;
-                println!("  FAIL  {}: {e:#}", c.name);
-            }
-        }
-    }
-    failed
-}
-
 fn assert_all_pass(contender: Contender, offload: Offload) {
     let checks = scenario(contender, offload);
-    let failed = report(contender, offload, &checks);
-    assert_eq!(failed, 0, "{failed} of {} checks failed", checks.len());
+    let failed = checks.report(&format!("{contender:?}, checksum offload {offload:?}"));
+    assert!(
+        failed.is_empty(),
+        "{} of {} checks failed: {failed:?}",
+        failed.len(),
+        checks.checks.len()
+    );
 }
 
 #[test]

@@ -76,7 +76,14 @@ pub fn run(filter: &[String]) -> Result<()> {
 
     step("tier 2: packet-in/packet-out tests through BPF_PROG_TEST_RUN");
     let n = cargo_test(
-        &["-p", "forwarder-tests", "--test", "test_run", "--test", "relay_test_run"],
+        &[
+            "-p",
+            "forwarder-tests",
+            "--test",
+            "test_run",
+            "--test",
+            "relay_test_run",
+        ],
         &privileged,
     )?;
     summary.push(("BPF_PROG_TEST_RUN tests", n));
@@ -87,7 +94,7 @@ pub fn run(filter: &[String]) -> Result<()> {
     let mut verbose = privileged.clone();
     verbose.push("--nocapture".into());
     let n = cargo_test(
-        &["-p", "forwarder-tests", "--test", "integration"],
+        &["-p", "forwarder-tests", "--test", "integration", "--test", "relay"],
         &verbose,
     )?;
     summary.push(("integration tests", n));

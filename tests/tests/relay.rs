@@ -1,0 +1,362 @@
+//! LocalSend discovery across both routers: the multicast relay on the
+//! Qubes-like topology, for the forwarder and for the seed's nftables recipe
+//! (dup plus the dispatcher-maintained SNAT), checksum offload on and off.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use forwarder_common::reason::Reason;
+use forwarder_tests::{
+    capture::{self, Capture},
+    checks::Checks,
+    daemon::Forwarder,
+    netlink_watch::AddressWatch,
+    netns::Netns,
+    sockets::{Announcer, MulticastListener},
+    topology::*,
+    wait::wait_until,
+};
+
+const NEW_LAN_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 3);
+const WAIT: Duration = Duration::from_secs(3);
+const VIF_RESTARTS: usize = 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Forwarder,
+    SeedRecipe,
+}
+
+fn announce(ns: &Netns, tag: &str) -> Result<Announcer> {
+    Announcer::start(
+        ns,
+        tag,
+        LOCALSEND_GROUP,
+        LOCALSEND_PORT,
+        1,
+        Duration::from_millis(20),
+    )
+}
+
+/// A VM announcement must reach the LAN from sys-net's current address.
+fn vm_to_lan(t: &Topology, tag: &str, expected_source: Ipv4Addr) -> Result<()> {
+    let listener = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT)?;
+    let _announcer = announce(&t.app, tag)?;
+    listener
+        .wait_from(expected_source, tag, WAIT)
+        .ok_or_else(|| {
+            anyhow!("no announcement tagged {tag:?} from {expected_source} on the LAN")
+        })?;
+    let foreign: Vec<_> = listener
+        .received()
+        .into_iter()
+        .filter(|r| r.from.ip() != expected_source)
+        .map(|r| r.from)
+        .collect();
+    ensure!(
+        foreign.is_empty(),
+        "announcements from other sources: {foreign:?}"
+    );
+    Ok(())
+}
+
+/// A LAN announcement must reach the app with the LAN peer's source.
+fn lan_to_vm(t: &Topology, tag: &str) -> Result<()> {
+    let listener = MulticastListener::start(&t.app, LOCALSEND_GROUP, LOCALSEND_PORT)?;
+    let _announcer = announce(&t.lan, tag)?;
+    listener
+        .wait_from(LAN_PEER, tag, WAIT)
+        .map(drop)
+        .ok_or_else(|| anyhow!("no LAN announcement tagged {tag:?} reached the app"))
+}
+
+fn set_lan_address(t: &Topology, old: Ipv4Addr, new: Ipv4Addr) -> Result<()> {
+    t.sysnet
+        .ip(&format!("addr del {old}/24 dev {SYSNET_UPLINK}"))?;
+    t.sysnet
+        .ip(&format!("addr add {new}/24 dev {SYSNET_UPLINK}"))?;
+    t.sysnet
+        .ip(&format!("route replace default via {LAN_GATEWAY}"))?;
+    Ok(())
+}
+
+/// Deletes sys-net's LAN address, adds another, and measures from the
+/// rtnetlink event to the first announcement relayed with the new source
+/// while the app announces every millisecond.
+fn address_change(t: &Topology) -> Result<String> {
+    let listener = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT)?;
+    let _announcer = Announcer::start(
+        &t.app,
+        "renumber",
+        LOCALSEND_GROUP,
+        LOCALSEND_PORT,
+        1,
+        Duration::from_millis(1),
+    )?;
+    listener
+        .wait_from(SYSNET_LAN, "renumber", WAIT)
+        .context("no announcement before the change")?;
+    let watch = AddressWatch::start(&t.sysnet)?;
+    set_lan_address(t, SYSNET_LAN, NEW_LAN_ADDR)?;
+    let first = listener.wait_from(NEW_LAN_ADDR, "renumber", Duration::from_secs(10));
+    let event = watch
+        .added_at(NEW_LAN_ADDR)
+        .context("no rtnetlink event for the new address")?;
+    let result = match first {
+        Some(first) => {
+            let delay = first.at.saturating_duration_since(event);
+            let stale = listener
+                .received()
+                .iter()
+                .filter(|r| r.from.ip() == SYSNET_LAN && r.at > first.at)
+                .count();
+            ensure!(
+                stale == 0,
+                "{stale} announcements with the old source after the first new one"
+            );
+            Ok(format!(
+                "address change to first relayed announcement: {:.3} ms",
+                delay.as_secs_f64() * 1e3
+            ))
+        }
+        None => Err(anyhow!(
+            "no announcement with the new source {NEW_LAN_ADDR} within 10 s"
+        )),
+    };
+    set_lan_address(t, NEW_LAN_ADDR, SYSNET_LAN)?;
+    result
+}
+
+/// While the uplink is down nothing may be relayed, and nothing sent then
+/// may surface once it is back.
+fn uplink_down(t: &Topology, sysnet: Option<&Forwarder>) -> Result<String> {
+    let listener = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT)?;
+    let relayed_before = match sysnet {
+        Some(fwd) => Some(relay_up_count(fwd)?),
+        None => None,
+    };
+    let no_addr_before = sysnet
+        .map(|f| reason_count(f, Reason::NoUplinkAddress))
+        .transpose()?;
+    t.sysnet.ip(&format!("link set {SYSNET_UPLINK} down"))?;
+    {
+        let announcer = announce(&t.app, "while-down")?;
+        let sent = || announcer.sent.load(std::sync::atomic::Ordering::Relaxed);
+        ensure!(
+            wait_until(WAIT, || sent() >= 20),
+            "the app could not announce"
+        );
+    }
+    if let (Some(fwd), Some(before)) = (sysnet, relayed_before) {
+        let after = relay_up_count(fwd)?;
+        ensure!(
+            after == before,
+            "{} copies relayed toward a down uplink",
+            after - before
+        );
+        let no_addr = reason_count(fwd, Reason::NoUplinkAddress)?;
+        ensure!(
+            no_addr > no_addr_before.unwrap_or(0),
+            "no_uplink_address not counted"
+        );
+    }
+    t.sysnet.ip(&format!("link set {SYSNET_UPLINK} up"))?;
+    t.lan.ip("link set eth0 up")?;
+    if let Some(fwd) = sysnet {
+        ensure!(
+            wait_until(WAIT, || fwd
+                .tables()
+                .and_then(|t| t.uplink())
+                .is_ok_and(|u| u.usable())),
+            "the forwarder did not see the uplink come back"
+        );
+    }
+    // Announcements are delivered in order: once a fresh one arrives, any
+    // copy held back while the link was down would have arrived before it.
+    let _fresh = announce(&t.app, "after-up")?;
+    listener
+        .wait_from(SYSNET_LAN, "after-up", Duration::from_secs(5))
+        .context("no announcement after the uplink came back")?;
+    let leaked = listener
+        .received()
+        .iter()
+        .filter(|r| r.payload.starts_with(b"while-down"))
+        .count();
+    ensure!(
+        leaked == 0,
+        "{leaked} announcements from while the uplink was down reached the LAN"
+    );
+    Ok(String::new())
+}
+
+fn relay_up_count(fwd: &Forwarder) -> Result<u64> {
+    let tables = fwd.tables()?;
+    let mut total = 0;
+    for relay in tables.installed_relays()?.values() {
+        total += tables.relay_counters(relay.slot)?.packets_up;
+    }
+    Ok(total)
+}
+
+fn reason_count(fwd: &Forwarder, reason: Reason) -> Result<u64> {
+    Ok(fwd
+        .tables()?
+        .reason_counters()?
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| n))
+}
+
+fn ifindex(ns: &Netns, dev: &str) -> Result<u32> {
+    let line = ns.ip(&format!("-o link show dev {dev}"))?;
+    line.split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no ifindex in {line:?}"))
+}
+
+/// Qubes restarts a VM behind a new vif name and ifindex; both directions
+/// must keep working every time.
+fn vif_restarts(t: &Topology, sysfw: Option<&Forwarder>) -> Result<String> {
+    let mut vif = "vif3.0".to_string();
+    let mut slowest = Duration::ZERO;
+    for cycle in 0..VIF_RESTARTS {
+        vif = t.restart_app_vif(&vif)?;
+        let created = Instant::now();
+        if let Some(fwd) = sysfw {
+            let index = ifindex(&t.sysfw, &vif)?;
+            let pin: PathBuf =
+                forwarder::pin::PinLayout::new(fwd.pins.path()).link_pin("downstream", index);
+            ensure!(
+                wait_until(Duration::from_millis(100), || pin.exists()),
+                "cycle {cycle}: {vif} not attached within 100 ms"
+            );
+            slowest = slowest.max(created.elapsed());
+        }
+        vm_to_lan(t, &format!("cycle-{cycle}-up"), SYSNET_LAN)
+            .with_context(|| format!("cycle {cycle}, VM to LAN"))?;
+        lan_to_vm(t, &format!("cycle-{cycle}-down"))
+            .with_context(|| format!("cycle {cycle}, LAN to VM"))?;
+    }
+    Ok(match sysfw {
+        Some(_) => format!(
+            "slowest attach {:.1} ms after the vif appeared",
+            slowest.as_secs_f64() * 1e3
+        ),
+        None => String::new(),
+    })
+}
+
+fn scenario(contender: Contender, offload: Offload) -> Checks {
+    let t = Topology::build(offload).expect("topology");
+    let mut checks = Checks::default();
+    let (forwarders, _recipe) = match contender {
+        Contender::Forwarder => {
+            let sysnet = Forwarder::start(
+                &t.sysnet,
+                "sys-net",
+                &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
+            )
+            .expect("forwarder in sys-net");
+            let sysfw = Forwarder::start(
+                &t.sysfw,
+                "sys-firewall",
+                &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
+            )
+            .expect("forwarder in sys-firewall");
+            (Some((sysnet, sysfw)), None)
+        }
+        Contender::SeedRecipe => (None, Some(t.install_seed_recipe().expect("seed recipe"))),
+    };
+    let (sysnet, sysfw) = match &forwarders {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    };
+    let capture = Capture::start(&t.lan, "eth0").expect("capture");
+
+    let empty = |r: Result<()>| r.map(|()| String::new());
+    checks.add(
+        "a VM announcement (TTL 1) reaches the LAN from sys-net's address",
+        empty(vm_to_lan(&t, "hello", SYSNET_LAN)),
+    );
+    checks.add(
+        "a LAN announcement reaches the app with the peer's source",
+        empty(lan_to_vm(&t, "hello")),
+    );
+    checks.add(
+        "after sys-net is renumbered, relayed announcements carry the new address",
+        address_change(&t),
+    );
+    checks.add(
+        "with the uplink down nothing is relayed or leaks later",
+        uplink_down(&t, sysnet),
+    );
+    checks.add(
+        "20 restarts of the app's vif under new names keep both directions working",
+        vif_restarts(&t, sysfw),
+    );
+
+    let frames = capture.finish();
+    checks.add(
+        "no internal address leaves the uplink",
+        (|| {
+            let leaks: Vec<_> = frames
+                .iter()
+                .filter(|f| capture::addresses(f).iter().any(|a| a.octets()[0] == 10))
+                .collect();
+            ensure!(
+                leaks.is_empty(),
+                "{} frames with internal addresses, e.g. {}",
+                leaks.len(),
+                capture::describe(leaks[0])
+            );
+            Ok(String::new())
+        })(),
+    );
+    checks.add(
+        "receivers counted no checksum errors",
+        (|| {
+            let errors = t.checksum_errors()?;
+            ensure!(errors.iter().all(|(_, n)| *n == 0), "{errors:?}");
+            Ok(String::new())
+        })(),
+    );
+    checks
+}
+
+#[test]
+fn forwarder_relays_with_checksum_offload() {
+    let checks = scenario(Contender::Forwarder, Offload::On);
+    let failed = checks.report("forwarder, checksum offload on");
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+#[test]
+fn forwarder_relays_without_checksum_offload() {
+    let checks = scenario(Contender::Forwarder, Offload::Off);
+    let failed = checks.report("forwarder, checksum offload off");
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+/// The baseline, reported check by check. The brief's claims about it are
+/// asserted: it relays VM announcements (with the dispatcher's address) but
+/// cannot deliver a LAN announcement to the VM at all.
+#[test]
+fn seed_recipe_relay_baseline() {
+    for offload in [Offload::On, Offload::Off] {
+        let checks = scenario(Contender::SeedRecipe, offload);
+        let failed = checks.report(&format!("seed recipe, checksum offload {offload:?}"));
+        assert!(
+            !failed.contains(&"a VM announcement (TTL 1) reaches the LAN from sys-net's address"),
+            "the baseline must relay VM announcements, or the comparison means nothing"
+        );
+        assert!(
+            failed.contains(&"a LAN announcement reaches the app with the peer's source"),
+            "the seed recipe was expected not to deliver LAN announcements"
+        );
+    }
+}
