@@ -36,7 +36,7 @@ impl Daemon {
     /// and one attachment per uplink/downstream interface.
     fn reconcile(&mut self) -> Result<()> {
         let state = self.interfaces.uplink_state(&self.config.uplink);
-        if state != self.uplink {
+        if state != self.uplink || self.first_reconcile {
             self.datapath.tables.set_uplink(state)?;
             if state.ifindex == 0 {
                 warn!(

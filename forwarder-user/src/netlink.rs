@@ -5,6 +5,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr},
+    os::fd::{AsRawFd as _, RawFd},
 };
 
 use netlink_packet_core::{
@@ -123,6 +124,28 @@ fn split(datagram: &[u8]) -> io::Result<Vec<NetlinkMessage<RouteNetlinkMessage>>
     Ok(messages)
 }
 
+/// SO_RCVBUFFORCE (root) can exceed net.core.rmem_max, which is far too
+/// small for a burst of VM starts; SO_RCVBUF is the fallback.
+fn set_receive_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let value = i32::try_from(bytes).unwrap_or(i32::MAX);
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket and a pointer to an int of the right size.
+        let ret = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&raw const value).cast(),
+                size_of::<i32>() as u32,
+            )
+        };
+        if ret == 0 {
+            return Ok(());
+        }
+    }
+    Err(io::Error::last_os_error())
+}
+
 fn is_overflow(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::ENOBUFS)
 }
@@ -134,11 +157,17 @@ pub struct Monitor {
 
 impl Monitor {
     pub fn subscribe() -> io::Result<Self> {
+        Self::with_buffer(RECV_BUFFER)
+    }
+
+    /// Subscribes with a receive buffer of `bytes`: the kernel drops
+    /// messages (and the next read reports an overflow) once it is full.
+    pub fn with_buffer(bytes: usize) -> io::Result<Self> {
         let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
         socket
             .socket_mut()
             .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))?;
-        socket.socket_ref().set_rx_buf_sz(RECV_BUFFER)?;
+        set_receive_buffer(socket.as_raw_fd(), bytes)?;
         Ok(Monitor { socket })
     }
 

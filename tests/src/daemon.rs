@@ -45,6 +45,40 @@ impl Forwarder {
     /// Starts `forwarder run <args> --pin-dir <own dir>` in `ns` and waits
     /// until the uplink program is attached and the uplink has an address.
     pub fn start(ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
+        let mut fwd = Self::spawn(ns, label, args)?;
+        fwd.wait_ready(Duration::from_secs(20))?;
+        Ok(fwd)
+    }
+
+    /// Waits until the uplink program is attached and the uplink usable.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        if wait_until(timeout, || self.ready()) {
+            return Ok(());
+        }
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        bail!(
+            "{} did not become ready (exit: {status:?}); log:\n{}",
+            self.label,
+            self.log_text()
+        )
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
+    }
+
+    /// Starts the process without waiting for it to get anywhere.
+    pub fn spawn(ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
         let pins = PinDir::new(label)?;
         let log = std::env::temp_dir().join(format!("{}-{label}.log", ns.name()));
         let stderr = File::create(&log)?;
@@ -60,21 +94,12 @@ impl Forwarder {
             .stderr(stderr)
             .spawn()
             .context("spawning forwarder")?;
-        let mut fwd = Forwarder {
+        Ok(Forwarder {
             child: Some(child),
             pins,
             log,
             label: label.into(),
-        };
-        let ready = wait_until(Duration::from_secs(20), || fwd.ready());
-        if !ready {
-            let status = fwd.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            bail!(
-                "{label} did not become ready (exit: {status:?}); log:\n{}",
-                fwd.log_text()
-            );
-        }
-        Ok(fwd)
+        })
     }
 
     fn layout(&self) -> PinLayout {

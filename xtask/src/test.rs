@@ -94,7 +94,18 @@ pub fn run(filter: &[String]) -> Result<()> {
     let mut verbose = privileged.clone();
     verbose.push("--nocapture".into());
     let n = cargo_test(
-        &["-p", "forwarder-tests", "--test", "integration", "--test", "relay"],
+        &[
+            "-p",
+            "forwarder-tests",
+            "--test",
+            "integration",
+            "--test",
+            "relay",
+            "--test",
+            "state",
+            "--test",
+            "localsend",
+        ],
         &verbose,
     )?;
     summary.push(("integration tests", n));
