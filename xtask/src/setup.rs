@@ -124,6 +124,40 @@ fn bpf_linker_ok() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// LocalSend implementation the end-to-end test runs as real peers: nobody
+/// on this project wrote it. Pinned, installed under target/.
+const LOCALSENDD: &str = "localsendd==0.1.1";
+
+/// Where the test set-up installs localsendd (a `pip --target` directory).
+pub fn localsend_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join("target").join("localsend")
+}
+
+fn install_localsendd() -> Result<()> {
+    let dir = localsend_dir();
+    let marker = dir.join("localsendd-0.1.1.dist-info");
+    if marker.exists() {
+        println!("    present in {}", dir.display());
+        return Ok(());
+    }
+    run_cmd(
+        command("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(LOCALSENDD),
+    )
+    .context("installing localsendd from PyPI (needs python3 with pip)")
+}
+
 pub fn run() -> Result<()> {
     step("nightly toolchain and rust-src");
     let llvm = nightly_llvm_major()?;
@@ -175,5 +209,10 @@ pub fn run() -> Result<()> {
                 .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
         )?;
     }
+
+    step(&format!(
+        "{LOCALSENDD} from PyPI, the real LocalSend peer of the end-to-end test"
+    ));
+    install_localsendd()?;
     Ok(())
 }
