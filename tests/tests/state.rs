@@ -54,13 +54,12 @@ fn igmp_groups(ns: &Netns, dev: &str) -> Vec<Ipv4Addr> {
     for line in text.lines().skip(1) {
         if !line.starts_with('\t') {
             in_dev = line.split_whitespace().nth(1) == Some(dev);
-        } else if in_dev {
-            if let Some(hex) = line.split_whitespace().next() {
-                if let Ok(v) = u32::from_str_radix(hex, 16) {
-                    // The kernel prints the address as a host-order word.
-                    groups.push(Ipv4Addr::from(v.to_le_bytes()));
-                }
-            }
+        } else if in_dev
+            && let Some(hex) = line.split_whitespace().next()
+            && let Ok(v) = u32::from_str_radix(hex, 16)
+        {
+            // The kernel prints the address as a host-order word.
+            groups.push(Ipv4Addr::from(v.to_le_bytes()));
         }
     }
     groups
