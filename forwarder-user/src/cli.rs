@@ -1,12 +1,12 @@
 //! Command-line interface. Values are parsed by the types in `spec`, so a bad
 //! value is rejected by clap with a message naming the flag and the form.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use regex::Regex;
 
-use crate::spec::{AllowFrom, ForwardSpec, RelaySpec, parse_rate, parse_ttl};
+use crate::spec::{AllowFrom, ForwardSpec, RelaySpec, RuleRef, parse_rate, parse_ttl};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/forwarder";
 /// Qubes' own naming of the backend side of a VM's network interface; the
@@ -15,13 +15,13 @@ pub const DEFAULT_DOWNSTREAM: &str = r"^vif[0-9]+\.[0-9]+$";
 /// Copies per second one relay may send to the LAN: far above what
 /// discovery protocols announce, far below what would eat a WLAN's airtime
 /// at the basic rate multicast goes out at.
-pub const DEFAULT_RELAY_RATE: &str = "25";
+pub const DEFAULT_RELAY_RATE: u32 = 25;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "forwarder",
     version,
-    about = "eBPF port forwarding for VMs behind NATing router VMs"
+    about = "eBPF port forwarding and multicast relay for VMs behind NATing router VMs"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -33,32 +33,47 @@ pub enum Command {
     /// Attach the datapath and keep it current until SIGINT or SIGTERM,
     /// then remove everything it created.
     Run(RunArgs),
+    /// Show what a running instance does, read from its pinned maps.
+    Inspect(InspectArgs),
+    /// Change or list the forward rules of a running instance.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// Validate a configuration file without loading anything.
+    CheckConfig {
+        /// The TOML file `run --config` would read.
+        file: PathBuf,
+    },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct RunArgs {
+    /// TOML file with any of the settings below; flags override it, and a
+    /// repeatable flag given on the command line replaces the file's list.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Interface facing the LAN (or the next router up the chain).
     #[arg(long, value_name = "IFACE", value_parser = parse_ifname)]
-    pub uplink: String,
+    pub uplink: Option<String>,
 
-    /// Regular expression selecting downstream interfaces (repeatable).
-    #[arg(long = "downstream", value_name = "REGEX", value_parser = parse_regex,
-          default_value = DEFAULT_DOWNSTREAM)]
+    /// Regular expression selecting downstream interfaces (repeatable)
+    /// [default: ^vif[0-9]+\.[0-9]+$].
+    #[arg(long = "downstream", value_name = "REGEX", value_parser = parse_regex)]
     pub downstream: Vec<Regex>,
 
     /// Forward a port of the uplink's address to a target (repeatable).
     #[arg(long = "forward", value_name = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]]")]
     pub forward: Vec<ForwardSpec>,
 
-    /// Target for --forward specs that name none.
+    /// Target for forward specs that name none.
     #[arg(long, value_name = "IP")]
     pub target: Option<Ipv4Addr>,
 
     /// Peers allowed to use forward rules: auto, any, or CIDR[,CIDR...].
     /// auto is the uplink's subnet when its prefix is shorter than /32,
-    /// otherwise any.
-    #[arg(long, value_name = "auto|any|CIDR[,CIDR...]", default_value = "auto")]
-    pub allow_from: AllowFrom,
+    /// otherwise any [default: auto].
+    #[arg(long, value_name = "auto|any|CIDR[,CIDR...]")]
+    pub allow_from: Option<AllowFrom>,
 
     /// Copy UDP datagrams to a multicast group between the LAN and the
     /// targets, both ways (repeatable).
@@ -69,22 +84,95 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = parse_ttl)]
     pub relay_ttl: Option<u8>,
 
-    /// Per-relay limit of copies sent to the LAN, in packets per second.
-    #[arg(long, value_name = "PKTS/S", value_parser = parse_rate, default_value = DEFAULT_RELAY_RATE)]
-    pub relay_rate: u32,
+    /// Per-relay limit of copies sent to the LAN, in packets per second
+    /// [default: 25].
+    #[arg(long, value_name = "PKTS/S", value_parser = parse_rate)]
+    pub relay_rate: Option<u32>,
 
     /// LocalSend preset: forward tcp:53317 and udp:53317 to TARGET_IP and
     /// relay 224.0.0.167:53317 to and from it.
     #[arg(long, value_name = "TARGET_IP")]
     pub localsend: Option<Ipv4Addr>,
 
-    /// bpffs directory for this instance's pinned maps and links.
+    /// bpffs directory for this instance's pinned maps and links
+    /// [default: /sys/fs/bpf/forwarder].
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Pin directory of the instance to inspect.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+
+    /// Machine-readable output (one object; with --watch, one per line).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Refresh until interrupted, with packet and byte rates.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Refresh interval for --watch.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Add a forward rule to the running instance.
+    Add {
+        /// The rule, as --forward takes it.
+        #[arg(value_name = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]]")]
+        spec: ForwardSpec,
+        /// Peers allowed to use it [default: the instance's --allow-from].
+        #[arg(long, value_name = "auto|any|CIDR[,CIDR...]")]
+        allow_from: Option<AllowFrom>,
+        /// Remove the rule after this long (e.g. 90s, 30m, 2h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expire: Option<Duration>,
+        /// Free text shown by `rules list`.
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+        /// Also write the rule to the instance's --config file.
+        #[arg(long)]
+        save: bool,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Remove a forward rule from the running instance.
+    Del {
+        /// The rule's protocol and listen port.
+        #[arg(value_name = "PROTO:PORT")]
+        rule: RuleRef,
+        /// Also remove it from the instance's --config file.
+        #[arg(long)]
+        save: bool,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// List the running instance's forward rules.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| format!("not a valid regular expression: {e}"))
+}
+
+/// Durations as humans write them: 90s, 30m, 2h, 1h30m.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!(
+            "{s:?} is not a duration: expected e.g. 90s, 30m, 2h or 1h30m"
+        )),
+    }
 }
 
 /// Linux interface names: 1-15 bytes, no '/', ':' or whitespace.
@@ -113,27 +201,23 @@ mod tests {
         Cli::try_parse_from(std::iter::once("forwarder").chain(args.iter().copied()))
     }
 
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut full = vec!["run"];
+        full.extend(args);
+        match parse(&full).unwrap().command {
+            Command::Run(args) => args,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
     }
 
     #[test]
-    fn run_defaults() {
-        let cli = parse(&["run", "--uplink", "eth0"]).unwrap();
-        let Command::Run(args) = cli.command;
-        assert_eq!(args.uplink, "eth0");
-        assert_eq!(args.allow_from, AllowFrom::Auto);
-        assert_eq!(args.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
-        assert_eq!(args.downstream.len(), 1);
-        assert!(args.downstream[0].is_match("vif12.0"));
-        assert!(!args.downstream[0].is_match("vif12.0-emu"));
-    }
-
-    #[test]
     fn repeated_flags_accumulate() {
-        let cli = parse(&[
-            "run",
+        let args = run_args(&[
             "--uplink",
             "eth0",
             "--forward",
@@ -144,61 +228,102 @@ mod tests {
             "^a",
             "--downstream",
             "^b",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command;
+        ]);
         assert_eq!(args.forward.len(), 2);
-        assert_eq!(
-            args.downstream.len(),
-            2,
-            "explicit patterns replace the default"
-        );
+        assert_eq!(args.downstream.len(), 2);
     }
 
     #[test]
     fn bad_values_name_the_flag_and_the_form() {
         for (args, flag, form) in [
             (
-                vec!["--forward", "tcp:x"],
+                vec!["run", "--forward", "tcp:x"],
                 "--forward",
                 "PROTO:PORT[=TARGET_IP[:TARGET_PORT]]",
             ),
-            (vec!["--allow-from", "lan"], "--allow-from", "auto, any"),
             (
-                vec!["--downstream", "("],
+                vec!["run", "--allow-from", "lan"],
+                "--allow-from",
+                "auto, any",
+            ),
+            (
+                vec!["run", "--downstream", "("],
                 "--downstream",
                 "regular expression",
             ),
-            (vec!["--target", "10.0.0"], "--target", "IP"),
+            (vec!["run", "--target", "10.0.0"], "--target", "IP"),
             (
-                vec!["--relay", "10.0.0.1:1=10.0.0.2"],
+                vec!["run", "--relay", "10.0.0.1:1=10.0.0.2"],
                 "--relay",
                 "GROUP:PORT=TARGET_IP",
             ),
-            (vec!["--relay-rate", "0"], "--relay-rate", "PKTS/s"),
-            (vec!["--relay-ttl", "300"], "--relay-ttl", "1 to 255"),
+            (vec!["run", "--relay-rate", "0"], "--relay-rate", "PKTS/s"),
+            (vec!["run", "--relay-ttl", "300"], "--relay-ttl", "1 to 255"),
             (
-                vec!["--localsend", "sys-firewall"],
+                vec!["run", "--localsend", "sys-firewall"],
                 "--localsend",
                 "TARGET_IP",
             ),
+            (
+                vec!["run", "--uplink", "a/b"],
+                "--uplink",
+                "1-15 characters",
+            ),
+            (
+                vec!["rules", "add", "tcp:80", "--expire", "soon"],
+                "--expire",
+                "90s, 30m",
+            ),
+            (vec!["rules", "del", "tcp"], "PROTO:PORT", "tcp:8080"),
+            (
+                vec!["inspect", "--interval", "0s"],
+                "--interval",
+                "duration",
+            ),
         ] {
-            let mut full = vec!["run", "--uplink", "eth0"];
-            full.extend(args);
-            let err = parse(&full).unwrap_err().to_string();
-            assert!(err.contains(flag), "{err}");
-            assert!(err.contains(form), "{err}");
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+            assert!(err.contains(form), "{args:?}: {err}");
         }
-        let err = parse(&["run", "--uplink", "a/b"]).unwrap_err().to_string();
-        assert!(
-            err.contains("--uplink") && err.contains("1-15 characters"),
-            "{err}"
-        );
-        assert!(
-            parse(&["run"])
-                .unwrap_err()
-                .to_string()
-                .contains("--uplink")
-        );
+    }
+
+    #[test]
+    fn rules_subcommands() {
+        let cli = parse(&[
+            "rules",
+            "add",
+            "tcp:8080=10.0.0.1:80",
+            "--expire",
+            "2h",
+            "--comment",
+            "web",
+            "--save",
+        ])
+        .unwrap();
+        let Command::Rules(RulesCommand::Add {
+            spec,
+            expire,
+            comment,
+            save,
+            pin_dir,
+            ..
+        }) = cli.command
+        else {
+            panic!("not rules add");
+        };
+        assert_eq!(spec.to_string(), "tcp:8080=10.0.0.1:80");
+        assert_eq!(expire, Some(Duration::from_secs(7200)));
+        assert_eq!(comment.as_deref(), Some("web"));
+        assert!(save);
+        assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        let cli = parse(&["rules", "del", "udp:53317"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Rules(RulesCommand::Del { .. })
+        ));
+        assert!(matches!(
+            parse(&["check-config", "x.toml"]).unwrap().command,
+            Command::CheckConfig { .. }
+        ));
     }
 }

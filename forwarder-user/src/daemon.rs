@@ -1,22 +1,34 @@
 //! `forwarder run`: attach, then follow rtnetlink until told to stop, then
 //! remove everything this instance created.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context as _, Result};
 use forwarder_common::maps::{UPLINK_UP, UplinkState};
 use log::{info, warn};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
 
 use crate::{
-    config::RunConfig,
+    config::{self, RunConfig},
+    control::{self, Request, Response, RuleView},
     datapath::{Datapath, Role},
     interfaces::{self, Interfaces},
     multicast::Memberships,
     netlink::{self, Event, Monitor},
     nft,
     pin::{self, Bpffs, PinLayout},
+    rules::{self, Origin, Rule},
+    spec::{AllowFrom, ForwardSpec, RuleRef},
 };
+
+/// A request from a control-socket client, and where its answer goes.
+type Call = (Request, oneshot::Sender<Response>);
 
 struct Daemon {
     config: RunConfig,
@@ -136,6 +148,186 @@ impl Daemon {
         Ok(())
     }
 
+    /// Makes the datapath and the nftables guard hold the current rules.
+    fn apply_rules(&mut self) -> Result<()> {
+        self.datapath.tables.sync_rules(&self.config.rules)?;
+        nft::install(&self.config.uplink, &self.config.rules)
+    }
+
+    /// Removes rules whose time is up.
+    fn expire_rules(&mut self) -> Result<()> {
+        let now = SystemTime::now();
+        let (expired, kept): (Vec<Rule>, Vec<Rule>) = self
+            .config
+            .rules
+            .drain(..)
+            .partition(|r| r.expires.is_some_and(|t| t <= now));
+        self.config.rules = kept;
+        if !expired.is_empty() {
+            self.apply_rules()?;
+            for rule in expired {
+                info!("rule {} expired and was removed", rule);
+            }
+        }
+        Ok(())
+    }
+
+    fn next_expiry(&self) -> Option<SystemTime> {
+        self.config.rules.iter().filter_map(|r| r.expires).min()
+    }
+
+    fn rule_views(&self) -> Result<Vec<RuleView>> {
+        let installed = self.datapath.tables.installed()?;
+        let now = SystemTime::now();
+        self.config
+            .rules
+            .iter()
+            .map(|rule| {
+                let counters = match installed.get(&(rule.proto.number(), rule.port)) {
+                    Some((_, value)) => self.datapath.tables.rule_counters(value.slot)?,
+                    None => Default::default(),
+                };
+                Ok(RuleView {
+                    proto: rule.proto.to_string(),
+                    port: rule.port,
+                    target: rule.target,
+                    target_port: rule.target_port,
+                    allow_from: rule.allow.to_string(),
+                    comment: rule.comment.clone(),
+                    expires_in_secs: rule
+                        .expires
+                        .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO).as_secs()),
+                    origin: rule.origin,
+                    packets_in: counters.packets_in,
+                    bytes_in: counters.bytes_in,
+                    packets_out: counters.packets_out,
+                    bytes_out: counters.bytes_out,
+                })
+            })
+            .collect()
+    }
+
+    /// The file `--save` writes to; checked before a change is made, so a
+    /// refused save changes nothing.
+    fn save_target(&self) -> Result<std::path::PathBuf, String> {
+        self.config.config_file.clone().ok_or_else(|| {
+            "this instance was started without --config: there is no file to save to".into()
+        })
+    }
+
+    fn save(&mut self) -> Result<(), String> {
+        let path = self.save_target()?;
+        config::save_rules(&path, &self.config.rules)?;
+        for rule in &mut self.config.rules {
+            if rule.origin != Origin::Preset {
+                rule.origin = Origin::File;
+            }
+        }
+        info!(
+            "saved {} forward rules to {}",
+            self.config.rules.len(),
+            path.display()
+        );
+        Ok(())
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::List => Ok(String::new()),
+            Request::Add {
+                spec,
+                allow_from,
+                expire_secs,
+                comment,
+                save,
+            } => self.add_rule(&spec, allow_from.as_deref(), expire_secs, comment, save),
+            Request::Del { rule, save } => self.del_rule(&rule, save),
+        };
+        match result.and_then(|message| {
+            self.rule_views()
+                .map_err(|e| format!("{e:#}"))
+                .map(|v| (message, v))
+        }) {
+            Ok((message, rules)) => Response {
+                ok: true,
+                message: (!message.is_empty()).then_some(message),
+                rules,
+                error: None,
+            },
+            Err(error) => Response::error(error),
+        }
+    }
+
+    fn add_rule(
+        &mut self,
+        spec: &str,
+        allow_from: Option<&str>,
+        expire_secs: Option<u64>,
+        comment: Option<String>,
+        save: bool,
+    ) -> Result<String, String> {
+        if save {
+            self.save_target()?;
+        }
+        let spec: ForwardSpec = spec.parse()?;
+        let target = spec.target.or(self.config.target).ok_or_else(|| {
+            format!("{spec}: no target address and the instance has no default target")
+        })?;
+        let allow = match allow_from {
+            Some(a) => a.parse::<AllowFrom>()?,
+            None => self.config.allow_from.clone(),
+        };
+        let mut rule = Rule::new(
+            spec.proto,
+            spec.port,
+            target,
+            spec.target_port.unwrap_or(spec.port),
+            allow,
+            Origin::Live,
+        );
+        rule.comment = comment;
+        rule.expires = expire_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
+        let mut candidate = self.config.rules.clone();
+        candidate.push(rule.clone());
+        rules::check(&candidate)?;
+        let previous = std::mem::replace(&mut self.config.rules, candidate);
+        if let Err(err) = self.apply_rules() {
+            self.config.rules = previous;
+            let _ = self.apply_rules();
+            return Err(format!("{err:#}"));
+        }
+        info!("added rule {rule} over the control socket");
+        if save {
+            self.save()?;
+        }
+        Ok(format!("added {rule}"))
+    }
+
+    fn del_rule(&mut self, rule: &str, save: bool) -> Result<String, String> {
+        if save {
+            self.save_target()?;
+        }
+        let target: RuleRef = rule.parse()?;
+        let index = self
+            .config
+            .rules
+            .iter()
+            .position(|r| r.proto == target.proto && r.port == target.port)
+            .ok_or_else(|| format!("no rule {target}"))?;
+        if save && self.config.rules[index].origin == Origin::Preset {
+            return Err(format!(
+                "{target} comes from the localsend preset; remove `localsend` from the config file to drop it for good, or delete it without --save"
+            ));
+        }
+        let removed = self.config.rules.remove(index);
+        self.apply_rules().map_err(|e| format!("{e:#}"))?;
+        info!("deleted rule {removed} over the control socket");
+        if save {
+            self.save()?;
+        }
+        Ok(format!("deleted {removed}"))
+    }
+
     async fn resync(&mut self) -> Result<()> {
         let (links, addresses) = netlink::dump()
             .await
@@ -144,11 +336,37 @@ impl Daemon {
         self.reconcile()
     }
 
-    async fn follow(&mut self, monitor: &mut Monitor) -> Result<()> {
+    async fn follow(&mut self, monitor: &mut Monitor, server: &control::Server) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
         loop {
+            let expiry = self.next_expiry().map(|t| {
+                let wait = t
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::Instant::now() + wait
+            });
             tokio::select! {
+                conn = server.accept() => {
+                    let mut stream = conn.context("accepting on the control socket")?;
+                    let calls_tx = calls_tx.clone();
+                    tokio::spawn(async move {
+                        let response = match control::read_request(&mut stream).await {
+                            Ok(request) => {
+                                let (tx, rx) = oneshot::channel();
+                                let _ = calls_tx.send((request, tx)).await;
+                                rx.await.unwrap_or_else(|_| Response::error("the daemon is stopping"))
+                            }
+                            Err(response) => response,
+                        };
+                        control::write_response(&mut stream, &response).await;
+                    });
+                }
+                Some((request, reply)) = calls.recv() => {
+                    let _ = reply.send(self.handle(request));
+                }
+                () = sleep_until(expiry) => self.expire_rules()?,
                 events = monitor.next() => {
                     let events = events.context("reading rtnetlink")?;
                     if events.contains(&Event::Overflow) {
@@ -203,6 +421,15 @@ async fn serve(config: RunConfig, layout: &PinLayout) -> Result<()> {
             return Err(err);
         }
     };
+    let mut config = config;
+    let now = SystemTime::now();
+    config.rules.retain(|r| {
+        let live = r.expires.is_none_or(|t| t > now);
+        if !live {
+            warn!("skipping rule {r}: it expired before the start");
+        }
+        live
+    });
     let setup = (|| -> Result<()> {
         datapath.tables.sync_rules(&config.rules)?;
         for rule in &config.rules {
@@ -237,9 +464,11 @@ async fn serve(config: RunConfig, layout: &PinLayout) -> Result<()> {
     };
     // Subscribe before the dump, so no change falls between the two.
     let served = async {
+        let server = control::Server::bind(&daemon.config.pin_dir)?;
+        info!("control socket {}", server.path().display());
         let mut monitor = Monitor::subscribe().context("subscribing to rtnetlink")?;
         daemon.resync().await?;
-        daemon.follow(&mut monitor).await
+        daemon.follow(&mut monitor, &server).await
     }
     .await;
     let stopped = stop(daemon.datapath);
@@ -253,4 +482,12 @@ fn stop(datapath: Datapath) -> Result<()> {
     nft_result.and(datapath_result)?;
     info!("removed all programs, links, pins and the nftables table");
     Ok(())
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }

@@ -2,9 +2,12 @@
 //! datapath, keeping its maps current from rtnetlink, and the operator CLI.
 
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod inspect;
 pub mod interfaces;
 pub mod multicast;
 pub mod netlink;

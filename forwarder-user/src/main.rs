@@ -3,8 +3,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use forwarder::{
     cli::{Cli, Command},
+    client,
     config::RunConfig,
-    daemon,
+    daemon, inspect,
 };
 
 fn main() -> ExitCode {
@@ -22,6 +23,25 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Command::CheckConfig { file } => match RunConfig::check_file(&file) {
+            Ok(config) => {
+                println!("{}: valid", file.display());
+                println!("  uplink {}", config.uplink);
+                for rule in &config.rules {
+                    println!("  forward {rule}");
+                }
+                for relay in &config.relays {
+                    println!("  relay {relay}");
+                }
+                return ExitCode::SUCCESS;
+            }
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Inspect(args) => inspect::run(&args),
+        Command::Rules(command) => client::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -107,7 +107,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::spec::AllowFrom;
+    use crate::{rules::Origin, spec::AllowFrom};
 
     #[test]
     fn free_range_avoids_every_listen_port() {
@@ -125,12 +125,15 @@ mod tests {
 
     #[test]
     fn script_has_one_rule_per_protocol() {
-        let rule = |proto, port| Rule {
-            proto,
-            port,
-            target: Ipv4Addr::new(10, 137, 0, 5),
-            target_port: port,
-            allow: AllowFrom::Auto,
+        let rule = |proto, port| {
+            Rule::new(
+                proto,
+                port,
+                Ipv4Addr::new(10, 137, 0, 5),
+                port,
+                AllowFrom::Auto,
+                Origin::Flag,
+            )
         };
         let s = script(
             "wls6f0",

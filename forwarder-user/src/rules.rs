@@ -1,7 +1,7 @@
 //! Forward rules as the daemon holds them, their checks, and their encoding
 //! into the datapath's map entries.
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, time::SystemTime};
 
 use forwarder_common::maps::{
     ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Cidr, ForwardRule, MAX_RELAYS, MAX_RULES,
@@ -9,6 +9,20 @@ use forwarder_common::maps::{
 };
 
 use crate::spec::{AllowFrom, Proto, is_unicast};
+
+/// Where a rule came from, which decides whether `--save` writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `--forward` on the command line.
+    Flag,
+    /// A `[[forward]]` table of the config file.
+    File,
+    /// Implied by `--localsend` / `localsend =`.
+    Preset,
+    /// Added at runtime with `rules add` and not saved.
+    Live,
+}
 
 /// A forward rule with its target resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,9 +32,34 @@ pub struct Rule {
     pub target: Ipv4Addr,
     pub target_port: u16,
     pub allow: AllowFrom,
+    pub comment: Option<String>,
+    /// When the daemon removes the rule; `None` keeps it.
+    pub expires: Option<SystemTime>,
+    pub origin: Origin,
 }
 
 impl Rule {
+    /// A rule from a spec whose target is resolved, with no metadata.
+    pub fn new(
+        proto: Proto,
+        port: u16,
+        target: Ipv4Addr,
+        target_port: u16,
+        allow: AllowFrom,
+        origin: Origin,
+    ) -> Self {
+        Rule {
+            proto,
+            port,
+            target,
+            target_port,
+            allow,
+            comment: None,
+            expires: None,
+            origin,
+        }
+    }
+
     pub fn key(&self) -> RuleKey {
         RuleKey {
             port: self.port.to_be(),
@@ -189,13 +228,14 @@ mod tests {
     use super::*;
 
     fn rule(proto: Proto, port: u16, target: [u8; 4], target_port: u16) -> Rule {
-        Rule {
+        Rule::new(
             proto,
             port,
-            target: Ipv4Addr::from(target),
+            Ipv4Addr::from(target),
             target_port,
-            allow: AllowFrom::Auto,
-        }
+            AllowFrom::Auto,
+            Origin::Flag,
+        )
     }
 
     #[test]

@@ -132,6 +132,33 @@ impl fmt::Display for ForwardSpec {
     }
 }
 
+/// `PROTO:PORT`: names a forward rule by what it listens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleRef {
+    pub proto: Proto,
+    pub port: u16,
+}
+
+impl FromStr for RuleRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let fail = |why: String| format!("{why}; expected PROTO:PORT, e.g. tcp:8080");
+        let (proto, port) = s
+            .split_once(':')
+            .ok_or_else(|| fail(format!("{s:?} has no ':'")))?;
+        Ok(RuleRef {
+            proto: proto.parse().map_err(fail)?,
+            port: parse_port(port, "port").map_err(fail)?,
+        })
+    }
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.proto, self.port)
+    }
+}
+
 /// `GROUP:PORT=TARGET_IP[,TARGET_IP...]`: UDP datagrams to the group and
 /// port are copied between the LAN and the targets, in both directions.
 #[derive(Clone, Debug, PartialEq, Eq)]

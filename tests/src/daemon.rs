@@ -165,3 +165,13 @@ impl Drop for Forwarder {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Runs `forwarder <args>` to completion inside `ns` (the CLI commands:
+/// inspect, rules, check-config) and returns its output.
+pub fn cli(ns: &Netns, args: &[&str]) -> Result<std::process::Output> {
+    ns.command(binary()?.to_str().context("binary path")?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running forwarder")
+}

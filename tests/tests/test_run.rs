@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 
 use forwarder::{
     datapath::Role,
+    rules::Origin,
     rules::Rule,
     spec::{AllowFrom, Proto},
 };
@@ -18,13 +19,7 @@ use forwarder_tests::{
 };
 
 fn rule(proto: Proto, port: u16, target: Ipv4Addr, target_port: u16, allow: AllowFrom) -> Rule {
-    Rule {
-        proto,
-        port,
-        target,
-        target_port,
-        allow,
-    }
+    Rule::new(proto, port, target, target_port, allow, Origin::Flag)
 }
 
 fn rules() -> Vec<Rule> {

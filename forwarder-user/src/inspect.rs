@@ -1,0 +1,552 @@
+//! `forwarder inspect`: what a running instance does, read from its pinned
+//! maps and links only, so it works (and disturbs nothing) even when the
+//! daemon is stuck.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use forwarder_common::{
+    maps::{ALLOW_ANY, ALLOW_AUTO, ForwardRule, LAYOUT_VERSION, UPLINK_HAS_ADDR, UPLINK_UP},
+    reason::Disposition,
+};
+use serde::Serialize;
+
+use crate::{cli::InspectArgs, pin::PinLayout, spec::Proto, tables::Tables};
+
+/// Schema version of the JSON output; bumped on incompatible changes.
+pub const JSON_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    pub version: u32,
+    pub pin_dir: PathBuf,
+    pub uplink: UplinkView,
+    pub interfaces: Vec<InterfaceView>,
+    pub rules: Vec<RuleStats>,
+    pub relays: Vec<RelayStats>,
+    pub reasons: Vec<ReasonView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UplinkView {
+    pub ifindex: u32,
+    pub name: Option<String>,
+    pub address: Option<String>,
+    pub mac: String,
+    pub link_up: bool,
+    pub usable: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InterfaceView {
+    pub ifindex: u32,
+    pub name: Option<String>,
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleStats {
+    pub proto: String,
+    pub port: u16,
+    pub target: Ipv4Addr,
+    pub target_port: u16,
+    pub allow_from: String,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Per second since the previous sample (`--watch` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rates: Option<Rates>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RelayStats {
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub targets: Vec<Ipv4Addr>,
+    pub ttl: Option<u8>,
+    pub rate_limit: u64,
+    pub packets_up: u64,
+    pub bytes_up: u64,
+    pub packets_down: u64,
+    pub bytes_down: u64,
+    pub rate_limited: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rates: Option<Rates>,
+}
+
+/// Packets and bytes per second, in (or up) and out (or down).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Rates {
+    pub packets_in: f64,
+    pub bytes_in: f64,
+    pub packets_out: f64,
+    pub bytes_out: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReasonView {
+    pub name: &'static str,
+    pub disposition: &'static str,
+    pub count: u64,
+    pub help: &'static str,
+}
+
+fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if ret.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+fn allow_text(rule: &ForwardRule) -> String {
+    match rule.allow {
+        ALLOW_ANY => "any".into(),
+        ALLOW_AUTO => "auto".into(),
+        _ => rule
+            .cidrs
+            .iter()
+            .take(usize::from(rule.n_cidrs))
+            .map(|c| {
+                let prefix = u32::from_be(c.mask).leading_ones();
+                format!("{}/{prefix}", Ipv4Addr::from(c.addr.to_ne_bytes()))
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
+/// Reads everything the instance at `pin_dir` pinned.
+pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
+    let layout = PinLayout::new(pin_dir);
+    if !layout.maps.is_dir() {
+        let others: Vec<String> = std::fs::read_dir(pin_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with('v'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let hint = if others.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (found layout {}; this binary reads v{LAYOUT_VERSION})",
+                others.join(", ")
+            )
+        };
+        bail!(
+            "no forwarder instance at {}: {} does not exist{hint}. Is `forwarder run --pin-dir {}` running? \
+             If it mounted its own bpffs, inspect from the same mount namespace.",
+            pin_dir.display(),
+            layout.maps.display(),
+            pin_dir.display()
+        );
+    }
+    let tables = Tables::open_pinned(&layout.maps)?;
+    let state = tables.uplink()?;
+    let uplink = UplinkView {
+        ifindex: state.ifindex,
+        name: (state.ifindex != 0)
+            .then(|| ifname(state.ifindex))
+            .flatten(),
+        address: (state.flags & UPLINK_HAS_ADDR != 0).then(|| {
+            format!(
+                "{}/{}",
+                Ipv4Addr::from(state.addr.to_ne_bytes()),
+                state.prefix_len
+            )
+        }),
+        mac: mac_text(state.mac),
+        link_up: state.flags & UPLINK_UP != 0,
+        usable: state.usable(),
+    };
+
+    let mut interfaces = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&layout.links) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((role, index)) = name.rsplit_once('-')
+                && let Ok(ifindex) = index.parse::<u32>()
+            {
+                interfaces.push(InterfaceView {
+                    ifindex,
+                    name: ifname(ifindex),
+                    role: role.into(),
+                });
+            }
+        }
+    }
+    interfaces.sort_by_key(|i| (i.role != "uplink", i.ifindex));
+
+    let mut rules = Vec::new();
+    for ((proto, port), (_, value)) in tables.installed()? {
+        let c = tables.rule_counters(value.slot)?;
+        rules.push(RuleStats {
+            proto: Proto::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string()),
+            port,
+            target: Ipv4Addr::from(value.target_addr.to_ne_bytes()),
+            target_port: u16::from_be(value.target_port),
+            allow_from: allow_text(&value),
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            rates: None,
+        });
+    }
+
+    let mut relays = Vec::new();
+    for ((group, port), value) in tables.installed_relays()? {
+        let c = tables.relay_counters(value.slot)?;
+        relays.push(RelayStats {
+            group: Ipv4Addr::from(group.to_ne_bytes()),
+            port: u16::from_be(port),
+            targets: value
+                .targets
+                .iter()
+                .take(usize::from(value.n_targets))
+                .map(|t| Ipv4Addr::from(t.to_ne_bytes()))
+                .collect(),
+            ttl: (value.ttl != 0).then_some(value.ttl),
+            rate_limit: 1_000_000_000 / value.interval_ns.max(1),
+            packets_up: c.packets_up,
+            bytes_up: c.bytes_up,
+            packets_down: c.packets_down,
+            bytes_down: c.bytes_down,
+            rate_limited: c.rate_limited,
+            rates: None,
+        });
+    }
+
+    let reasons = tables
+        .reason_counters()?
+        .into_iter()
+        .map(|(reason, count)| ReasonView {
+            name: reason.name(),
+            disposition: match reason.disposition() {
+                Disposition::Passed => "passed",
+                Disposition::Dropped => "dropped",
+            },
+            count,
+            help: reason.help(),
+        })
+        .collect();
+
+    Ok(Snapshot {
+        version: JSON_VERSION,
+        pin_dir: pin_dir.to_path_buf(),
+        uplink,
+        interfaces,
+        rules,
+        relays,
+        reasons,
+    })
+}
+
+fn per_second(now: u64, before: u64, elapsed: Duration) -> f64 {
+    now.saturating_sub(before) as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Fills in rates from the previous sample.
+pub fn add_rates(current: &mut Snapshot, previous: &Snapshot, elapsed: Duration) {
+    let before: BTreeMap<(String, u16), &RuleStats> = previous
+        .rules
+        .iter()
+        .map(|r| ((r.proto.clone(), r.port), r))
+        .collect();
+    for rule in &mut current.rules {
+        if let Some(b) = before.get(&(rule.proto.clone(), rule.port)) {
+            rule.rates = Some(Rates {
+                packets_in: per_second(rule.packets_in, b.packets_in, elapsed),
+                bytes_in: per_second(rule.bytes_in, b.bytes_in, elapsed),
+                packets_out: per_second(rule.packets_out, b.packets_out, elapsed),
+                bytes_out: per_second(rule.bytes_out, b.bytes_out, elapsed),
+            });
+        }
+    }
+    let before: BTreeMap<(Ipv4Addr, u16), &RelayStats> = previous
+        .relays
+        .iter()
+        .map(|r| ((r.group, r.port), r))
+        .collect();
+    for relay in &mut current.relays {
+        if let Some(b) = before.get(&(relay.group, relay.port)) {
+            relay.rates = Some(Rates {
+                packets_in: per_second(relay.packets_up, b.packets_up, elapsed),
+                bytes_in: per_second(relay.bytes_up, b.bytes_up, elapsed),
+                packets_out: per_second(relay.packets_down, b.packets_down, elapsed),
+                bytes_out: per_second(relay.bytes_down, b.bytes_down, elapsed),
+            });
+        }
+    }
+}
+
+/// Bytes for people: 1536 -> "1.5 KiB".
+pub fn human_bytes(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut n = n;
+    let mut unit = 0;
+    while n >= 1024.0 && unit + 1 < units.len() {
+        n /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n:.0} B")
+    } else {
+        format!("{n:.1} {}", units[unit])
+    }
+}
+
+fn rate_cell(rates: Option<Rates>, pick: fn(&Rates) -> (f64, f64)) -> String {
+    match rates {
+        Some(r) => {
+            let (packets, bytes) = pick(&r);
+            format!("{packets:.1}/s {}/s", human_bytes(bytes))
+        }
+        None => String::new(),
+    }
+}
+
+/// The table people read.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = format!("forwarder at {}\n", s.pin_dir.display());
+    let u = &s.uplink;
+    out += &format!(
+        "uplink      {} (ifindex {})  {}  MAC {}  link {}{}\n",
+        u.name.as_deref().unwrap_or("?"),
+        u.ifindex,
+        u.address.as_deref().unwrap_or("no IPv4 address"),
+        u.mac,
+        if u.link_up { "up" } else { "down" },
+        if u.usable {
+            ""
+        } else {
+            "  (nothing is forwarded or relayed)"
+        },
+    );
+    let ifaces: Vec<String> = s
+        .interfaces
+        .iter()
+        .map(|i| {
+            format!(
+                "{} {} ({})",
+                i.role,
+                i.name.as_deref().unwrap_or("?"),
+                i.ifindex
+            )
+        })
+        .collect();
+    out += &format!(
+        "attached    {}\n",
+        if ifaces.is_empty() {
+            "nothing".into()
+        } else {
+            ifaces.join(", ")
+        }
+    );
+
+    out += "\nforward rules\n";
+    if s.rules.is_empty() {
+        out += "  none\n";
+    } else {
+        out += &format!(
+            "  {:<12} {:<22} {:<20} {:>10} {:>11} {:>10} {:>11}  {}\n",
+            "RULE",
+            "TARGET",
+            "ALLOW FROM",
+            "IN PKTS",
+            "IN BYTES",
+            "OUT PKTS",
+            "OUT BYTES",
+            "RATE IN / OUT"
+        );
+        for r in &s.rules {
+            let rate = match r.rates {
+                Some(_) => format!(
+                    "{} / {}",
+                    rate_cell(r.rates, |x| (x.packets_in, x.bytes_in)),
+                    rate_cell(r.rates, |x| (x.packets_out, x.bytes_out))
+                ),
+                None => String::new(),
+            };
+            out += &format!(
+                "  {:<12} {:<22} {:<20} {:>10} {:>11} {:>10} {:>11}  {}\n",
+                format!("{}:{}", r.proto, r.port),
+                format!("{}:{}", r.target, r.target_port),
+                r.allow_from,
+                r.packets_in,
+                human_bytes(r.bytes_in as f64),
+                r.packets_out,
+                human_bytes(r.bytes_out as f64),
+                rate
+            );
+        }
+    }
+
+    out += "\nrelays\n";
+    if s.relays.is_empty() {
+        out += "  none\n";
+    } else {
+        out += &format!(
+            "  {:<22} {:<18} {:>5} {:>6} {:>9} {:>11} {:>9} {:>11} {:>8}  {}\n",
+            "GROUP",
+            "TARGETS",
+            "TTL",
+            "LIMIT",
+            "UP PKTS",
+            "UP BYTES",
+            "DOWN PKTS",
+            "DOWN BYTES",
+            "LIMITED",
+            "RATE UP / DOWN"
+        );
+        for r in &s.relays {
+            let targets: Vec<String> = r.targets.iter().map(ToString::to_string).collect();
+            let rate = match r.rates {
+                Some(_) => format!(
+                    "{} / {}",
+                    rate_cell(r.rates, |x| (x.packets_in, x.bytes_in)),
+                    rate_cell(r.rates, |x| (x.packets_out, x.bytes_out))
+                ),
+                None => String::new(),
+            };
+            out += &format!(
+                "  {:<22} {:<18} {:>5} {:>4}/s {:>9} {:>11} {:>9} {:>11} {:>8}  {}\n",
+                format!("{}:{}", r.group, r.port),
+                targets.join(","),
+                r.ttl.map_or("kept".into(), |t| t.to_string()),
+                r.rate_limit,
+                r.packets_up,
+                human_bytes(r.bytes_up as f64),
+                r.packets_down,
+                human_bytes(r.bytes_down as f64),
+                r.rate_limited,
+                rate
+            );
+        }
+    }
+
+    out += "\nskip and drop reasons (packets not forwarded, and why)\n";
+    let counted: Vec<&ReasonView> = s.reasons.iter().filter(|r| r.count > 0).collect();
+    if counted.is_empty() {
+        out += "  none counted yet\n";
+    }
+    for r in counted {
+        out += &format!(
+            "  {:<24} {:>12}  {:<7}  {}\n",
+            r.name, r.count, r.disposition, r.help
+        );
+    }
+    out
+}
+
+pub fn run(args: &InspectArgs) -> Result<()> {
+    let mut previous = collect(&args.pin_dir)?;
+    let mut taken = Instant::now();
+    if !args.watch {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&previous)?);
+        } else {
+            print!("{}", render(&previous));
+        }
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(args.interval);
+        let mut current = collect(&args.pin_dir)?;
+        let now = Instant::now();
+        add_rates(&mut current, &previous, now - taken);
+        if args.json {
+            println!("{}", serde_json::to_string(&current)?);
+        } else {
+            // Clear the screen and home the cursor, as watch(1) does.
+            print!("\x1b[2J\x1b[H{}", render(&current));
+        }
+        previous = current;
+        taken = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_uses_binary_units() {
+        assert_eq!(human_bytes(0.0), "0 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+        assert_eq!(human_bytes(3.0 * 1024.0 * 1024.0), "3.0 MiB");
+    }
+
+    #[test]
+    fn rates_are_deltas_per_second() {
+        let rule = |packets: u64, bytes: u64| RuleStats {
+            proto: "tcp".into(),
+            port: 1,
+            target: Ipv4Addr::LOCALHOST,
+            target_port: 1,
+            allow_from: "any".into(),
+            packets_in: packets,
+            bytes_in: bytes,
+            packets_out: 0,
+            bytes_out: 0,
+            rates: None,
+        };
+        let snapshot = |r| Snapshot {
+            version: JSON_VERSION,
+            pin_dir: PathBuf::new(),
+            uplink: UplinkView {
+                ifindex: 0,
+                name: None,
+                address: None,
+                mac: String::new(),
+                link_up: false,
+                usable: false,
+            },
+            interfaces: vec![],
+            rules: vec![r],
+            relays: vec![],
+            reasons: vec![],
+        };
+        let before = snapshot(rule(10, 1000));
+        let mut after = snapshot(rule(30, 5000));
+        add_rates(&mut after, &before, Duration::from_secs(2));
+        let rates = after.rules[0].rates.unwrap();
+        assert_eq!((rates.packets_in, rates.bytes_in), (10.0, 2000.0));
+        assert!(render(&after).contains("10.0/s 2.0 KiB/s"));
+    }
+
+    #[test]
+    fn a_missing_instance_is_a_clear_error() {
+        let err = collect(Path::new("/nonexistent/forwarder"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no forwarder instance at /nonexistent/forwarder"),
+            "{err}"
+        );
+        assert!(err.contains("--pin-dir /nonexistent/forwarder"), "{err}");
+    }
+}
