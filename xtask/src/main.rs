@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <setup|build|test>`.
 
+mod demo;
 mod setup;
 mod test;
 
@@ -24,6 +25,10 @@ enum Task {
     Setup,
     /// Set up, then build the self-contained `forwarder` binary (release).
     Build,
+    /// Set up, build, and show the forwarder at work: the Qubes-like
+    /// topology in namespaces, a LocalSend exchange through both routers,
+    /// and `forwarder inspect` of each (needs root).
+    Demo,
     /// Set up, then run every test tier: host unit tests, BPF_PROG_TEST_RUN
     /// tests and the network-namespace integration tests (needs root).
     Test {
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build => setup::run().and_then(|()| test::build_release()),
+        Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test { filter } => setup::run().and_then(|()| test::run(&filter)),
     };
     match result {

@@ -1,0 +1,31 @@
+//! `cargo xtask demo`: builds the release binary and the demo driver, then
+//! runs the driver, which owns (and removes) everything it creates.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    setup::{command, is_root, localsend_dir, run_cmd, step},
+    test::build_release,
+};
+
+pub fn run() -> Result<()> {
+    if !is_root() {
+        bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
+    }
+    build_release()?;
+    step("building the demo driver");
+    run_cmd(command("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "forwarder-tests",
+        "--bin",
+        "demo",
+    ]))?;
+    step("running the demo");
+    run_cmd(
+        command("target/release/demo")
+            .env("FORWARDER_BIN", "target/release/forwarder")
+            .env("LOCALSENDD_DIR", localsend_dir()),
+    )
+}
