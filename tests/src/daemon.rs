@@ -79,11 +79,22 @@ impl Forwarder {
 
     /// Starts the process without waiting for it to get anywhere.
     pub fn spawn(ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
+        Self::spawn_binary(&binary()?, ns, label, args)
+    }
+
+    /// As `start`, with a given `forwarder` binary (an installed one).
+    pub fn start_binary(binary: &Path, ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
+        let mut fwd = Self::spawn_binary(binary, ns, label, args)?;
+        fwd.wait_ready(Duration::from_secs(20))?;
+        Ok(fwd)
+    }
+
+    fn spawn_binary(binary: &Path, ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
         let pins = PinDir::new(label)?;
         let log = std::env::temp_dir().join(format!("{}-{label}.log", ns.name()));
         let stderr = File::create(&log)?;
         let child = ns
-            .command(binary()?.to_str().context("binary path")?)
+            .command(binary.to_str().context("binary path")?)
             .arg("run")
             .args(args)
             .arg("--pin-dir")

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <setup|build|test>`.
 
 mod demo;
+mod package;
 mod setup;
 mod test;
 
@@ -29,6 +30,16 @@ enum Task {
     /// topology in namespaces, a LocalSend exchange through both routers,
     /// and `forwarder inspect` of each (needs root).
     Demo,
+    /// Build the release binary and run it here: `forwarder run <ARGS>`
+    /// (for a router VM; e.g. -- --config /rw/config/forwarder.toml).
+    BuildAndLoad {
+        /// Arguments for `forwarder run`.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Build target/package/forwarder-VERSION-ARCH.tar.gz: the binary, the
+    /// systemd unit, example configs, install and uninstall scripts.
+    Package,
     /// Set up, then run every test tier: host unit tests, BPF_PROG_TEST_RUN
     /// tests and the network-namespace integration tests (needs root).
     Test {
@@ -40,12 +51,24 @@ enum Task {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.task {
-        Task::Setup => setup::run(),
-        Task::Build => setup::run().and_then(|()| test::build_release()),
-        Task::Demo => setup::run().and_then(|()| demo::run()),
-        Task::Test { filter } => setup::run().and_then(|()| test::run(&filter)),
-    };
+    let result =
+        match cli.task {
+            Task::Setup => setup::run(),
+            Task::Build => setup::run().and_then(|()| test::build_release()),
+            Task::Demo => setup::run().and_then(|()| demo::run()),
+            Task::BuildAndLoad { args } => setup::run()
+                .and_then(|()| test::build_release())
+                .and_then(|()| {
+                    setup::step(&format!("forwarder run {}", args.join(" ")));
+                    setup::run_cmd(
+                        setup::command("target/release/forwarder")
+                            .arg("run")
+                            .args(&args),
+                    )
+                }),
+            Task::Package => setup::run().and_then(|()| package::run()).map(drop),
+            Task::Test { filter } => setup::run().and_then(|()| test::run(&filter)),
+        };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

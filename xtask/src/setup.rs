@@ -128,9 +128,15 @@ fn bpf_linker_ok() -> bool {
 /// on this project wrote it. Pinned, installed under target/.
 const LOCALSENDD: &str = "localsendd==0.1.1";
 
+/// The repository root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
 /// Where the test set-up installs localsendd (a `pip --target` directory).
 pub fn localsend_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = crate::setup::workspace_root();
     root.join("target").join("localsend")
 }
 

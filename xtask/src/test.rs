@@ -10,13 +10,17 @@ use anyhow::{Context as _, Result, bail};
 use crate::setup::{command, is_root, run_cmd, step};
 
 /// Runs cargo with its stdout echoed, returning how many tests passed.
-fn cargo_test(args: &[&str], after: &[String]) -> Result<u64> {
+fn cargo_test(args: &[String], after: &[String], package: Option<&std::path::Path>) -> Result<u64> {
     let mut cmd = command("cargo");
     cmd.arg("test")
         .args(args)
         .arg("--")
         .args(after)
+        .env("LOCALSENDD_DIR", crate::setup::localsend_dir())
         .stdout(Stdio::piped());
+    if let Some(package) = package {
+        cmd.env("FORWARDER_PACKAGE", package);
+    }
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let stdout = child.stdout.take().context("cargo stdout")?;
     let mut passed = 0;
@@ -45,23 +49,33 @@ pub fn build_release() -> Result<()> {
     Ok(())
 }
 
+/// `cargo test` arguments selecting the given test targets of forwarder-tests.
+fn targets(names: &[&str]) -> Vec<String> {
+    let mut args = vec!["-p".to_string(), "forwarder-tests".to_string()];
+    for name in names {
+        args.push("--test".into());
+        args.push((*name).into());
+    }
+    args
+}
+
 pub fn run(filter: &[String]) -> Result<()> {
     let mut summary = Vec::new();
 
     step("tier 1: host unit tests (parsing, checksums, rule encoding, config)");
-    let n = cargo_test(
-        &[
-            "-p",
-            "forwarder-common",
-            "-p",
-            "forwarder-user",
-            "-p",
-            "forwarder-tests",
-            "--lib",
-        ],
-        &[],
-    )?;
-    summary.push(("host unit tests", n));
+    let unit = [
+        "-p",
+        "forwarder-common",
+        "-p",
+        "forwarder-user",
+        "-p",
+        "forwarder-tests",
+        "--lib",
+    ];
+    summary.push((
+        "host unit tests",
+        cargo_test(&unit.map(String::from), &[], None)?,
+    ));
 
     if !is_root() {
         bail!(
@@ -70,44 +84,31 @@ pub fn run(filter: &[String]) -> Result<()> {
     }
     step("building the forwarder binary the integration tests run");
     run_cmd(command("cargo").args(["build", "-p", "forwarder-user"]))?;
+    step("building the package the installation test installs");
+    let tarball = crate::package::run()?;
 
     let mut privileged: Vec<String> = vec!["--test-threads=1".into()];
     privileged.extend(filter.iter().cloned());
 
     step("tier 2: packet-in/packet-out tests through BPF_PROG_TEST_RUN");
-    let n = cargo_test(
-        &[
-            "-p",
-            "forwarder-tests",
-            "--test",
-            "test_run",
-            "--test",
-            "relay_test_run",
-        ],
-        &privileged,
-    )?;
+    let n = cargo_test(&targets(&["test_run", "relay_test_run"]), &privileged, None)?;
     summary.push(("BPF_PROG_TEST_RUN tests", n));
 
     step(
-        "tier 3: integration tests on the Qubes-like topology (forwarder and the seed's nftables recipe)",
+        "tier 3: integration tests in namespaces (Qubes-like topology, forwarder and the seed's nftables recipe)",
     );
     let mut verbose = privileged.clone();
     verbose.push("--nocapture".into());
-    let n = cargo_test(
-        &[
-            "-p",
-            "forwarder-tests",
-            "--test",
-            "integration",
-            "--test",
-            "relay",
-            "--test",
-            "state",
-            "--test",
-            "localsend",
-        ],
-        &verbose,
-    )?;
+    let integration = [
+        "integration",
+        "relay",
+        "state",
+        "operator",
+        "package",
+        "libvirt",
+        "localsend",
+    ];
+    let n = cargo_test(&targets(&integration), &verbose, Some(&tarball))?;
     summary.push(("integration tests", n));
 
     step("summary");
