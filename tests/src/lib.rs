@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod capture;
 pub mod checks;
 pub mod daemon;
+pub mod libvirt;
 pub mod localsend;
 pub mod netlink_watch;
 pub mod netns;
