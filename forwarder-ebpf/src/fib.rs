@@ -34,7 +34,18 @@ impl Route {
     }
 }
 
-fn params(ifindex: u32, saddr: u32, daddr: u32, proto: u8, tot_len: u16) -> FibParams {
+/// One `bpf_fib_lookup` for IPv4; returns its code and the filled
+/// parameters.
+#[inline(always)]
+fn fib(
+    ctx: &TcContext,
+    ifindex: u32,
+    saddr: u32,
+    daddr: u32,
+    proto: u8,
+    tot_len: u16,
+    flags: u32,
+) -> (u32, FibParams) {
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is its neutral value.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -43,7 +54,16 @@ fn params(ifindex: u32, saddr: u32, daddr: u32, proto: u8, tot_len: u16) -> FibP
     params.__bindgen_anon_1.tot_len = tot_len;
     params.__bindgen_anon_3.ipv4_src = saddr;
     params.__bindgen_anon_4.ipv4_dst = daddr;
-    params
+    // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
+    (ret as u32, params)
 }
 
 /// The interface a packet from `saddr` to `daddr` arriving on `ifindex`
@@ -51,17 +71,8 @@ fn params(ifindex: u32, saddr: u32, daddr: u32, proto: u8, tot_len: u16) -> FibP
 /// multicast and need no neighbour.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u32> {
-    let mut params = params(ifindex, saddr, daddr, 0, 0);
-    // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
-    let ret = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    (ret as u32 == BPF_FIB_LKUP_RET_SUCCESS).then_some(params.ifindex)
+    let (ret, params) = fib(ctx, ifindex, saddr, daddr, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH);
+    (ret == BPF_FIB_LKUP_RET_SUCCESS).then_some(params.ifindex)
 }
 
 /// What the stack would do with a packet from `saddr` to `daddr` arriving on
@@ -75,20 +86,10 @@ pub fn lookup(
     proto: u8,
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    // SAFETY: bpf_fib_lookup is plain old data; all-zero is its neutral value.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.ifindex = ifindex;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.__bindgen_anon_3.ipv4_src = saddr;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
-    // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
-    let ret =
-        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0) };
+    let (ret, params) = fib(ctx, ifindex, saddr, daddr, proto, tot_len, 0);
     // SAFETY: the kernel filled the union members for IPv4.
     let nexthop = unsafe { params.__bindgen_anon_4.ipv4_dst };
-    match ret as u32 {
+    match ret {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(Route::Resolved {
             ifindex: params.ifindex,
             smac: params.smac,

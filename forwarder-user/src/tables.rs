@@ -102,33 +102,16 @@ impl Tables {
                 installed
                     .get(&(rule.proto.number(), rule.port))
                     .map(|(_, value)| value.slot)
-                    .filter(|slot| *slot < MAX_RULES)
             })
             .collect();
-        let mut used: BTreeSet<u32> = kept.iter().flatten().copied().collect();
         let cpus = nr_cpus().map_err(|(_, e)| e)?;
-        let mut next_free = 0;
-        for (rule, kept) in rules.iter().zip(kept) {
-            let slot = match kept {
-                Some(slot) => slot,
-                None => {
-                    while used.contains(&next_free) {
-                        next_free += 1;
-                    }
-                    if next_free >= MAX_RULES {
-                        return Err(anyhow!("no free counter slot for {rule}"));
-                    }
-                    used.insert(next_free);
-                    self.rule_counters
-                        .set(
-                            next_free,
-                            PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?,
-                            0,
-                        )
-                        .context("zeroing rule counters")?;
-                    next_free
-                }
-            };
+        let slots = assign_slots(kept, MAX_RULES, |fresh| {
+            let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?;
+            self.rule_counters
+                .set(fresh, zero, 0)
+                .context("zeroing rule counters")
+        })?;
+        for (rule, slot) in rules.iter().zip(slots) {
             // Reverse first: a reply can only follow a forwarded packet.
             self.reverse
                 .insert(rule.reverse_key(), rule.key(), 0)
@@ -182,36 +165,22 @@ impl Tables {
         let kept: Vec<Option<u32>> = relays
             .iter()
             .map(|r| {
-                let key = r.key();
                 installed
-                    .get(&(key.group, key.port))
+                    .get(&(r.key().group, r.key().port))
                     .map(|v| v.slot)
-                    .filter(|s| *s < MAX_RELAYS)
             })
             .collect();
-        let mut used: BTreeSet<u32> = kept.iter().flatten().copied().collect();
         let cpus = nr_cpus().map_err(|(_, e)| e)?;
-        let mut next_free = 0;
-        for (relay, kept) in relays.iter().zip(kept) {
-            let slot = match kept {
-                Some(slot) => slot,
-                None => {
-                    while used.contains(&next_free) {
-                        next_free += 1;
-                    }
-                    if next_free >= MAX_RELAYS {
-                        return Err(anyhow!("no free relay slot for {relay}"));
-                    }
-                    used.insert(next_free);
-                    self.relay_counters.set(
-                        next_free,
-                        PerCpuValues::try_from(vec![RelayCounters::default(); cpus])?,
-                        0,
-                    )?;
-                    self.relay_buckets.set(next_free, 0, 0)?;
-                    next_free
-                }
-            };
+        let slots = assign_slots(kept, MAX_RELAYS, |fresh| {
+            let zero = PerCpuValues::try_from(vec![RelayCounters::default(); cpus])?;
+            self.relay_counters
+                .set(fresh, zero, 0)
+                .context("zeroing relay counters")?;
+            self.relay_buckets
+                .set(fresh, 0, 0)
+                .context("resetting a relay bucket")
+        })?;
+        for (relay, slot) in relays.iter().zip(slots) {
             self.relays
                 .insert(relay.key(), relay.encode(slot), 0)
                 .with_context(|| format!("installing relay {relay}"))?;
@@ -297,6 +266,63 @@ impl Tables {
     }
 }
 
+/// Counter slots for a list of entries: an entry already installed keeps
+/// its slot (`kept`), so its counters survive restarts and reloads; the
+/// others get the lowest free slots below `max`, each passed to `fresh` to
+/// reset before use.
+fn assign_slots(
+    kept: Vec<Option<u32>>,
+    max: u32,
+    mut fresh: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    let kept: Vec<Option<u32>> = kept.into_iter().map(|s| s.filter(|s| *s < max)).collect();
+    let mut used: BTreeSet<u32> = kept.iter().flatten().copied().collect();
+    let mut next_free = 0;
+    kept.into_iter()
+        .map(|slot| match slot {
+            Some(slot) => Ok(slot),
+            None => {
+                while used.contains(&next_free) {
+                    next_free += 1;
+                }
+                if next_free >= max {
+                    return Err(anyhow!("all {max} slots are taken"));
+                }
+                used.insert(next_free);
+                fresh(next_free)?;
+                Ok(next_free)
+            }
+        })
+        .collect()
+}
+
 fn reverse_tuple(key: &ReverseKey) -> (u32, u16, u8) {
     (key.addr, key.port, key.proto)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_kept_or_the_lowest_free_and_fresh_ones_reset() {
+        let mut reset = Vec::new();
+        let slots = assign_slots(vec![Some(1), None, Some(3), None, Some(99)], 5, |s| {
+            reset.push(s);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            slots,
+            [1, 0, 3, 2, 4],
+            "99 is out of range and gets a fresh slot"
+        );
+        assert_eq!(reset, [0, 2, 4]);
+        assert!(
+            assign_slots(vec![None; 3], 2, |_| Ok(()))
+                .unwrap_err()
+                .to_string()
+                .contains("all 2 slots")
+        );
+    }
 }

@@ -75,21 +75,12 @@ impl Capture {
         let frames = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let path = format!("/run/netns/{}", ns.name());
         let ifname = ifname.to_string();
         let thread = {
             let frames = frames.clone();
             let stop = stop.clone();
-            std::thread::spawn(move || {
-                let entered = std::fs::File::open(&path).map(|f| {
-                    // SAFETY: moving this thread into the namespace it captures in.
-                    unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }
-                });
-                let fd = match entered {
-                    Ok(0) => open(&ifname),
-                    _ => Err(anyhow::anyhow!("entering {path}")),
-                };
-                let fd = match fd {
+            ns.spawn(move || {
+                let fd = match open(&ifname) {
                     Ok(fd) => {
                         let _ = ready_tx.send(Ok(()));
                         fd
@@ -109,7 +100,7 @@ impl Capture {
                 }
                 // SAFETY: closing our own socket.
                 unsafe { libc::close(fd) };
-            })
+            })?
         };
         ready_rx.recv().context("capture thread")??;
         Ok(Capture {

@@ -27,20 +27,11 @@ impl AddressWatch {
     pub fn start(ns: &Netns) -> Result<Self> {
         let added = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let path = format!("/run/netns/{}", ns.name());
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let thread = {
             let added = added.clone();
             let stop = stop.clone();
-            std::thread::spawn(move || {
-                let entered = std::fs::File::open(&path).map(|f| {
-                    // SAFETY: moving this thread into the namespace it watches.
-                    unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }
-                });
-                if !matches!(entered, Ok(0)) {
-                    let _ = ready_tx.send(Err(anyhow::anyhow!("entering {path}")));
-                    return;
-                }
+            ns.spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -67,7 +58,7 @@ impl AddressWatch {
                         }
                     }
                 });
-            })
+            })?
         };
         ready_rx.recv().context("watch thread")??;
         Ok(AddressWatch {

@@ -108,6 +108,18 @@ impl Netns {
         })
     }
 
+    /// Starts a thread that lives in this namespace for good and runs `f`.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<thread::JoinHandle<T>> {
+        let target = File::open(format!("/run/netns/{}", self.name))?;
+        Ok(thread::spawn(move || {
+            setns(&target).expect("entering the namespace");
+            f()
+        }))
+    }
+
     /// Moves the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> Result<NetnsGuard> {
         let original = File::open("/proc/thread-self/ns/net")?;
