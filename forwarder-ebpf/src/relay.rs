@@ -74,7 +74,16 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
     }
 
     let mac = group_mac(ip.daddr);
-    let mut sent_to = [0u32; MAX_RELAY_TARGETS];
+    // Zeroed with volatile stores, in place: the BPF backend turns any
+    // zeroing it recognises into a call to its byte-wise memset.
+    let mut targets = core::mem::MaybeUninit::<[u32; MAX_RELAY_TARGETS]>::uninit();
+    let slot = targets.as_mut_ptr().cast::<u32>();
+    for i in 0..MAX_RELAY_TARGETS {
+        // SAFETY: i stays inside the array.
+        unsafe { core::ptr::write_volatile(slot.add(i), 0) };
+    }
+    // SAFETY: every element was written.
+    let sent_to = unsafe { targets.assume_init_mut() };
     let mut copies = 0;
     let mut failed = false;
     for i in 0..MAX_RELAY_TARGETS {
@@ -87,7 +96,7 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
         let Some(ifindex) = fib::egress(ctx, uplink.ifindex, ip.saddr, target) else {
             continue;
         };
-        if ifindex == uplink.ifindex || already_sent(&sent_to, copies, ifindex) {
+        if ifindex == uplink.ifindex || already_sent(sent_to, copies, ifindex) {
             continue;
         }
         let Some(egress_mac) = maps::downstream_mac(ifindex) else {

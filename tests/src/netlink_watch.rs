@@ -70,11 +70,16 @@ impl AddressWatch {
 
     /// When `addr` was announced as added, if it was.
     pub fn added_at(&self, addr: Ipv4Addr) -> Option<Instant> {
+        self.added_after(addr, None)
+    }
+
+    /// The first announcement of `addr` as added, at or after `since`.
+    pub fn added_after(&self, addr: Ipv4Addr, since: Option<Instant>) -> Option<Instant> {
         self.added
             .lock()
             .unwrap()
             .iter()
-            .find(|(_, a)| *a == addr)
+            .find(|(t, a)| *a == addr && since.is_none_or(|s| *t >= s))
             .map(|(t, _)| *t)
     }
 }

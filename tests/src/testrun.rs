@@ -192,6 +192,33 @@ impl Harness {
         Ok((result.return_value as i32, out))
     }
 
+    /// Average time of one run of `role`'s program on `frame` over
+    /// `repeat` runs, as BPF_PROG_TEST_RUN measures it (the program alone,
+    /// not the set-up of the test packet).
+    pub fn cost(
+        &self,
+        role: Role,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration> {
+        let _inside = self.ns.enter()?;
+        let prog = self.datapath.program(role)?;
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_CTX_IFINDEX..SKB_CTX_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 512];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok(result.duration)
+    }
+
     pub fn reason(&self, reason: Reason) -> u64 {
         self.datapath
             .tables

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <setup|build|test>`.
 
+mod bench;
 mod demo;
 mod package;
 mod setup;
@@ -37,6 +38,19 @@ enum Task {
         #[arg(last = true, required = true)]
         args: Vec<String>,
     },
+    /// Measure the forwarder against the seed's nftables recipe, plain
+    /// routing and a bare veth; results in target/bench (needs root).
+    Bench {
+        /// A short run (under a minute): fewer repetitions and rule counts.
+        #[arg(long)]
+        quick: bool,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Copy the results to docs/benchmarks.md and docs/benchmarks.svg.
+        #[arg(long)]
+        update_docs: bool,
+    },
     /// Build target/package/forwarder-VERSION-ARCH.tar.gz: the binary, the
     /// systemd unit, example configs, install and uninstall scripts.
     Package,
@@ -67,6 +81,11 @@ fn main() -> ExitCode {
                     )
                 }),
             Task::Package => setup::run().and_then(|()| package::run()).map(drop),
+            Task::Bench {
+                quick,
+                json,
+                update_docs,
+            } => setup::run().and_then(|()| bench::run(quick, json, update_docs)),
             Task::Test { filter } => setup::run().and_then(|()| test::run(&filter)),
         };
     match result {

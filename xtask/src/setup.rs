@@ -13,6 +13,8 @@ use anyhow::{Context as _, Result, bail};
 /// forwarder's own table), iproute2 (namespaces), ethtool (checksum
 /// offload), iputils-ping.
 const TEST_PACKAGES: &[&str] = &["nftables", "iproute2", "ethtool", "iputils-ping"];
+/// And the benchmark's: trafgen (netsniff-ng) and iperf3.
+const BENCH_PACKAGES: &[&str] = &["netsniff-ng", "iperf3"];
 
 pub fn step(what: &str) {
     println!("==> {what}");
@@ -195,7 +197,12 @@ pub fn run() -> Result<()> {
         "zlib1g-dev".into(),
         "libzstd-dev".into(),
     ];
-    packages.extend(TEST_PACKAGES.iter().map(|p| p.to_string()));
+    packages.extend(
+        TEST_PACKAGES
+            .iter()
+            .chain(BENCH_PACKAGES)
+            .map(|p| p.to_string()),
+    );
     apt_install(&packages)?;
 
     step("bpf-linker");

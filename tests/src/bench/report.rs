@@ -1,0 +1,614 @@
+//! What the benchmark found: statistics, the targets' verdicts, and the
+//! table, JSON, SVG chart and Markdown page it is written as.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Median and range of repeated measurements.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub samples: Vec<f64>,
+}
+
+impl Spread {
+    pub fn of(mut samples: Vec<f64>) -> Spread {
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        if n == 0 {
+            return Spread::default();
+        }
+        let median = if n % 2 == 1 {
+            samples[n / 2]
+        } else {
+            (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: samples[0],
+            max: samples[n - 1],
+            samples,
+        }
+    }
+
+    fn show(&self, scale: f64, digits: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}-{:.d$})",
+            self.median / scale,
+            self.min / scale,
+            self.max / scale,
+            d = digits
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .into(),
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib: kib / 1024.0 / 1024.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RateRow {
+    pub setup: String,
+    pub received_pps: Spread,
+    pub sent_pps: Spread,
+    pub loss: Spread,
+    pub softnet_drops: u64,
+    pub interface_drops: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HopRow {
+    pub setup: String,
+    /// (1/rate - 1/rate_bare) / 2, microseconds per packet per hop.
+    pub per_hop_us: f64,
+    /// End-to-end rate relative to the nftables recipe's.
+    pub rate_vs_nftables: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TcpRow {
+    pub setup: String,
+    pub lan_to_app_bps: Spread,
+    pub app_to_lan_bps: Spread,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyRow {
+    pub setup: String,
+    pub p50_us: Spread,
+    pub p99_us: Spread,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ScaleRow {
+    pub variant: String,
+    pub rules: usize,
+    pub pps: Spread,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReactionRow {
+    pub setup: String,
+    pub event_to_map_us: Option<Spread>,
+    pub command_to_packet_ms: Spread,
+    pub event_to_packet_ms: Spread,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub command: String,
+    pub quick: bool,
+    pub repetitions: usize,
+    pub packet_rate: Vec<RateRow>,
+    pub per_hop: Vec<HopRow>,
+    pub tcp: Vec<TcpRow>,
+    pub latency: Vec<LatencyRow>,
+    pub rule_scaling: Vec<ScaleRow>,
+    pub program_cost_ns: Vec<(String, f64)>,
+    pub reaction: Vec<ReactionRow>,
+    pub targets: Vec<Target>,
+}
+
+fn find<'a, T>(rows: &'a [T], setup: &str, name: impl Fn(&T) -> &str) -> Option<&'a T> {
+    rows.iter().find(|r| name(r) == setup)
+}
+
+impl Report {
+    /// Per-hop costs and the targets, from the measurements.
+    pub fn evaluate(&mut self) {
+        let rate = |setup: &str| {
+            find(&self.packet_rate, setup, |r| &r.setup).map(|r| r.received_pps.median)
+        };
+        let (Some(bare), Some(nft)) = (rate("bare veth"), rate("nftables recipe")) else {
+            return;
+        };
+        self.per_hop = self
+            .packet_rate
+            .iter()
+            .filter(|r| r.setup != "bare veth")
+            .map(|r| HopRow {
+                setup: r.setup.clone(),
+                per_hop_us: (1.0 / r.received_pps.median - 1.0 / bare) / 2.0 * 1e6,
+                rate_vs_nftables: r.received_pps.median / nft,
+            })
+            .collect();
+        let hop = |setup: &str| find(&self.per_hop, setup, |r| &r.setup).map(|r| r.per_hop_us);
+        let mut targets = Vec::new();
+        if let (Some(f), Some(n), Some(p)) = (
+            hop("forwarder"),
+            hop("nftables recipe"),
+            hop("plain routing"),
+        ) {
+            targets.push(Target {
+                name: "router cost per packet per hop vs the nftables recipe".into(),
+                target: "at most 1/3 (0.333)".into(),
+                measured: format!("{:.3} ({f:.2} us vs {n:.2} us)", f / n),
+                met: f / n <= 1.0 / 3.0,
+            });
+            targets.push(Target {
+                name: "router cost per packet per hop vs plain routing".into(),
+                target: "below 1".into(),
+                measured: format!("{:.3} ({f:.2} us vs {p:.2} us)", f / p),
+                met: f < p,
+            });
+        }
+        for (dir, pick) in [
+            (
+                "LAN to app",
+                (|r: &TcpRow| r.lan_to_app_bps.median) as fn(&TcpRow) -> f64,
+            ),
+            ("app to LAN", |r: &TcpRow| r.app_to_lan_bps.median),
+        ] {
+            if let (Some(f), Some(n)) = (
+                find(&self.tcp, "forwarder", |r| &r.setup),
+                find(&self.tcp, "nftables recipe", |r| &r.setup),
+            ) {
+                let ratio = pick(f) / pick(n);
+                targets.push(Target {
+                    name: format!("TCP throughput {dir} vs the nftables recipe"),
+                    target: "at least 1".into(),
+                    measured: format!(
+                        "{ratio:.3} ({:.2} vs {:.2} Gbit/s)",
+                        pick(f) / 1e9,
+                        pick(n) / 1e9
+                    ),
+                    met: ratio >= 1.0,
+                });
+            }
+        }
+        if let (Some(f), Some(n)) = (
+            find(&self.latency, "forwarder", |r| &r.setup),
+            find(&self.latency, "nftables recipe", |r| &r.setup),
+        ) {
+            targets.push(Target {
+                name: "p99 request/response latency vs the nftables recipe".into(),
+                target: "below 1".into(),
+                measured: format!(
+                    "{:.3} ({:.1} us vs {:.1} us)",
+                    f.p99_us.median / n.p99_us.median,
+                    f.p99_us.median,
+                    n.p99_us.median
+                ),
+                met: f.p99_us.median < n.p99_us.median,
+            });
+        }
+        let scale = |rules: usize| {
+            self.rule_scaling
+                .iter()
+                .find(|r| r.variant == "forwarder" && r.rules == rules)
+                .map(|r| r.pps.median)
+        };
+        if let (Some(one), Some(many)) = (scale(1), scale(10_000)) {
+            targets.push(Target {
+                name: "packet rate with 10,000 rules vs 1 rule".into(),
+                target: "within 10% (at least 0.9)".into(),
+                measured: format!("{:.3}", many / one),
+                met: many / one >= 0.9,
+            });
+        }
+        if let Some((_, ns)) = self
+            .program_cost_ns
+            .iter()
+            .find(|(name, _)| name.starts_with("DNAT"))
+        {
+            targets.push(Target {
+                name: "DNAT program cost per packet".into(),
+                target: "under 100 ns".into(),
+                measured: format!("{ns:.0} ns"),
+                met: *ns < 100.0,
+            });
+        }
+        if let Some(fwd) = find(&self.reaction, "forwarder", |r| &r.setup) {
+            if let Some(map) = &fwd.event_to_map_us {
+                targets.push(Target {
+                    name: "rtnetlink event to state map update".into(),
+                    target: "under 1 ms".into(),
+                    measured: format!("{:.3} ms (max {:.3})", map.median / 1e3, map.max / 1e3),
+                    met: map.max < 1000.0,
+                });
+            }
+            targets.push(Target {
+                name: "address change to first correct relayed packet".into(),
+                target: "under 10 ms".into(),
+                measured: format!(
+                    "{:.2} ms (max {:.2})",
+                    fwd.command_to_packet_ms.median, fwd.command_to_packet_ms.max
+                ),
+                met: fwd.command_to_packet_ms.max < 10.0,
+            });
+        }
+        self.targets = targets;
+    }
+
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "machine: {} ({} CPUs, {:.0} GiB), Linux {}",
+            m.cpu, m.cpus, m.memory_gib, m.kernel
+        );
+        let _ = writeln!(
+            s,
+            "command: {}   repetitions: {}   (median, range)\n",
+            self.command, self.repetitions
+        );
+        let _ = writeln!(s, "64-byte UDP, LAN peer to app through both routers");
+        let _ = writeln!(
+            s,
+            "  {:<18} {:>26} {:>26} {:>8} {:>9} {:>9}",
+            "contender", "received kpps", "sent kpps", "loss", "softnet", "if drops"
+        );
+        for r in &self.packet_rate {
+            let _ = writeln!(
+                s,
+                "  {:<18} {:>26} {:>26} {:>7.1}% {:>9} {:>9}",
+                r.setup,
+                r.received_pps.show(1e3, 1),
+                r.sent_pps.show(1e3, 1),
+                r.loss.median * 100.0,
+                r.softnet_drops,
+                r.interface_drops
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nrouter cost per packet per hop, (1/rate - 1/rate_bare) / 2"
+        );
+        for h in &self.per_hop {
+            let _ = writeln!(
+                s,
+                "  {:<18} {:>7.2} us/hop   end-to-end rate {:.2}x the nftables recipe's",
+                h.setup, h.per_hop_us, h.rate_vs_nftables
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nTCP bulk throughput through the forwarded port (iperf3), Gbit/s"
+        );
+        for r in &self.tcp {
+            let _ = writeln!(
+                s,
+                "  {:<18} LAN to app {:>22}   app to LAN {:>22}",
+                r.setup,
+                r.lan_to_app_bps.show(1e9, 2),
+                r.app_to_lan_bps.show(1e9, 2)
+            );
+        }
+        let _ = writeln!(s, "\nrequest/response latency, 64-byte TCP round trips, us");
+        for r in &self.latency {
+            let _ = writeln!(
+                s,
+                "  {:<18} p50 {:>20}   p99 {:>20}",
+                r.setup,
+                r.p50_us.show(1.0, 1),
+                r.p99_us.show(1.0, 1)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nrule scaling: packet rate to the last of N rules, kpps"
+        );
+        for r in &self.rule_scaling {
+            let _ = writeln!(
+                s,
+                "  {:<26} {:>6} rules {:>22}",
+                r.variant,
+                r.rules,
+                r.pps.show(1e3, 1)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nprogram cost per packet (BPF_PROG_TEST_RUN, routes and neighbours present)"
+        );
+        for (name, ns) in &self.program_cost_ns {
+            let _ = writeln!(s, "  {name:<45} {ns:>6.0} ns");
+        }
+        let _ = writeln!(s, "\nreaction to renumbering sys-net's LAN address");
+        for r in &self.reaction {
+            let map = r
+                .event_to_map_us
+                .as_ref()
+                .map_or("n/a".into(), |m| m.show(1.0, 0) + " us");
+            let _ = writeln!(
+                s,
+                "  {:<18} event to map {:<24} ip addr to first new-source packet {} ms   event to packet {} ms",
+                r.setup,
+                map,
+                r.command_to_packet_ms.show(1.0, 2),
+                r.event_to_packet_ms.show(1.0, 2)
+            );
+        }
+        let _ = writeln!(s, "\ntargets");
+        for t in &self.targets {
+            let _ = writeln!(
+                s,
+                "  [{}] {}: {} (target {})",
+                if t.met { "met" } else { "MISSED" },
+                t.name,
+                t.measured,
+                t.target
+            );
+        }
+        s
+    }
+
+    /// A bar chart of the per-hop costs and a line chart of rule scaling.
+    pub fn svg(&self) -> String {
+        let mut s = String::from(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"900\" height=\"380\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"900\" height=\"380\" fill=\"white\"/>\n\
+             <text x=\"20\" y=\"24\" font-size=\"15\">Router cost per packet per hop (us, lower is better)</text>\n",
+        );
+        let max = self
+            .per_hop
+            .iter()
+            .map(|h| h.per_hop_us)
+            .fold(0.1, f64::max);
+        for (i, h) in self.per_hop.iter().enumerate() {
+            let y = 50 + i as i32 * 50;
+            let w = (h.per_hop_us.max(0.0) / max * 260.0) as i32;
+            let color = if h.setup == "forwarder" {
+                "#2a7"
+            } else {
+                "#888"
+            };
+            let _ = writeln!(s, "<text x=\"20\" y=\"{}\">{}</text>", y + 18, h.setup);
+            let _ = writeln!(
+                s,
+                "<rect x=\"130\" y=\"{y}\" width=\"{w}\" height=\"26\" fill=\"{color}\"/>"
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{}\">{:.2}</text>",
+                136 + w,
+                y + 18,
+                h.per_hop_us
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"470\" y=\"24\" font-size=\"15\">Packet rate vs forward rules (kpps)</text>"
+        );
+        let (x0, y0, width, height) = (510.0, 320.0, 360.0, 260.0);
+        let top = self
+            .rule_scaling
+            .iter()
+            .map(|r| r.pps.median)
+            .fold(1.0, f64::max)
+            * 1.1;
+        let rules: Vec<usize> = {
+            let mut r: Vec<usize> = self.rule_scaling.iter().map(|r| r.rules).collect();
+            r.sort_unstable();
+            r.dedup();
+            r
+        };
+        let xpos = |n: usize| {
+            let span = (*rules.last().unwrap_or(&1) as f64).log10().max(1.0);
+            x0 + (n as f64).log10() / span * width
+        };
+        let _ = writeln!(
+            s,
+            "<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{}\" y2=\"{y0}\" stroke=\"black\"/>",
+            x0 + width
+        );
+        let _ = writeln!(
+            s,
+            "<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{}\" stroke=\"black\"/>",
+            y0 - height
+        );
+        for n in &rules {
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
+                xpos(*n),
+                y0 + 16.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}</text>",
+            x0 - 4.0,
+            y0 - height + 4.0,
+            top / 1e3
+        );
+        let mut variants: Vec<&str> = self
+            .rule_scaling
+            .iter()
+            .map(|r| r.variant.as_str())
+            .collect();
+        variants.dedup();
+        for (i, variant) in variants.iter().enumerate() {
+            let color = ["#2a7", "#c44", "#47c"][i % 3];
+            let points: Vec<String> = self
+                .rule_scaling
+                .iter()
+                .filter(|r| r.variant == *variant)
+                .map(|r| {
+                    format!(
+                        "{:.0},{:.0}",
+                        xpos(r.rules),
+                        y0 - r.pps.median / top * height
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>",
+                points.join(" ")
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{variant}</text>",
+                x0 + 10.0,
+                y0 - height + 16.0 + i as f64 * 16.0
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    /// The page committed as docs/benchmarks.md.
+    pub fn markdown(&self) -> String {
+        let mut s = String::from(
+            "# Benchmarks\n\nThe forwarder against the seed's nftables recipe (`../shared/seeds/000`), plain kernel routing with\nno netfilter rules, and a bare veth (sender and receiver alone), measured in one run by\n`cargo xtask bench`, contenders alternating, every measurement repeated. This page is the\nlatest full run; `target/bench/` holds its table, JSON and chart.\n\n",
+        );
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "- machine: {}, {} CPUs, {:.0} GiB, Linux {}",
+            m.cpu, m.cpus, m.memory_gib, m.kernel
+        );
+        let _ = writeln!(s, "- command: `{}`", self.command);
+        let _ = writeln!(
+            s,
+            "- repetitions: {}; figures are medians with the range in brackets\n",
+            self.repetitions
+        );
+        s.push_str("![per-hop cost and rule scaling](benchmarks.svg)\n\n## Targets\n\n| target | goal | measured | |\n|---|---|---|---|\n");
+        for t in &self.targets {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                t.name,
+                t.target,
+                t.measured,
+                if t.met { "met" } else { "**missed**" }
+            );
+        }
+        s.push_str("\n## Results\n\n```\n");
+        s.push_str(&self.text());
+        s.push_str("```\n");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_take_the_median_of_odd_and_even_counts() {
+        assert_eq!(Spread::of(vec![3.0, 1.0, 2.0]).median, 2.0);
+        let even = Spread::of(vec![4.0, 1.0, 2.0, 3.0]);
+        assert_eq!((even.median, even.min, even.max), (2.5, 1.0, 4.0));
+        assert_eq!(Spread::of(vec![]).median, 0.0);
+    }
+
+    #[test]
+    fn per_hop_cost_subtracts_the_bare_veth_and_halves() {
+        let row = |setup: &str, pps: f64| RateRow {
+            setup: setup.into(),
+            received_pps: Spread::of(vec![pps]),
+            sent_pps: Spread::of(vec![pps]),
+            loss: Spread::of(vec![0.0]),
+            softnet_drops: 0,
+            interface_drops: 0,
+        };
+        let mut report = Report {
+            machine: Machine::default(),
+            command: String::new(),
+            quick: true,
+            repetitions: 1,
+            // The issue's rough figures: 207k bare, 146k routing, 100k nftables.
+            packet_rate: vec![
+                row("bare veth", 207e3),
+                row("plain routing", 146e3),
+                row("nftables recipe", 100e3),
+                row("forwarder", 180e3),
+            ],
+            per_hop: vec![],
+            tcp: vec![],
+            latency: vec![],
+            rule_scaling: vec![],
+            program_cost_ns: vec![],
+            reaction: vec![],
+            targets: vec![],
+        };
+        report.evaluate();
+        let hop = |s: &str| {
+            report
+                .per_hop
+                .iter()
+                .find(|h| h.setup == s)
+                .unwrap()
+                .per_hop_us
+        };
+        assert!((hop("nftables recipe") - 2.585).abs() < 0.01);
+        assert!((hop("plain routing") - 1.008).abs() < 0.01);
+        assert!(
+            report
+                .targets
+                .iter()
+                .any(|t| t.name.contains("1/3") || t.target.contains("1/3"))
+        );
+        assert!(report.text().contains("us/hop"));
+        assert!(report.svg().starts_with("<svg"));
+    }
+}

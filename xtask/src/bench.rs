@@ -1,0 +1,55 @@
+//! `cargo xtask bench`: builds the release binary and the benchmark driver,
+//! runs the driver, and with --update-docs refreshes docs/benchmarks.md.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    setup::{command, is_root, run_cmd, step, workspace_root},
+    test::build_release,
+};
+
+pub fn run(quick: bool, json: bool, update_docs: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
+    }
+    build_release()?;
+    step("building the benchmark driver");
+    run_cmd(command("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "forwarder-tests",
+        "--bin",
+        "bench",
+    ]))?;
+    step("running the benchmark");
+    let root = workspace_root();
+    let mut bench = command(
+        root.join("target/release/bench")
+            .to_str()
+            .unwrap_or("target/release/bench"),
+    );
+    bench
+        .env("FORWARDER_BIN", root.join("target/release/forwarder"))
+        .arg("--out")
+        .arg(root.join("target/bench"));
+    if quick {
+        bench.arg("--quick");
+    }
+    if json {
+        bench.arg("--json");
+    }
+    run_cmd(&mut bench)?;
+    if update_docs {
+        std::fs::copy(
+            root.join("target/bench/benchmarks.md"),
+            root.join("docs/benchmarks.md"),
+        )?;
+        std::fs::copy(
+            root.join("target/bench/chart.svg"),
+            root.join("docs/benchmarks.svg"),
+        )?;
+        println!("    updated docs/benchmarks.md and docs/benchmarks.svg");
+    }
+    Ok(())
+}
