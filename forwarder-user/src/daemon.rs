@@ -336,9 +336,13 @@ impl Daemon {
         self.reconcile()
     }
 
-    async fn follow(&mut self, monitor: &mut Monitor, server: &control::Server) -> Result<()> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
+    async fn follow(
+        &mut self,
+        monitor: &mut Monitor,
+        server: &control::Server,
+        stop: &mut Signals,
+    ) -> Result<()> {
+        let Signals { sigint, sigterm } = stop;
         let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
         loop {
             let expiry = self.next_expiry().map(|t| {
@@ -386,7 +390,19 @@ impl Daemon {
     }
 }
 
+/// SIGINT and SIGTERM, caught from the very start: a signal that arrives
+/// while the datapath is being set up must still lead to a clean stop, not
+/// to the default action that would leave pins and programs behind.
+struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
 pub async fn run(config: RunConfig) -> Result<()> {
+    let mut signals = Signals {
+        sigint: signal(SignalKind::interrupt())?,
+        sigterm: signal(SignalKind::terminate())?,
+    };
     let layout = PinLayout::new(&config.pin_dir);
     let bpffs = pin::prepare(&layout)?;
     if let Bpffs::Mounted(at) = &bpffs {
@@ -398,7 +414,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             at.display()
         );
     }
-    let result = serve(config, &layout).await;
+    let result = serve(config, &layout, &mut signals).await;
     if let Bpffs::Mounted(at) = &bpffs {
         match pin::unmount_if_empty(at) {
             Ok(true) => info!("unmounted the bpffs at {}", at.display()),
@@ -412,7 +428,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     result
 }
 
-async fn serve(config: RunConfig, layout: &PinLayout) -> Result<()> {
+async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> Result<()> {
     let mut datapath = match Datapath::load(layout) {
         Ok(datapath) => datapath,
         Err(err) => {
@@ -468,7 +484,7 @@ async fn serve(config: RunConfig, layout: &PinLayout) -> Result<()> {
         info!("control socket {}", server.path().display());
         let mut monitor = Monitor::subscribe().context("subscribing to rtnetlink")?;
         daemon.resync().await?;
-        daemon.follow(&mut monitor, &server).await
+        daemon.follow(&mut monitor, &server, signals).await
     }
     .await;
     let stopped = stop(daemon.datapath);

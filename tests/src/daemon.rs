@@ -10,7 +10,11 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use forwarder::{pin::PinLayout, tables::Tables};
 
-use crate::{bpffs::PinDir, netns::Netns, wait::wait_until};
+use crate::{
+    bpffs::PinDir,
+    netns::{DieWithParent as _, Netns},
+    wait::wait_until,
+};
 
 /// The `forwarder` binary under test: $FORWARDER_BIN, or the one cargo
 /// built next to this test executable.
@@ -103,6 +107,7 @@ impl Forwarder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
+            .die_with_parent()
             .spawn()
             .context("spawning forwarder")?;
         Ok(Forwarder {
@@ -139,8 +144,28 @@ impl Forwarder {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM, then wait for a clean exit.
+    /// SIGTERM, then wait for a clean exit, and check that the instance
+    /// left nothing behind: no pin, no control socket.
     pub fn stop(&mut self) -> Result<ExitStatus> {
+        let status = self.terminate()?;
+        let pins = self.pins.contents();
+        let socket = forwarder::control::socket_path(self.pins.path());
+        if !pins.is_empty() || socket.exists() {
+            bail!(
+                "{} exited ({status}) but left pins {pins:?}{}; log:\n{}",
+                self.label,
+                if socket.exists() {
+                    format!(" and its control socket {}", socket.display())
+                } else {
+                    String::new()
+                },
+                self.log_text()
+            );
+        }
+        Ok(status)
+    }
+
+    fn terminate(&mut self) -> Result<ExitStatus> {
         let mut child = self
             .child
             .take()
@@ -171,7 +196,14 @@ impl Drop for Forwarder {
         if self.child.is_some()
             && let Err(err) = self.stop()
         {
-            eprintln!("cleanup: {err:#}");
+            let _ = std::fs::remove_file(&self.log);
+            // Every test checks the daemon cleans up; a test already failing
+            // must not abort on a second panic.
+            if std::thread::panicking() {
+                eprintln!("cleanup: {err:#}");
+            } else {
+                panic!("cleanup: {err:#}");
+            }
         }
         let _ = std::fs::remove_file(&self.log);
     }

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{netns::Netns, wait::wait_until};
+use crate::{
+    netns::{DieWithParent as _, Netns},
+    wait::wait_until,
+};
 
 /// The `pip --target` directory holding localsendd.
 pub fn install_dir() -> Result<PathBuf> {
@@ -81,6 +84,7 @@ impl Peer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            .die_with_parent()
             .spawn()
             .context("starting localsendd")?;
         let peer = Peer {

@@ -15,6 +15,27 @@ use anyhow::{Context as _, Result, bail};
 const PREFIX: &str = "fwt-";
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Children that must not outlive the test process: a killed test run
+/// would otherwise leave daemons running in namespaces nobody deletes.
+pub trait DieWithParent {
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn die_with_parent(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl is async-signal-safe and touches only this process.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
 /// Runs a command, failing with its stderr when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out: Output = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::netns::Netns;
+use crate::netns::{DieWithParent as _, Netns};
 
 pub const LAN_PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 pub const LAN_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
@@ -325,6 +325,7 @@ ip monitor address dev {SYSNET_UPLINK} | while read -r _; do update; done"#
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .process_group(0)
+            .die_with_parent()
             .spawn()
             .context("starting the dispatcher emulation")?;
         let mut ready = String::new();
