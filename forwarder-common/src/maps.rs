@@ -22,6 +22,8 @@ pub const MAX_RELAYS: u32 = 64;
 pub const MAX_RELAY_TARGETS: usize = 8;
 /// Downstream interfaces the datapath knows the MAC of.
 pub const MAX_IFACES: u32 = 4096;
+/// FIB results the datapath keeps (LRU).
+pub const MAX_CACHED_ROUTES: u32 = 65_536;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -37,6 +39,8 @@ pub mod names {
     pub const RELAY_COUNTERS: &str = "RELAY_COUNTERS";
     pub const RELAY_BUCKETS: &str = "RELAY_BUCKETS";
     pub const DOWNSTREAM_MACS: &str = "DOWNSTREAM_MACS";
+    pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
+    pub const FIB_GENERATION: &str = "FIB_GENERATION";
 }
 
 /// Program names as the eBPF object defines them.
@@ -227,6 +231,34 @@ pub struct RelayCounters {
     pub rate_limited: u64,
 }
 
+/// What a FIB lookup was asked: the key of a cached result.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RouteKey {
+    pub daddr: u32,
+    pub saddr: u32,
+    pub ifindex: u32,
+    /// A whole word, not a byte and padding: the BPF backend zeroes byte
+    /// arrays through a memset call.
+    pub proto: u32,
+}
+
+/// A successful FIB lookup with a resolved neighbour, valid while
+/// `generation` equals `FIB_GENERATION`: userspace bumps that on every
+/// rtnetlink change to links, addresses, routes or neighbours, which
+/// invalidates every cached result at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RouteEntry {
+    pub generation: u32,
+    pub ifindex: u32,
+    /// The egress MTU, for the length check the lookup would have done.
+    pub mtu: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub pad: u16,
+}
+
 /// The multicast MAC of an IPv4 group: 01:00:5e and the low 23 bits.
 pub const fn group_mac(group: u32) -> [u8; 6] {
     let b = group.to_ne_bytes();
@@ -242,6 +274,8 @@ const _: () = {
     assert!(size_of::<RelayKey>() == 8);
     assert!(size_of::<Relay>() == 4 * MAX_RELAY_TARGETS + 24);
     assert!(size_of::<RelayCounters>() == 40);
+    assert!(size_of::<RouteKey>() == 16);
+    assert!(size_of::<RouteEntry>() == 24);
     assert!(size_of::<UplinkState>() == 16);
     assert!(size_of::<RuleKey>() == 4);
     assert!(size_of::<Cidr>() == 8);
@@ -263,6 +297,8 @@ mod user {
     unsafe impl aya::Pod for RelayKey {}
     unsafe impl aya::Pod for Relay {}
     unsafe impl aya::Pod for RelayCounters {}
+    unsafe impl aya::Pod for RouteKey {}
+    unsafe impl aya::Pod for RouteEntry {}
 }
 
 #[cfg(test)]

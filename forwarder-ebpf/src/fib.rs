@@ -10,7 +10,12 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::TcContext,
 };
-use forwarder_common::reason::Reason;
+use forwarder_common::{
+    maps::{RouteEntry, RouteKey},
+    reason::Reason,
+};
+
+use crate::maps;
 
 const AF_INET: u8 = 2;
 
@@ -79,7 +84,12 @@ pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u
 }
 
 /// What the stack would do with a packet from `saddr` to `daddr` arriving on
-/// `ifindex`. `tot_len` non-zero asks for an MTU check against the egress.
+/// `ifindex`. A non-zero `tot_len` is checked against the egress MTU.
+///
+/// Resolved routes are cached in ROUTE_CACHE under the current FIB
+/// generation; userspace bumps the generation on every rtnetlink change to
+/// links, addresses, routes or neighbours, so a cached result lives at most
+/// until the daemon has seen the change (well under a millisecond).
 #[inline(always)]
 pub fn lookup(
     ctx: &TcContext,
@@ -89,15 +99,57 @@ pub fn lookup(
     proto: u8,
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    let (ret, params) = fib(ctx, ifindex, saddr, daddr, proto, tot_len, 0);
+    let generation = maps::fib_generation();
+    let key = RouteKey {
+        daddr,
+        saddr,
+        ifindex,
+        proto: u32::from(proto),
+    };
+    if let Some(entry) = maps::cached_route(&key)
+        && entry.generation == generation
+    {
+        if entry.mtu != 0 && tot_len > entry.mtu {
+            return Err(Reason::FibFragNeeded);
+        }
+        return Ok(Route::Resolved {
+            ifindex: entry.ifindex,
+            smac: entry.smac,
+            dmac: entry.dmac,
+        });
+    }
+    // Looked up without a length, so the result can be cached for packets
+    // of any size; the MTU it reports is checked here instead.
+    let (ret, params) = fib(ctx, ifindex, saddr, daddr, proto, 0, 0);
     // SAFETY: the kernel filled the union members for IPv4.
-    let nexthop = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    let (nexthop, mtu) = unsafe {
+        (
+            params.__bindgen_anon_4.ipv4_dst,
+            params.__bindgen_anon_1.mtu_result,
+        )
+    };
     match ret {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(Route::Resolved {
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-        }),
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            maps::cache_route(
+                &key,
+                &RouteEntry {
+                    generation,
+                    ifindex: params.ifindex,
+                    mtu,
+                    smac: params.smac,
+                    dmac: params.dmac,
+                    pad: 0,
+                },
+            );
+            if mtu != 0 && tot_len > mtu {
+                return Err(Reason::FibFragNeeded);
+            }
+            Ok(Route::Resolved {
+                ifindex: params.ifindex,
+                smac: params.smac,
+                dmac: params.dmac,
+            })
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved {
             ifindex: params.ifindex,
             nexthop,

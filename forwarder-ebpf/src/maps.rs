@@ -4,12 +4,12 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
     maps::{
-        ForwardRule, MAX_IFACES, MAX_RELAYS, MAX_RULES, Relay, RelayCounters, RelayKey, ReverseKey,
-        RuleCounters, RuleKey, UplinkState,
+        ForwardRule, MAX_CACHED_ROUTES, MAX_IFACES, MAX_RELAYS, MAX_RULES, Relay, RelayCounters,
+        RelayKey, ReverseKey, RouteEntry, RouteKey, RuleCounters, RuleKey, UplinkState,
     },
     reason::Reason,
 };
@@ -47,6 +47,35 @@ static RELAY_BUCKETS: Array<u64> = Array::pinned(MAX_RELAYS, 0);
 /// lookup only yields together with a resolved neighbour.
 #[map]
 static DOWNSTREAM_MACS: HashMap<u32, [u8; 6]> = HashMap::pinned(MAX_IFACES, 0);
+
+/// FIB results, so a packet of a known flow costs a hash lookup instead of
+/// two FIB lookups (the reverse-path check and the route).
+#[map]
+static ROUTE_CACHE: LruHashMap<RouteKey, RouteEntry> = LruHashMap::pinned(MAX_CACHED_ROUTES, 0);
+
+/// Bumped by userspace on every rtnetlink change that can change a FIB
+/// result; an entry of ROUTE_CACHE is only used while its generation
+/// matches.
+#[map]
+static FIB_GENERATION: Array<u32> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn fib_generation() -> u32 {
+    FIB_GENERATION.get(0).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn cached_route(key: &RouteKey) -> Option<RouteEntry> {
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { ROUTE_CACHE.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn cache_route(key: &RouteKey, entry: &RouteEntry) {
+    // A full cache evicts the least recently used entry; failure only costs
+    // a FIB lookup next time.
+    let _ = ROUTE_CACHE.insert(key, entry, 0);
+}
 
 #[inline(always)]
 pub fn uplink() -> Option<UplinkState> {

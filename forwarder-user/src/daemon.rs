@@ -328,12 +328,15 @@ impl Daemon {
         Ok(format!("deleted {removed}"))
     }
 
+    /// Dumps links and addresses afresh (at start, and after the event
+    /// stream overflowed) and forgets every FIB result the datapath cached.
     async fn resync(&mut self) -> Result<()> {
         let (links, addresses) = netlink::dump()
             .await
             .context("dumping links and addresses")?;
         self.interfaces = Interfaces::new(links, addresses);
-        self.reconcile()
+        self.reconcile()?;
+        self.datapath.tables.bump_fib_generation()
     }
 
     async fn follow(
@@ -382,6 +385,9 @@ impl Daemon {
                         self.interfaces.apply(event);
                     }
                     self.reconcile()?;
+                    if !events.is_empty() {
+                        self.datapath.tables.bump_fib_generation()?;
+                    }
                 }
                 _ = sigint.recv() => { info!("SIGINT: stopping"); return Ok(()) }
                 _ = sigterm.recv() => { info!("SIGTERM: stopping"); return Ok(()) }

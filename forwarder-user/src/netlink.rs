@@ -19,7 +19,9 @@ use netlink_packet_route::{
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
 
 const RTMGRP_LINK: u32 = 1;
+const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 /// Large enough that a burst of VM starts does not overflow it; overflow is
 /// still handled by a resync.
 const RECV_BUFFER: usize = 4 << 20;
@@ -49,6 +51,8 @@ pub enum Event {
     DelLink(u32),
     NewAddress(Address),
     DelAddress(Address),
+    /// A route or neighbour changed: cached FIB results may be stale.
+    RoutingChanged,
     /// Messages were lost; the caller's view is stale until it dumps again.
     Overflow,
 }
@@ -102,6 +106,10 @@ pub fn parse_event(msg: &RouteNetlinkMessage) -> Option<Event> {
         RouteNetlinkMessage::DelLink(m) => Some(Event::DelLink(m.header.index)),
         RouteNetlinkMessage::NewAddress(m) => parse_address(m).map(Event::NewAddress),
         RouteNetlinkMessage::DelAddress(m) => parse_address(m).map(Event::DelAddress),
+        RouteNetlinkMessage::NewRoute(_)
+        | RouteNetlinkMessage::DelRoute(_)
+        | RouteNetlinkMessage::NewNeighbour(_)
+        | RouteNetlinkMessage::DelNeighbour(_) => Some(Event::RoutingChanged),
         _ => None,
     }
 }
@@ -150,7 +158,8 @@ fn is_overflow(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::ENOBUFS)
 }
 
-/// Changes to links and IPv4 addresses, as the kernel announces them.
+/// Changes to links, IPv4 addresses, routes and neighbours, as the kernel
+/// announces them.
 pub struct Monitor {
     socket: TokioSocket,
 }
@@ -164,9 +173,10 @@ impl Monitor {
     /// messages (and the next read reports an overflow) once it is full.
     pub fn with_buffer(bytes: usize) -> io::Result<Self> {
         let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
-        socket
-            .socket_mut()
-            .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))?;
+        socket.socket_mut().bind(&SocketAddr::new(
+            0,
+            RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH,
+        ))?;
         set_receive_buffer(socket.as_raw_fd(), bytes)?;
         Ok(Monitor { socket })
     }

@@ -32,6 +32,7 @@ pub struct Tables {
     relay_counters: PerCpuArray<MapData, RelayCounters>,
     relay_buckets: Array<MapData, u64>,
     downstream_macs: HashMap<MapData, u32, [u8; 6]>,
+    fib_generation: Array<MapData, u32>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -68,6 +69,7 @@ impl Tables {
             relay_counters: get(names::RELAY_COUNTERS)?.try_into()?,
             relay_buckets: get(names::RELAY_BUCKETS)?.try_into()?,
             downstream_macs: get(names::DOWNSTREAM_MACS)?.try_into()?,
+            fib_generation: get(names::FIB_GENERATION)?.try_into()?,
         })
     }
 
@@ -79,6 +81,14 @@ impl Tables {
         self.uplink
             .set(0, state, 0)
             .context("updating the uplink state map")
+    }
+
+    /// Invalidates every FIB result the datapath cached.
+    pub fn bump_fib_generation(&mut self) -> Result<()> {
+        let next = self.fib_generation.get(&0, 0)?.wrapping_add(1);
+        self.fib_generation
+            .set(0, next, 0)
+            .context("bumping the FIB generation")
     }
 
     /// The rules the datapath holds now, by key.

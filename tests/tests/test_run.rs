@@ -546,3 +546,29 @@ fn random_packets_are_either_rewritten_correctly_or_untouched() {
         "only {rewritten} of 400 exercised the rewrite"
     );
 }
+
+#[test]
+fn cached_routes_are_used_until_the_fib_generation_changes() {
+    let mut h = harness();
+    let frame = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317)).build();
+    let (_, out) = h.run(Role::Uplink, h.uplink.index, &frame).unwrap();
+    assert_eq!(packet::parse(&out).unwrap().dst_mac, TARGET_MAC);
+
+    // The target's MAC changes; the daemon would see it on rtnetlink and
+    // bump the generation. Until then the cached result stands...
+    let moved = [0x02, 0, 0, 0, 0, 0x55];
+    h.ns.ip(&format!(
+        "neigh replace {TARGET} lladdr 02:00:00:00:00:55 dev vif1.0 nud permanent"
+    ))
+    .unwrap();
+    let (_, out) = h.run(Role::Uplink, h.uplink.index, &frame).unwrap();
+    assert_eq!(
+        packet::parse(&out).unwrap().dst_mac,
+        TARGET_MAC,
+        "served from the cache"
+    );
+    // ...and after the bump the FIB is asked again.
+    h.datapath.tables.bump_fib_generation().unwrap();
+    let (_, out) = h.run(Role::Uplink, h.uplink.index, &frame).unwrap();
+    assert_eq!(packet::parse(&out).unwrap().dst_mac, moved);
+}
