@@ -238,10 +238,16 @@ pub struct RouteKey {
     pub daddr: u32,
     pub saddr: u32,
     pub ifindex: u32,
-    /// A whole word, not a byte and padding: the BPF backend zeroes byte
-    /// arrays through a memset call.
-    pub proto: u32,
+    /// The L4 protocol, or'ed with ROUTE_KIND_REVERSE_PATH for the
+    /// neighbour-less lookups of the reverse-path check. A whole word, not a
+    /// byte and padding: the BPF backend zeroes byte arrays through a memset
+    /// call.
+    pub kind: u32,
 }
+
+/// `RouteKey::kind` flag of reverse-path lookups, whose cached answers carry
+/// no MACs and must never serve as a route.
+pub const ROUTE_KIND_REVERSE_PATH: u32 = 1 << 16;
 
 /// A successful FIB lookup with a resolved neighbour, valid while
 /// `generation` equals `FIB_GENERATION`: userspace bumps that on every

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use forwarder_common::{
-    maps::{RouteEntry, RouteKey},
+    maps::{ROUTE_KIND_REVERSE_PATH, RouteEntry, RouteKey},
     reason::Reason,
 };
 
@@ -85,11 +85,6 @@ pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u
 
 /// What the stack would do with a packet from `saddr` to `daddr` arriving on
 /// `ifindex`. A non-zero `tot_len` is checked against the egress MTU.
-///
-/// Resolved routes are cached in ROUTE_CACHE under the current FIB
-/// generation; userspace bumps the generation on every rtnetlink change to
-/// links, addresses, routes or neighbours, so a cached result lives at most
-/// until the daemon has seen the change (well under a millisecond).
 #[inline(always)]
 pub fn lookup(
     ctx: &TcContext,
@@ -99,14 +94,44 @@ pub fn lookup(
     proto: u8,
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    let generation = maps::fib_generation();
     let key = RouteKey {
         daddr,
         saddr,
         ifindex,
-        proto: u32::from(proto),
+        kind: u32::from(proto),
     };
-    if let Some(entry) = maps::cached_route(&key)
+    cached_fib(ctx, &key, 0, tot_len)
+}
+
+/// Strict reverse-path check: `saddr` must route back out of `ifindex`, the
+/// interface the packet came in on. A local, broadcast or unroutable source
+/// fails, as does a downstream address arriving on the uplink. No neighbour
+/// is needed (a LAN peer that only sends may have none), so none is looked
+/// up, and the answer can be cached either way.
+#[inline(always)]
+pub fn reverse_path_ok(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32, proto: u8) -> bool {
+    let key = RouteKey {
+        daddr: saddr,
+        saddr: daddr,
+        ifindex,
+        kind: ROUTE_KIND_REVERSE_PATH | u32::from(proto),
+    };
+    match cached_fib(ctx, &key, BPF_FIB_LOOKUP_SKIP_NEIGH, 0) {
+        Ok(route) => route.ifindex() == ifindex,
+        Err(_) => false,
+    }
+}
+
+/// One FIB lookup, answered from ROUTE_CACHE when the cache holds it under
+/// the current FIB generation. Userspace bumps the generation on every
+/// rtnetlink change to links, addresses, routes or neighbours, so a cached
+/// result lives at most until the daemon has seen the change (well under a
+/// millisecond). Only complete answers are cached: an unresolved neighbour
+/// is asked about again.
+#[inline(always)]
+fn cached_fib(ctx: &TcContext, key: &RouteKey, flags: u32, tot_len: u16) -> Result<Route, Reason> {
+    let generation = maps::fib_generation();
+    if let Some(entry) = maps::cached_route(key)
         && entry.generation == generation
     {
         if entry.mtu != 0 && tot_len > entry.mtu {
@@ -120,7 +145,15 @@ pub fn lookup(
     }
     // Looked up without a length, so the result can be cached for packets
     // of any size; the MTU it reports is checked here instead.
-    let (ret, params) = fib(ctx, ifindex, saddr, daddr, proto, 0, 0);
+    let (ret, params) = fib(
+        ctx,
+        key.ifindex,
+        key.saddr,
+        key.daddr,
+        key.kind as u8,
+        0,
+        flags,
+    );
     // SAFETY: the kernel filled the union members for IPv4.
     let (nexthop, mtu) = unsafe {
         (
@@ -131,7 +164,7 @@ pub fn lookup(
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => {
             maps::cache_route(
-                &key,
+                key,
                 &RouteEntry {
                     generation,
                     ifindex: params.ifindex,
@@ -160,17 +193,6 @@ pub fn lookup(
         // broadcast destination), unsupported LWT, no source address, and
         // errors from a bad argument: none of them is a route to use.
         _ => Err(Reason::FibNoRoute),
-    }
-}
-
-/// Strict reverse-path check: `saddr` must route back out of `ifindex`, the
-/// interface the packet came in on. A local, broadcast or unroutable source
-/// fails, as does a downstream address arriving on the uplink.
-#[inline(always)]
-pub fn reverse_path_ok(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32, proto: u8) -> bool {
-    match lookup(ctx, ifindex, daddr, saddr, proto, 0) {
-        Ok(route) => route.ifindex() == ifindex,
-        Err(_) => false,
     }
 }
 

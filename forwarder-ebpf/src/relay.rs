@@ -22,7 +22,7 @@ use crate::{
 fn lookup(
     ctx: &TcContext,
     ip: &Ipv4,
-) -> Result<(forwarder_common::maps::Relay, parse::L4), Reason> {
+) -> Result<(&'static forwarder_common::maps::Relay, parse::L4), Reason> {
     if ip.proto != PROTO_UDP {
         return Err(Reason::OtherProtocol);
     }
@@ -142,7 +142,7 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if !uplink.usable() {
         return Err(Reason::NoUplinkAddress);
     }
-    if !maps::take_relay_token(&relay) {
+    if !maps::take_relay_token(relay) {
         maps::count_relay(relay.slot, RelayEvent::RateLimited);
         return Err(Reason::RelayRateLimited);
     }

@@ -173,7 +173,7 @@ fn run(o: &Options) -> Result<Report> {
     rule_scaling.sort_by(|a, b| a.variant.cmp(&b.variant).then(a.rules.cmp(&b.rules)));
 
     progress("program cost through BPF_PROG_TEST_RUN");
-    let program_cost_ns = measure::program_cost(if o.quick { 2_000 } else { 20_000 })?
+    let program_cost_ns = measure::program_cost(if o.quick { 3_000 } else { 20_000 })?
         .into_iter()
         .map(|(name, ns)| (name.to_string(), ns))
         .collect();
