@@ -155,6 +155,36 @@ pub fn macs(ctx: &TcContext) -> Option<([u8; 6], [u8; 6])> {
     unsafe { Some(((*eth).dst, (*eth).src)) }
 }
 
+/// The IP and transport checksum fields as the packet carries them now.
+#[inline(always)]
+pub fn checksums(ctx: &TcContext, l4: &L4) -> Option<([u8; 2], [u8; 2])> {
+    let hdr: *const Ipv4Hdr = ptr_at(ctx, L3_OFF)?;
+    let l4_check: *const [u8; 2] = ptr_at(ctx, l4.check_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { Some(((*hdr).check, *l4_check)) }
+}
+
+/// Puts back checksum fields saved by `checksums`. After an edit and its
+/// arithmetic inverse a checksum can come back as the other one's-complement
+/// zero (0x0000 for 0xffff, or the reverse): equal for every sum, skb->csum
+/// included, but not the same bytes, and an undone edit must leave the
+/// very bytes it found.
+#[inline(always)]
+pub fn restore_checksums(
+    ctx: &TcContext,
+    l4: &L4,
+    saved: ([u8; 2], [u8; 2]),
+) -> Result<(), RewriteFailed> {
+    let hdr: *mut Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
+    let l4_check: *mut [u8; 2] = ptr_at(ctx, l4.check_off).ok_or(RewriteFailed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*hdr).check = saved.0;
+        *l4_check = saved.1;
+    }
+    Ok(())
+}
+
 /// Sends the rewritten packet out of the route's interface. Returns the TC
 /// action the redirect helper chose.
 #[inline(always)]

@@ -148,6 +148,7 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     }
 
     let (dst_mac, src_mac) = nat::macs(ctx).ok_or(Reason::Truncated)?;
+    let saved = nat::checksums(ctx, &l4).ok_or(Reason::Truncated)?;
     let ttl = if relay.ttl != 0 { relay.ttl } else { ip.ttl };
     let copied = nat::set_addr(ctx, ip, &l4, End::Source, uplink.addr)
         .and_then(|()| nat::set_ttl(ctx, ttl))
@@ -155,7 +156,8 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
         .map(|()| ctx.clone_redirect(uplink.ifindex, 0).is_ok());
     let restored = nat::set_addr(ctx, ip, &l4, End::Source, ip.saddr)
         .and_then(|()| nat::set_ttl(ctx, ip.ttl))
-        .and_then(|()| nat::set_macs(ctx, dst_mac, src_mac));
+        .and_then(|()| nat::set_macs(ctx, dst_mac, src_mac))
+        .and_then(|()| nat::restore_checksums(ctx, &l4, saved));
     if restored.is_err() {
         return Err(Reason::RewriteFailed);
     }

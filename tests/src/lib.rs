@@ -6,6 +6,7 @@ pub mod bpffs;
 pub mod capture;
 pub mod checks;
 pub mod daemon;
+pub mod hostile;
 pub mod libvirt;
 pub mod localsend;
 pub mod netlink_watch;

@@ -51,6 +51,13 @@ enum Task {
         #[arg(long)]
         update_docs: bool,
     },
+    /// Run the hostile-input generator and oracle of the test suite for a
+    /// long time (needs root).
+    Fuzz {
+        /// How long to run.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Build target/package/forwarder-VERSION-ARCH.tar.gz: the binary, the
     /// systemd unit, example configs, install and uninstall scripts.
     Package,
@@ -81,6 +88,20 @@ fn main() -> ExitCode {
                     )
                 }),
             Task::Package => setup::run().and_then(|()| package::run()).map(drop),
+            Task::Fuzz { seconds } => setup::run().and_then(|()| {
+                setup::step("building the fuzz driver");
+                setup::run_cmd(setup::command("cargo").args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "forwarder-tests",
+                    "--bin",
+                    "fuzz",
+                ]))?;
+                setup::run_cmd(
+                    setup::command("target/release/fuzz").args(["--seconds", &seconds.to_string()]),
+                )
+            }),
             Task::Bench {
                 quick,
                 json,

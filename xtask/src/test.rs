@@ -91,7 +91,11 @@ pub fn run(filter: &[String]) -> Result<()> {
     privileged.extend(filter.iter().cloned());
 
     step("tier 2: packet-in/packet-out tests through BPF_PROG_TEST_RUN");
-    let n = cargo_test(&targets(&["test_run", "relay_test_run"]), &privileged, None)?;
+    let n = cargo_test(
+        &targets(&["test_run", "relay_test_run", "hostile"]),
+        &privileged,
+        None,
+    )?;
     summary.push(("BPF_PROG_TEST_RUN tests", n));
 
     step(
