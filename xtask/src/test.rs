@@ -111,6 +111,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "package",
         "libvirt",
         "localsend",
+        "security",
     ];
     let n = cargo_test(&targets(&integration), &verbose, Some(&tarball))?;
     summary.push(("integration tests", n));
