@@ -120,6 +120,13 @@ pub fn prepare(layout: &PinLayout) -> Result<Bpffs> {
     for dir in [&layout.root, &layout.dir, &layout.maps, &layout.links] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Whoever can open a pinned map can rewrite forwarding: the kernel makes
+    // pins 0600, and the directory keeps others from even listing them.
+    fs::set_permissions(
+        &layout.root,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .with_context(|| format!("restricting {}", layout.root.display()))?;
     if !is_bpffs(&layout.maps) {
         bail!("{} is not on a bpffs", layout.maps.display());
     }

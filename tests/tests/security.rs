@@ -298,6 +298,8 @@ fn scenario() -> Checks {
                 let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
                 ensure!(mode & 0o077 == 0, "{} has mode {mode:o}", path.display());
             }
+            let root = std::fs::metadata(sysnet.pins.path())?.permissions().mode() & 0o777;
+            ensure!(root == 0o700, "pin directory mode {root:o}");
             let socket = forwarder::control::socket_path(sysnet.pins.path());
             let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
             ensure!(mode == 0o600, "control socket mode {mode:o}");
