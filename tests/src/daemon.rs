@@ -43,6 +43,8 @@ pub struct Forwarder {
     pub pins: PinDir,
     log: PathBuf,
     label: String,
+    binary: PathBuf,
+    args: Vec<String>,
 }
 
 impl Forwarder {
@@ -94,28 +96,66 @@ impl Forwarder {
     }
 
     fn spawn_binary(binary: &Path, ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
-        let pins = PinDir::new(label)?;
-        let log = std::env::temp_dir().join(format!("{}-{label}.log", ns.name()));
-        let stderr = File::create(&log)?;
-        let child = ns
-            .command(binary.to_str().context("binary path")?)
+        let mut fwd = Forwarder {
+            child: None,
+            pins: PinDir::new(label)?,
+            log: std::env::temp_dir().join(format!("{}-{label}.log", ns.name())),
+            label: label.into(),
+            binary: binary.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        fwd.child = Some(fwd.launch(ns)?);
+        Ok(fwd)
+    }
+
+    fn launch(&self, ns: &Netns) -> Result<Child> {
+        let stderr = File::create(&self.log)?;
+        ns.command(self.binary.to_str().context("binary path")?)
             .arg("run")
-            .args(args)
+            .args(&self.args)
             .arg("--pin-dir")
-            .arg(pins.path())
+            .arg(self.pins.path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .die_with_parent()
             .spawn()
-            .context("spawning forwarder")?;
-        Ok(Forwarder {
-            child: Some(child),
-            pins,
-            log,
-            label: label.into(),
-        })
+            .context("spawning forwarder")
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: nothing is cleaned up,
+    /// the pinned programs keep forwarding.
+    pub fn kill_hard(&mut self) -> Result<()> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("{} is not running", self.label))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the daemon again on the same pin directory and with the same
+    /// arguments, after `kill_hard`; the new log replaces the old one.
+    pub fn respawn(&mut self, ns: &Netns) -> Result<()> {
+        if self.child.is_some() {
+            bail!("{} is still running", self.label);
+        }
+        self.child = Some(self.launch(ns)?);
+        Ok(())
+    }
+
+    /// Waits until the log holds `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        if wait_until(timeout, || self.log_text().contains(needle)) {
+            return Ok(());
+        }
+        bail!(
+            "{} never logged {needle:?}; log:\n{}",
+            self.label,
+            self.log_text()
+        )
     }
 
     fn layout(&self) -> PinLayout {

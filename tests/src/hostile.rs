@@ -37,7 +37,7 @@ impl Rng {
         Rng(seed.max(1))
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -45,7 +45,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 
     fn chance(&mut self, percent: u64) -> bool {
@@ -124,7 +124,7 @@ fn addr(rng: &mut Rng) -> Ipv4Addr {
         Ipv4Addr::new(10, 138, 0, 1),
     ];
     if rng.chance(10) {
-        Ipv4Addr::from(rng.next() as u32)
+        Ipv4Addr::from(rng.next_u64() as u32)
     } else {
         rng.pick(&pool)
     }
@@ -132,7 +132,7 @@ fn addr(rng: &mut Rng) -> Ipv4Addr {
 
 fn port(rng: &mut Rng) -> u16 {
     if rng.chance(15) {
-        rng.next() as u16
+        rng.next_u64() as u16
     } else {
         rng.pick(&[53317, 53317, 8080, 80, 5000, 22, 0, 65535])
     }
@@ -140,7 +140,7 @@ fn port(rng: &mut Rng) -> u16 {
 
 /// One generated case: a template, then bent.
 pub fn generate(h: &Harness, rng: &mut Rng) -> Case {
-    let payload: Vec<u8> = (0..rng.below(300)).map(|_| rng.next() as u8).collect();
+    let payload: Vec<u8> = (0..rng.below(300)).map(|_| rng.next_u64() as u8).collect();
     let (role, ifindex, mut frame) = match rng.below(6) {
         // From the LAN toward the uplink's address.
         0 | 1 => {
@@ -220,7 +220,7 @@ pub fn generate(h: &Harness, rng: &mut Rng) -> Case {
         // Noise behind an IPv4 EtherType.
         _ => {
             let len = 34 + rng.below(200) as usize;
-            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             bytes[12] = 0x08;
             bytes[13] = 0x00;
             bytes[14] = 0x40 | (bytes[14] & 0x0f);
@@ -256,17 +256,17 @@ pub fn generate(h: &Harness, rng: &mut Rng) -> Case {
         frame.ip_options = vec![1; 4 * (1 + rng.below(10) as usize)];
     }
     if rng.chance(5) {
-        frame.vlan = Some(rng.next() as u16);
+        frame.vlan = Some(rng.next_u64() as u16);
     }
     if rng.chance(5) {
-        let random = rng.next() as u16;
+        let random = rng.next_u64() as u16;
         frame.ether_type = rng.pick(&[0x86dd, 0x0806, 0x88a8, random]);
     }
     if rng.chance(5) {
         frame.udp_no_checksum = true;
     }
     if rng.chance(5) {
-        frame.tot_len = Some(rng.next() as u16);
+        frame.tot_len = Some(rng.next_u64() as u16);
     }
     Case {
         role,

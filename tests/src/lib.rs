@@ -7,6 +7,7 @@ pub mod capture;
 pub mod checks;
 pub mod daemon;
 pub mod hostile;
+pub mod kernel_objects;
 pub mod libvirt;
 pub mod localsend;
 pub mod netlink_watch;

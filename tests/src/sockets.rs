@@ -369,3 +369,141 @@ impl Drop for MulticastListener {
         }
     }
 }
+
+/// A TCP connection through an echo server that sends a numbered message
+/// ("m<n>;") at a fixed interval and records when each echo comes back:
+/// the longest gap between echoes is the longest stall the flow saw.
+pub struct TcpTicker {
+    stop: Arc<AtomicBool>,
+    echoed: Arc<std::sync::atomic::AtomicU64>,
+    writer: JoinHandle<Result<u64>>,
+    reader: JoinHandle<Result<Vec<(u64, Instant)>>>,
+}
+
+/// What a ticker saw: how many messages it sent and when each came back.
+#[derive(Debug)]
+pub struct Ticks {
+    pub sent: u64,
+    pub echoes: Vec<(u64, Instant)>,
+}
+
+impl Ticks {
+    pub fn longest_gap(&self) -> Duration {
+        self.echoes
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Messages sent but never echoed, or echoed out of order.
+    pub fn missing(&self) -> Vec<u64> {
+        let echoed: Vec<u64> = self.echoes.iter().map(|(n, _)| *n).collect();
+        (0..self.sent)
+            .filter(|n| echoed.get(*n as usize) != Some(n))
+            .collect()
+    }
+
+    pub fn echoed_between(&self, from: Instant, to: Instant) -> usize {
+        self.echoes
+            .iter()
+            .filter(|(_, at)| *at >= from && *at < to)
+            .count()
+    }
+}
+
+impl TcpTicker {
+    pub fn start(ns: &Netns, to: SocketAddrV4, interval: Duration) -> Result<Self> {
+        let stream = ns.run(|| TcpStream::connect_timeout(&to.into(), Duration::from_secs(3)))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_millis(50)))?;
+        // The echo server prefixes every chunk it echoes with our address.
+        let prefix = format!("{} ", stream.local_addr()?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = {
+            let mut stream = stream.try_clone()?;
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<u64> {
+                let start = Instant::now();
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    stream.write_all(format!("m{sent};").as_bytes())?;
+                    sent += 1;
+                    let next = start + interval * sent as u32;
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                Ok(sent)
+            })
+        };
+        let reader = {
+            let mut stream = stream;
+            let stop = stop.clone();
+            let echoed = echoed.clone();
+            std::thread::spawn(move || -> Result<Vec<(u64, Instant)>> {
+                let mut echoes = Vec::new();
+                let mut text = String::new();
+                let mut buf = [0u8; 4096];
+                let mut quiet_since: Option<Instant> = None;
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => bail!("the echo server closed the connection"),
+                        Ok(n) => {
+                            quiet_since = None;
+                            let at = Instant::now();
+                            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                            text = text.replace(&prefix, "");
+                            while let Some(end) = text.find(';') {
+                                let token = text[..end].trim_start_matches('m').to_string();
+                                text.drain(..=end);
+                                echoes.push((token.parse().context("garbled echo")?, at));
+                                echoed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            // After stop, the reader drains until a second passes
+                            // without data: everything in flight has arrived.
+                            if stop.load(Ordering::Relaxed) {
+                                let since = *quiet_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() > Duration::from_secs(1) {
+                                    return Ok(echoes);
+                                }
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            })
+        };
+        Ok(TcpTicker {
+            stop,
+            echoed,
+            writer,
+            reader,
+        })
+    }
+
+    /// Echoes received so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending, waits for the echoes in flight, and reports.
+    pub fn finish(self) -> Result<Ticks> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self
+            .writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("ticker writer panicked"))??;
+        let echoes = self
+            .reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("ticker reader panicked"))??;
+        Ok(Ticks { sent, echoes })
+    }
+}

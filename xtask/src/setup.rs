@@ -11,8 +11,8 @@ use anyhow::{Context as _, Result, bail};
 
 /// Debian packages the tests drive: nftables (the baseline recipe and the
 /// forwarder's own table), iproute2 (namespaces), ethtool (checksum
-/// offload), iputils-ping.
-const TEST_PACKAGES: &[&str] = &["nftables", "iproute2", "ethtool", "iputils-ping"];
+/// offload), iputils-ping, bpftool (the fault tests' leak checks).
+const TEST_PACKAGES: &[&str] = &["nftables", "iproute2", "ethtool", "iputils-ping", "bpftool"];
 /// And the benchmark's: trafgen (netsniff-ng) and iperf3.
 const BENCH_PACKAGES: &[&str] = &["netsniff-ng", "iperf3"];
 

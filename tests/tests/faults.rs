@@ -1,0 +1,346 @@
+//! Faults: the daemon killed outright and restarted, the uplink flapping,
+//! VMs restarting over and over, and two routers relaying one group on one
+//! LAN with a path for a loop. The kernel's own object counts (bpftool)
+//! show what leaked.
+
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use forwarder_common::maps::PROTO_TCP;
+use forwarder_tests::{
+    daemon::Forwarder,
+    kernel_objects::{self, Objects},
+    netns::Netns,
+    sockets::{EchoServer, TcpTicker},
+    topology::*,
+    wait::wait_until,
+};
+
+const OUTAGE: Duration = Duration::from_secs(3);
+const TICK: Duration = Duration::from_millis(100);
+const MAX_STALL: Duration = Duration::from_millis(500);
+
+/// Packets the forward rule on `port`/tcp has translated in, from the pins.
+fn tcp_packets_in(fwd: &Forwarder, port: u16) -> u64 {
+    let tables = fwd.tables().expect("pinned maps");
+    let installed = tables.installed().expect("rules");
+    let (_, rule) = installed
+        .get(&(PROTO_TCP, port))
+        .expect("the localsend rule");
+    tables
+        .rule_counters(rule.slot)
+        .expect("counters")
+        .packets_in
+}
+
+fn no_forwarder_table(ns: &Netns) -> bool {
+    !ns.sh("nft list tables").unwrap().contains("forwarder")
+}
+
+#[test]
+fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
+    let idle: Objects = kernel_objects::objects().unwrap();
+    let t = Topology::build(Offload::On).unwrap();
+    let mut sysnet = Forwarder::start(
+        &t.sysnet,
+        "sys-net",
+        &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
+    )
+    .unwrap();
+    let mut sysfw = Forwarder::start(
+        &t.sysfw,
+        "sys-firewall",
+        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
+    )
+    .unwrap();
+    // sys-net: uplink and vif2.0; sys-firewall: uplink, vif3.0 and vif4.0.
+    let mut running = idle;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            running = kernel_objects::objects().unwrap();
+            running.links == idle.links + 5
+        }),
+        "expected five links, the kernel holds {running:?}"
+    );
+    let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
+    let ticker =
+        TcpTicker::start(&t.lan, SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), TICK).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || ticker.echoed() >= 5),
+        "the flow never got going"
+    );
+
+    let counted_before = tcp_packets_in(&sysnet, LOCALSEND_PORT);
+    sysnet.kill_hard().unwrap();
+    sysfw.kill_hard().unwrap();
+    let killed = Instant::now();
+    assert!(
+        !sysnet.pins.contents().is_empty(),
+        "sys-net's pins went with the process"
+    );
+    std::thread::sleep(OUTAGE);
+    let outage_end = Instant::now();
+    let counted_in_outage = tcp_packets_in(&sysnet, LOCALSEND_PORT);
+
+    sysnet.respawn(&t.sysnet).unwrap();
+    sysfw.respawn(&t.sysfw).unwrap();
+    for fwd in [&sysnet, &sysfw] {
+        fwd.wait_log("adopted the pinned uplink link", Duration::from_secs(20))
+            .unwrap();
+    }
+    let restarted = Instant::now();
+    // The successors replaced the programs in the pinned links: the old
+    // programs and the old process's unpinned maps are gone.
+    kernel_objects::wait_for(running, Duration::from_secs(5)).unwrap();
+    assert!(
+        tcp_packets_in(&sysnet, LOCALSEND_PORT) >= counted_in_outage,
+        "the restart reset the rule's counters"
+    );
+    let before_finish = ticker.echoed();
+    assert!(
+        wait_until(Duration::from_secs(3), || ticker.echoed()
+            >= before_finish + 10),
+        "the flow stopped after the restart"
+    );
+    let ticks = ticker.finish().unwrap();
+    let in_outage = ticks.echoed_between(killed, outage_end);
+    println!(
+        "kill -9 of both daemons: {} messages, {in_outage} echoed during the {OUTAGE:?} outage, \
+         restart took {:?}, longest gap {:?}, rule counter {counted_before} -> {counted_in_outage} during the outage",
+        ticks.sent,
+        restarted - outage_end,
+        ticks.longest_gap()
+    );
+    assert!(
+        ticks.missing().is_empty(),
+        "messages lost or reordered: {:?}",
+        ticks.missing()
+    );
+    assert!(
+        ticks.longest_gap() < MAX_STALL,
+        "the flow stalled for {:?}",
+        ticks.longest_gap()
+    );
+    assert!(in_outage >= 20, "only {in_outage} echoes during the outage");
+    assert!(
+        counted_in_outage > counted_before,
+        "the pinned programs did not count during the outage"
+    );
+
+    sysnet.stop().unwrap();
+    sysfw.stop().unwrap();
+    for ns in [&t.sysnet, &t.sysfw] {
+        assert!(
+            no_forwarder_table(ns),
+            "the nftables table survived a clean stop in {}",
+            ns.name()
+        );
+    }
+    drop(t);
+    kernel_objects::wait_for(idle, Duration::from_secs(5)).unwrap();
+}
+
+fn ifindex(ns: &Netns, dev: &str) -> u32 {
+    let line = ns.ip(&format!("-o link show dev {dev}")).unwrap();
+    line.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+fn uplink_flags(fwd: &Forwarder) -> u8 {
+    fwd.tables().and_then(|t| t.uplink()).map_or(0, |u| u.flags)
+}
+
+/// The link pins an instance holds, as (role, ifindex), sorted.
+fn link_pins(fwd: &Forwarder) -> Vec<String> {
+    let dir = forwarder::pin::PinLayout::new(fwd.pins.path()).links;
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn error_count(fwd: &Forwarder) -> u64 {
+    use forwarder_common::reason::Reason;
+    fwd.tables()
+        .and_then(|t| t.reason_counters())
+        .unwrap()
+        .into_iter()
+        .filter(|(r, _)| matches!(r, Reason::RewriteFailed | Reason::RelayCloneFailed))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Forwarding and relaying both ways work end to end.
+fn everything_works(t: &Topology, tag: &str) {
+    use forwarder_tests::sockets::{Announcer, MulticastListener, tcp_echo, udp_echo};
+    let to_app = SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT);
+    {
+        let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
+        udp_echo(&t.lan, to_app, Duration::from_secs(3)).unwrap();
+        tcp_echo(&t.lan, to_app, None, Duration::from_secs(3)).unwrap();
+    }
+    let at_lan = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT).unwrap();
+    let at_app = MulticastListener::start(&t.app, LOCALSEND_GROUP, LOCALSEND_PORT).unwrap();
+    let interval = Duration::from_millis(50);
+    let _from_app =
+        Announcer::start(&t.app, tag, LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
+    let _from_lan =
+        Announcer::start(&t.lan, tag, LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
+    assert!(
+        at_lan
+            .wait_from(SYSNET_LAN, tag, Duration::from_secs(3))
+            .is_some(),
+        "{tag}: app -> LAN relay"
+    );
+    assert!(
+        at_app
+            .wait_from(LAN_PEER, tag, Duration::from_secs(3))
+            .is_some(),
+        "{tag}: LAN -> app relay"
+    );
+}
+
+#[test]
+fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing() {
+    use forwarder_common::maps::UPLINK_UP;
+    const FLAPS: usize = 50;
+    const VM_RESTARTS: usize = 100;
+
+    let idle = kernel_objects::objects().unwrap();
+    let t = Topology::build(Offload::On).unwrap();
+    let mut sysnet = Forwarder::start(
+        &t.sysnet,
+        "sys-net",
+        &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
+    )
+    .unwrap();
+    let mut sysfw = Forwarder::start(
+        &t.sysfw,
+        "sys-firewall",
+        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
+    )
+    .unwrap();
+    let mut running = idle;
+    assert!(wait_until(Duration::from_secs(5), || {
+        running = kernel_objects::objects().unwrap();
+        running.links == idle.links + 5
+    }));
+    everything_works(&t, "before");
+    let sysnet_pins = link_pins(&sysnet);
+
+    // Half the flaps are paced, each waited for both ways; the rest come
+    // back to back, faster than the kernel reports carrier changes (its
+    // linkwatch holds them for up to a second).
+    let mut reactions = Vec::new();
+    for flap in 0..FLAPS {
+        for (state, up) in [("down", false), ("up", true)] {
+            let at = Instant::now();
+            t.sysnet
+                .ip(&format!("link set {SYSNET_UPLINK} {state}"))
+                .unwrap();
+            if flap < FLAPS / 2 {
+                assert!(
+                    wait_until(Duration::from_secs(3), || (uplink_flags(&sysnet)
+                        & UPLINK_UP
+                        != 0)
+                        == up),
+                    "flap {flap}: the state map never showed the uplink {state}"
+                );
+                reactions.push((state, at.elapsed()));
+            }
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || uplink_flags(&sysnet) & UPLINK_UP
+            != 0),
+        "the uplink never came back after the rapid flaps"
+    );
+    let slowest = |which: &str| {
+        reactions
+            .iter()
+            .filter(|(s, _)| *s == which)
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap()
+    };
+    // Taking a link down removes its routes; DHCP would restore the default.
+    t.sysnet
+        .ip(&format!("route replace default via {LAN_GATEWAY}"))
+        .unwrap();
+    println!(
+        "{FLAPS} uplink flaps: the state map showed down within {:?} and up within {:?} (carrier, via linkwatch)",
+        slowest("down"),
+        slowest("up")
+    );
+    assert_eq!(
+        link_pins(&sysnet),
+        sysnet_pins,
+        "the flaps changed sys-net's attachments"
+    );
+    assert_eq!(
+        kernel_objects::objects().unwrap(),
+        running,
+        "the flaps changed the kernel's objects"
+    );
+    everything_works(&t, "after-flaps");
+
+    let counted = tcp_packets_in(&sysfw, LOCALSEND_PORT);
+    let mut vif = "vif3.0".to_string();
+    let mut slowest = Duration::ZERO;
+    for restart in 0..VM_RESTARTS {
+        let at = Instant::now();
+        vif = t.restart_app_vif(&vif).unwrap();
+        // Half are paced, each waited for; the rest come as fast as they can.
+        if restart < VM_RESTARTS / 2 {
+            let pin = format!("downstream-{}", ifindex(&t.sysfw, &vif));
+            assert!(
+                wait_until(Duration::from_secs(2), || link_pins(&sysfw).contains(&pin)),
+                "restart {restart}: {vif} was not attached"
+            );
+            slowest = slowest.max(at.elapsed());
+        }
+    }
+    let expected_pins = {
+        let mut pins = vec![
+            format!("downstream-{}", ifindex(&t.sysfw, "vif4.0")),
+            format!("downstream-{}", ifindex(&t.sysfw, &vif)),
+            format!("uplink-{}", ifindex(&t.sysfw, SYSFW_UPLINK)),
+        ];
+        pins.sort();
+        pins
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || link_pins(&sysfw)
+            == expected_pins),
+        "sys-firewall's link pins {:?}, expected {expected_pins:?}",
+        link_pins(&sysfw)
+    );
+    let macs = sysfw.tables().unwrap().downstream_macs().unwrap();
+    let live: Vec<u32> = vec![ifindex(&t.sysfw, "vif4.0"), ifindex(&t.sysfw, &vif)];
+    let mut held: Vec<u32> = macs.keys().copied().collect();
+    held.sort();
+    let mut want = live.clone();
+    want.sort();
+    assert_eq!(held, want, "DOWNSTREAM_MACS holds interfaces that are gone");
+    kernel_objects::wait_for(running, Duration::from_secs(5)).unwrap();
+    println!(
+        "{VM_RESTARTS} VM restarts: each paced one attached within {slowest:?}; kernel objects {running:?} before and after"
+    );
+    everything_works(&t, "after-restarts");
+    assert!(
+        tcp_packets_in(&sysfw, LOCALSEND_PORT) > counted,
+        "the rule's counters went backwards or stopped"
+    );
+    for fwd in [&sysnet, &sysfw] {
+        assert_eq!(error_count(fwd), 0, "rewrite or clone failures counted");
+    }
+
+    sysnet.stop().unwrap();
+    sysfw.stop().unwrap();
+    drop(t);
+    kernel_objects::wait_for(idle, Duration::from_secs(5)).unwrap();
+}
