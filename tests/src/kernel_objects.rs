@@ -39,14 +39,40 @@ pub fn objects() -> Result<Objects> {
     })
 }
 
-/// Waits for the counts to return to `expected`: the kernel releases
-/// programs and maps after an RCU grace period, not at the last close.
-pub fn wait_for(expected: Objects, timeout: Duration) -> Result<()> {
+impl Objects {
+    fn within(&self, limit: &Objects) -> bool {
+        self.programs <= limit.programs && self.maps <= limit.maps && self.links <= limit.links
+    }
+}
+
+/// Waits until the kernel holds no more than `limit`: it releases programs
+/// and maps after an RCU grace period, not at the last close. (Fewer is
+/// fine: a baseline can include objects of a test still being released.)
+pub fn wait_released(limit: Objects, timeout: Duration) -> Result<()> {
     let mut last = objects()?;
     if wait_until(timeout, || {
-        objects().map(|now| last = now).is_ok() && last == expected
+        objects().map(|now| last = now).is_ok() && last.within(&limit)
     }) {
         return Ok(());
     }
-    bail!("the kernel holds {last:?}, expected {expected:?}")
+    bail!("the kernel still holds {last:?}, more than {limit:?}")
+}
+
+/// The counts once they stop changing (for up to 5 s): a baseline taken
+/// while an earlier test's objects are still being released would be high.
+pub fn settled() -> Result<Objects> {
+    let mut last = objects()?;
+    let mut stable_since = std::time::Instant::now();
+    let deadline = stable_since + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = objects()?;
+        if now != last {
+            last = now;
+            stable_since = std::time::Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_millis(300) {
+            break;
+        }
+    }
+    Ok(last)
 }

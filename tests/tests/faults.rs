@@ -41,7 +41,7 @@ fn no_forwarder_table(ns: &Netns) -> bool {
 
 #[test]
 fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
-    let idle: Objects = kernel_objects::objects().unwrap();
+    let idle: Objects = kernel_objects::settled().unwrap();
     let t = Topology::build(Offload::On).unwrap();
     let mut sysnet = Forwarder::start(
         &t.sysnet,
@@ -93,7 +93,7 @@ fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
     let restarted = Instant::now();
     // The successors replaced the programs in the pinned links: the old
     // programs and the old process's unpinned maps are gone.
-    kernel_objects::wait_for(running, Duration::from_secs(5)).unwrap();
+    kernel_objects::wait_released(running, Duration::from_secs(5)).unwrap();
     assert!(
         tcp_packets_in(&sysnet, LOCALSEND_PORT) >= counted_in_outage,
         "the restart reset the rule's counters"
@@ -139,7 +139,7 @@ fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
         );
     }
     drop(t);
-    kernel_objects::wait_for(idle, Duration::from_secs(5)).unwrap();
+    kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
 }
 
 fn ifindex(ns: &Netns, dev: &str) -> u32 {
@@ -210,7 +210,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
     const FLAPS: usize = 50;
     const VM_RESTARTS: usize = 100;
 
-    let idle = kernel_objects::objects().unwrap();
+    let idle = kernel_objects::settled().unwrap();
     let t = Topology::build(Offload::On).unwrap();
     let mut sysnet = Forwarder::start(
         &t.sysnet,
@@ -282,7 +282,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         "the flaps changed sys-net's attachments"
     );
     assert_eq!(
-        kernel_objects::objects().unwrap(),
+        kernel_objects::settled().unwrap(),
         running,
         "the flaps changed the kernel's objects"
     );
@@ -326,7 +326,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
     let mut want = live.clone();
     want.sort();
     assert_eq!(held, want, "DOWNSTREAM_MACS holds interfaces that are gone");
-    kernel_objects::wait_for(running, Duration::from_secs(5)).unwrap();
+    kernel_objects::wait_released(running, Duration::from_secs(5)).unwrap();
     println!(
         "{VM_RESTARTS} VM restarts: each paced one attached within {slowest:?}; kernel objects {running:?} before and after"
     );
@@ -342,5 +342,206 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
     sysnet.stop().unwrap();
     sysfw.stop().unwrap();
     drop(t);
-    kernel_objects::wait_for(idle, Duration::from_secs(5)).unwrap();
+    kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
+}
+
+fn reason_count(fwd: &Forwarder, which: forwarder_common::reason::Reason) -> u64 {
+    fwd.tables()
+        .and_then(|t| t.reason_counters())
+        .unwrap()
+        .into_iter()
+        .find(|(r, _)| *r == which)
+        .map_or(0, |(_, n)| n)
+}
+
+/// How many copies of each announcement (by payload) a capture holds.
+fn copies(frames: &[Vec<u8>], tag: &str) -> std::collections::BTreeMap<Vec<u8>, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in frames
+        .iter()
+        .filter_map(|f| forwarder_tests::packet::parse(f))
+    {
+        if p.daddr == LOCALSEND_GROUP && p.payload.starts_with(format!("{tag} ").as_bytes()) {
+            *out.entry(p.payload).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
+    use std::net::Ipv4Addr;
+
+    use forwarder_common::reason::Reason;
+    use forwarder_tests::{capture::Capture, sockets::Announcer};
+
+    const VM: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 17);
+    const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+    forwarder_tests::netns::sweep_leftovers();
+    let idle = kernel_objects::settled().unwrap();
+    // One LAN bridge and one VM-side bridge, both routers on both: a LAN
+    // copy one router relays down reaches the other router's downstream
+    // side, and hairpin ports hand every router its own frames back.
+    let lan = Netns::new("lan").unwrap();
+    let seg = Netns::new("seg").unwrap();
+    let vm = Netns::new("vm").unwrap();
+    let routers = [Netns::new("ra").unwrap(), Netns::new("rb").unwrap()];
+    for (ns, bridge) in [(&lan, "br0"), (&seg, "br1")] {
+        ns.ip(&format!("link add {bridge} type bridge mcast_snooping 0"))
+            .unwrap();
+        ns.ip(&format!("link set {bridge} up")).unwrap();
+    }
+    lan.ip(&format!("addr add {PEER}/24 dev br0")).unwrap();
+    lan.ip("route add default via 192.168.50.1").unwrap();
+    for (i, router) in routers.iter().enumerate() {
+        for (side, ns, bridge) in [("up0", &lan, "br0"), ("down0", &seg, "br1")] {
+            let port = format!("{side}r{i}");
+            ns.ip(&format!(
+                "link add {port} type veth peer name {side} netns {}",
+                router.name()
+            ))
+            .unwrap();
+            ns.ip(&format!("link set {port} master {bridge} up"))
+                .unwrap();
+            ns.sh(&format!("bridge link set dev {port} hairpin on"))
+                .unwrap();
+            router.ip(&format!("link set {side} up")).unwrap();
+        }
+        router
+            .ip(&format!("addr add 192.168.50.{}/24 dev up0", i + 2))
+            .unwrap();
+        router
+            .ip(&format!("addr add 10.50.0.{}/24 dev down0", i + 1))
+            .unwrap();
+        router.sysctl("net.ipv4.ip_forward=1").unwrap();
+    }
+    seg.ip(&format!(
+        "link add port-vm type veth peer name eth0 netns {}",
+        vm.name()
+    ))
+    .unwrap();
+    seg.ip("link set port-vm master br1 up").unwrap();
+    vm.ip("link set eth0 up").unwrap();
+    vm.ip(&format!("addr add {VM}/24 dev eth0")).unwrap();
+    vm.ip("route add default via 10.50.0.1").unwrap();
+
+    let fwds: Vec<Forwarder> = routers
+        .iter()
+        .map(|r| {
+            Forwarder::start(
+                r,
+                r.name(),
+                &[
+                    "--uplink",
+                    "up0",
+                    "--downstream",
+                    "^down0$",
+                    "--localsend",
+                    &VM.to_string(),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let at_lan = Capture::start(&lan, "br0").unwrap();
+    let at_vm = Capture::start(&vm, "eth0").unwrap();
+    let interval = Duration::from_millis(50);
+    let from_vm =
+        Announcer::start(&vm, "vm", LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
+    let from_lan =
+        Announcer::start(&lan, "lan", LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
+    let both_guards_hit = || {
+        fwds.iter().all(|f| {
+            reason_count(f, Reason::Reflected) > 0 && reason_count(f, Reason::RelayNotTarget) > 0
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), both_guards_hit),
+        "the loop path was never exercised: reflected {:?}, relay_not_target {:?}",
+        fwds.iter()
+            .map(|f| reason_count(f, Reason::Reflected))
+            .collect::<Vec<_>>(),
+        fwds.iter()
+            .map(|f| reason_count(f, Reason::RelayNotTarget))
+            .collect::<Vec<_>>()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = (
+        from_vm.sent.load(std::sync::atomic::Ordering::Relaxed),
+        from_lan.sent.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    drop((from_vm, from_lan));
+    // Once the senders stop, nothing may still be circulating.
+    let settled = |capture: &Capture| {
+        let mut last = capture.snapshot().len();
+        wait_until(Duration::from_secs(3), || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = capture.snapshot().len();
+            std::mem::replace(&mut last, now) == now
+        })
+    };
+    assert!(
+        settled(&at_lan) && settled(&at_vm),
+        "frames kept coming after the senders stopped"
+    );
+    let (lan_frames, vm_frames) = (at_lan.finish(), at_vm.finish());
+
+    let worst =
+        |frames: &[Vec<u8>], tag: &str| copies(frames, tag).values().copied().max().unwrap_or(0);
+    let relayed_twice = copies(&lan_frames, "vm")
+        .values()
+        .filter(|n| **n == 2)
+        .count();
+    println!(
+        "two routers, one group, hairpin ports: {} + {} announcements sent; most copies of one announcement: \
+         LAN {} of the VM's and {} of the LAN's, VM side {} of the VM's and {} of the LAN's; \
+         {relayed_twice} VM announcements reached the LAN once per router; loop guards hit: reflected {:?}, \
+         relay_not_target {:?}",
+        sent.0,
+        sent.1,
+        worst(&lan_frames, "vm"),
+        worst(&lan_frames, "lan"),
+        worst(&vm_frames, "vm"),
+        worst(&vm_frames, "lan"),
+        fwds.iter()
+            .map(|f| reason_count(f, Reason::Reflected))
+            .collect::<Vec<_>>(),
+        fwds.iter()
+            .map(|f| reason_count(f, Reason::RelayNotTarget))
+            .collect::<Vec<_>>(),
+    );
+    // LAN: the peer's own datagram, and each router's copy of the VM's.
+    assert_eq!(
+        worst(&lan_frames, "lan"),
+        1,
+        "a LAN announcement came back to the LAN"
+    );
+    assert_eq!(
+        worst(&lan_frames, "vm"),
+        2,
+        "the VM's announcements reached the LAN more than once per router"
+    );
+    // VM side: its own datagram plus each router's copy of the other's LAN
+    // copy; each LAN announcement once per router.
+    assert!(
+        worst(&vm_frames, "vm") <= 3,
+        "the VM's announcements were amplified on its segment"
+    );
+    assert_eq!(
+        worst(&vm_frames, "lan"),
+        2,
+        "LAN announcements reached the VM more than once per router"
+    );
+    assert!(sent.1 > 0, "the LAN peer sent nothing");
+    assert!(
+        relayed_twice as u64 >= sent.0 / 2,
+        "only {relayed_twice} of {} VM announcements were relayed by both",
+        sent.0
+    );
+
+    for mut fwd in fwds {
+        fwd.stop().unwrap();
+    }
+    drop((lan, seg, vm, routers));
+    kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
 }

@@ -112,6 +112,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "libvirt",
         "localsend",
         "security",
+        "faults",
     ];
     let n = cargo_test(&targets(&integration), &verbose, Some(&tarball))?;
     summary.push(("integration tests", n));
