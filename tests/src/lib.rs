@@ -13,6 +13,7 @@ pub mod localsend;
 pub mod netlink_watch;
 pub mod netns;
 pub mod packet;
+pub mod soak;
 pub mod sockets;
 pub mod testrun;
 pub mod topology;

@@ -58,6 +58,15 @@ enum Task {
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },
+    /// Mixed load (TCP streams checked by hash, short flows, UDP, relayed
+    /// announcements, a rule change every second) through the Qubes-like
+    /// topology, with the daemons' memory, files, map entries and error
+    /// counters sampled; report in target/soak (needs root).
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Build target/package/forwarder-VERSION-ARCH.tar.gz: the binary, the
     /// systemd unit, example configs, install and uninstall scripts.
     Package,
@@ -68,6 +77,20 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+}
+
+/// Builds one of the test crate's drivers (release) and runs it.
+fn driver(name: &str, args: &[&str]) -> anyhow::Result<()> {
+    setup::step(&format!("building the {name} driver"));
+    setup::run_cmd(setup::command("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "forwarder-tests",
+        "--bin",
+        name,
+    ]))?;
+    setup::run_cmd(setup::command(&format!("target/release/{name}")).args(args))
 }
 
 fn main() -> ExitCode {
@@ -88,20 +111,12 @@ fn main() -> ExitCode {
                     )
                 }),
             Task::Package => setup::run().and_then(|()| package::run()).map(drop),
-            Task::Fuzz { seconds } => setup::run().and_then(|()| {
-                setup::step("building the fuzz driver");
-                setup::run_cmd(setup::command("cargo").args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "forwarder-tests",
-                    "--bin",
-                    "fuzz",
-                ]))?;
-                setup::run_cmd(
-                    setup::command("target/release/fuzz").args(["--seconds", &seconds.to_string()]),
-                )
-            }),
+            Task::Fuzz { seconds } => {
+                setup::run().and_then(|()| driver("fuzz", &["--seconds", &seconds.to_string()]))
+            }
+            Task::Soak { minutes } => setup::run()
+                .and_then(|()| test::build_release())
+                .and_then(|()| driver("soak", &["--minutes", &minutes.to_string()])),
             Task::Bench {
                 quick,
                 json,

@@ -113,6 +113,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "localsend",
         "security",
         "faults",
+        "soak",
     ];
     let n = cargo_test(&targets(&integration), &verbose, Some(&tarball))?;
     summary.push(("integration tests", n));
