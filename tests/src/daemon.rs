@@ -17,24 +17,24 @@ use crate::{
 };
 
 /// The `forwarder` binary under test: $FORWARDER_BIN, or the one cargo
-/// built next to this test executable.
+/// built in the same profile as this executable (a test binary lives one
+/// directory deeper, in deps/, than a driver such as the soak).
 pub fn binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("FORWARDER_BIN") {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
-    let candidate = profile_dir.join("forwarder");
-    if candidate.exists() {
-        Ok(candidate)
-    } else {
-        bail!(
-            "{} not found: build it first (cargo build -p forwarder-user) or set FORWARDER_BIN",
-            candidate.display()
-        )
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("forwarder"))
+        .collect();
+    match candidates.iter().find(|c| c.is_file()) {
+        Some(found) => Ok(found.clone()),
+        None => bail!(
+            "no forwarder binary at {candidates:?}: build it first (cargo build -p forwarder-user) or set FORWARDER_BIN"
+        ),
     }
 }
 
@@ -54,6 +54,26 @@ impl Forwarder {
         let mut fwd = Self::spawn(ns, label, args)?;
         fwd.wait_ready(Duration::from_secs(20))?;
         Ok(fwd)
+    }
+
+    /// The forwarder in both routers of the Qubes-like topology, each
+    /// pointing LocalSend at the next hop: sys-net to sys-firewall,
+    /// sys-firewall to the app.
+    pub fn start_localsend_routers(t: &crate::topology::Topology) -> Result<(Self, Self)> {
+        use crate::topology::{APP, SYSFW, SYSFW_UPLINK, SYSNET_UPLINK};
+        let sysnet = Self::start(
+            &t.sysnet,
+            "sys-net",
+            &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
+        )
+        .context("forwarder in sys-net")?;
+        let sysfw = Self::start(
+            &t.sysfw,
+            "sys-firewall",
+            &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
+        )
+        .context("forwarder in sys-firewall")?;
+        Ok((sysnet, sysfw))
     }
 
     /// Waits until the uplink program is attached and the uplink usable.

@@ -610,16 +610,7 @@ impl Report {
 /// Runs the soak for `duration`, sampling every `sample_every`.
 pub fn run(duration: Duration, sample_every: Duration) -> Result<Report> {
     let t = Topology::build(Offload::On)?;
-    let mut sysnet = Forwarder::start(
-        &t.sysnet,
-        "sys-net",
-        &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
-    )?;
-    let mut sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-    )?;
+    let (mut sysnet, mut sysfw) = Forwarder::start_localsend_routers(&t)?;
     let app = AppSide::start(&t.app)?;
     let at_lan = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT)?;
     let streams: Vec<Stream> = (0..STREAMS)

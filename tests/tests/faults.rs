@@ -43,18 +43,7 @@ fn no_forwarder_table(ns: &Netns) -> bool {
 fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
     let idle: Objects = kernel_objects::settled().unwrap();
     let t = Topology::build(Offload::On).unwrap();
-    let mut sysnet = Forwarder::start(
-        &t.sysnet,
-        "sys-net",
-        &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
-    )
-    .unwrap();
-    let mut sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-    )
-    .unwrap();
+    let (mut sysnet, mut sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
     // sys-net: uplink and vif2.0; sys-firewall: uplink, vif3.0 and vif4.0.
     let mut running = idle;
     assert!(
@@ -212,18 +201,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
 
     let idle = kernel_objects::settled().unwrap();
     let t = Topology::build(Offload::On).unwrap();
-    let mut sysnet = Forwarder::start(
-        &t.sysnet,
-        "sys-net",
-        &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
-    )
-    .unwrap();
-    let mut sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-    )
-    .unwrap();
+    let (mut sysnet, mut sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
     let mut running = idle;
     assert!(wait_until(Duration::from_secs(5), || {
         running = kernel_objects::objects().unwrap();

@@ -25,18 +25,7 @@ fn relayed_up(fwd: &Forwarder) -> u64 {
 #[test]
 fn localsend_peers_discover_each_other_and_exchange_files_through_the_forwarder() {
     let t = Topology::build(Offload::On).expect("topology");
-    let sysnet = Forwarder::start(
-        &t.sysnet,
-        "sys-net",
-        &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
-    )
-    .expect("forwarder in sys-net");
-    let _sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-    )
-    .expect("forwarder in sys-firewall");
+    let (sysnet, _sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
 
     let app = Peer::start(&t.app, APP_ALIAS).expect("localsendd in the app");
     // localsendd announces three times at start-up (0, 1 and 3 s): once all

@@ -51,26 +51,10 @@ fn reachable(t: &Topology, port: u16) -> bool {
     .is_ok()
 }
 
-fn start(t: &Topology) -> (Forwarder, Forwarder) {
-    let sysnet = Forwarder::start(
-        &t.sysnet,
-        "sys-net",
-        &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
-    )
-    .unwrap();
-    let sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-    )
-    .unwrap();
-    (sysnet, sysfw)
-}
-
 #[test]
 fn inspect_reports_a_live_instance() {
     let t = Topology::build(Offload::On).unwrap();
-    let (sysnet, _sysfw) = start(&t);
+    let (sysnet, _sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
     let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
     tcp_echo(
         &t.lan,
@@ -187,7 +171,7 @@ fn inspect_without_an_instance_says_so() {
 #[test]
 fn rules_are_added_listed_expired_and_deleted_live() {
     let t = Topology::build(Offload::On).unwrap();
-    let (sysnet, sysfw) = start(&t);
+    let (sysnet, sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
     let _server = EchoServer::start(&t.app, UNFORWARDED_PORT).unwrap();
     let port = UNFORWARDED_PORT.to_string();
     assert!(!reachable(&t, UNFORWARDED_PORT));
@@ -427,7 +411,7 @@ fn rules_saved_with_save_survive_in_the_config_file() {
 #[test]
 fn only_root_may_use_the_control_socket() {
     let t = Topology::build(Offload::On).unwrap();
-    let (sysnet, _sysfw) = start(&t);
+    let (sysnet, _sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
     let out = t
         .sysnet
         .command("setpriv")

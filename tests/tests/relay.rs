@@ -256,18 +256,7 @@ fn scenario(contender: Contender, offload: Offload) -> Checks {
     let mut checks = Checks::default();
     let (forwarders, _recipe) = match contender {
         Contender::Forwarder => {
-            let sysnet = Forwarder::start(
-                &t.sysnet,
-                "sys-net",
-                &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
-            )
-            .expect("forwarder in sys-net");
-            let sysfw = Forwarder::start(
-                &t.sysfw,
-                "sys-firewall",
-                &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-            )
-            .expect("forwarder in sys-firewall");
+            let (sysnet, sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
             (Some((sysnet, sysfw)), None)
         }
         Contender::SeedRecipe => (None, Some(t.install_seed_recipe().expect("seed recipe"))),
