@@ -651,12 +651,20 @@ pub fn run(duration: Duration, sample_every: Duration) -> Result<Report> {
     let mut flows: Vec<JoinHandle<()>> = Vec::new();
     while start.elapsed() < duration {
         if Instant::now() >= next_sample {
-            samples.push(Sample {
+            let sample = Sample {
                 at: start.elapsed(),
                 routers: [footprint(&sysnet)?, footprint(&sysfw)?],
                 kernel: kernel_objects::objects()?,
                 echoed_mib: echoed_mib(&streams),
-            });
+            };
+            eprintln!(
+                "soak: {:.0} s, RSS {} / {} KiB, {:.1} MiB echoed",
+                sample.at.as_secs_f64(),
+                sample.routers[0].rss_kib,
+                sample.routers[1].rss_kib,
+                sample.echoed_mib
+            );
+            samples.push(sample);
             next_sample += sample_every;
         }
         rule_changes += change_rules([(&t.sysnet, &sysnet, SYSFW), (&t.sysfw, &sysfw, APP)], tick)?;
@@ -687,9 +695,9 @@ pub fn run(duration: Duration, sample_every: Duration) -> Result<Report> {
     for flow in flows {
         flow.join().map_err(|_| anyhow!("short flow panicked"))?;
     }
-    let app_sent = from_app.sent.load(Ordering::Relaxed);
-    let lan_sent = from_lan.sent.load(Ordering::Relaxed);
+    let (app_sent, lan_sent) = (from_app.sent.clone(), from_lan.sent.clone());
     drop((from_app, from_lan));
+    let (app_sent, lan_sent) = (app_sent.load(Ordering::Relaxed), lan_sent.load(Ordering::Relaxed));
     let pings = pinger.finish();
     let streams = streams
         .into_iter()
