@@ -158,6 +158,37 @@ fn find<'a, T>(rows: &'a [T], setup: &str, name: impl Fn(&T) -> &str) -> Option<
     rows.iter().find(|r| name(r) == setup)
 }
 
+/// How each figure is taken and what bounds it, for docs/benchmarks.md.
+const METHOD: &str = "
+## How the figures are taken
+
+- **Packet rate**: trafgen (netsniff-ng) sends the same 64-byte UDP frame from the LAN peer's veth
+  as fast as one CPU can; a netdev-ingress nftables chain on the app's eth0 counts and drops it, so
+  the receiver is never the bottleneck. Loss is sent minus received, with the softnet backlog and
+  interface drop counters beside it. The router cost per hop is `(1/rate - 1/rate_bare) / 2`: the
+  bare veth is sender and receiver with nothing between them.
+- **TCP**: iperf3 through the forwarded port (for plain routing and the bare veth, straight to the
+  app), one stream, both directions. Veth pairs on a 2-CPU guest: sender, both routers and the
+  receiver share the CPUs, so these are relative figures.
+- **Latency**: the project's own client and server, one 64-byte request and reply at a time over
+  one TCP connection.
+- **Rule scaling**: the packets go to the last of N rules; the forwarder's rules are one hash
+  lookup, the seed writes one nftables rule per port (a linear walk), and a verdict map is
+  nftables' own answer to that.
+- **Program cost**: `BPF_PROG_TEST_RUN` in a router namespace with routes and neighbours, so the
+  FIB lookup is real. A rewriting program changes its test packet, so each path is timed one run
+  at a time and the timer's share of a run is subtracted. The relay path costs most because it
+  clones the whole packet (`bpf_clone_redirect`) and then undoes its rewrite on the original; it
+  runs per announcement, a few a second, not per forwarded packet.
+- **Reaction**: sys-net's LAN address is changed back and forth with one `ip -batch` while the app
+  announces every 200 us. *Event to map* runs from the rtnetlink event, as an independent
+  listener sees it, to the state map holding the new address (a busy poller); *event to packet*
+  from that event to the first relayed announcement with the new source; *ip addr to packet* from
+  just before `ip` is started in the namespace, so it includes starting the process. The seed's
+  recipe has no map: its dispatcher script (run from `ip monitor address`) rewrites an nftables
+  rule. Maxima come from scheduling on two shared CPUs.
+";
+
 impl Report {
     /// Per-hop costs and the targets, from the measurements.
     pub fn evaluate(&mut self) {
@@ -549,6 +580,7 @@ impl Report {
         s.push_str("\n## Results\n\n```\n");
         s.push_str(&self.text());
         s.push_str("```\n");
+        s.push_str(METHOD);
         s
     }
 }
