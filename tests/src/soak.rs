@@ -697,7 +697,10 @@ pub fn run(duration: Duration, sample_every: Duration) -> Result<Report> {
     }
     let (app_sent, lan_sent) = (from_app.sent.clone(), from_lan.sent.clone());
     drop((from_app, from_lan));
-    let (app_sent, lan_sent) = (app_sent.load(Ordering::Relaxed), lan_sent.load(Ordering::Relaxed));
+    let (app_sent, lan_sent) = (
+        app_sent.load(Ordering::Relaxed),
+        lan_sent.load(Ordering::Relaxed),
+    );
     let pings = pinger.finish();
     let streams = streams
         .into_iter()
