@@ -75,6 +75,13 @@ impl UplinkState {
     pub const fn netmask(&self) -> u32 {
         prefix_to_mask(self.prefix_len)
     }
+
+    /// Whether `peer` counts as a host of the uplink's LAN: inside its
+    /// connected subnet, or any peer when the uplink is a /32, which leaves
+    /// no subnet to compare with.
+    pub const fn on_lan(&self, peer: u32) -> bool {
+        self.prefix_len >= 32 || (peer ^ self.addr) & self.netmask() == 0
+    }
 }
 
 /// The netmask of a prefix length, in wire order.
@@ -138,7 +145,7 @@ impl ForwardRule {
     pub fn allows(&self, peer: u32, uplink: &UplinkState) -> bool {
         match self.allow {
             ALLOW_ANY => true,
-            ALLOW_AUTO => uplink.prefix_len >= 32 || (peer ^ uplink.addr) & uplink.netmask() == 0,
+            ALLOW_AUTO => uplink.on_lan(peer),
             _ => {
                 let mut i = 0;
                 while i < MAX_ALLOW_CIDRS {
@@ -205,18 +212,26 @@ pub struct Relay {
 
 impl Relay {
     pub fn has_target(&self, addr: u32) -> bool {
-        let mut i = 0;
-        while i < MAX_RELAY_TARGETS {
-            if i >= self.n_targets as usize {
-                return false;
-            }
-            if self.targets[i] == addr {
-                return true;
-            }
-            i += 1;
-        }
-        false
+        among_first(&self.targets, self.n_targets as usize, addr)
     }
+}
+
+/// Whether `value` is one of the first `count` entries of `list`. Written
+/// without slicing: a dynamic slice bound is a panic path the verifier
+/// rejects.
+#[inline(always)]
+pub fn among_first(list: &[u32; MAX_RELAY_TARGETS], count: usize, value: u32) -> bool {
+    let mut i = 0;
+    while i < MAX_RELAY_TARGETS {
+        if i >= count {
+            return false;
+        }
+        if list[i] == value {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Per-relay traffic, one copy per CPU. "up" counts copies sent out of the

@@ -15,7 +15,7 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use crate::maps;
+use crate::{maps, mem};
 
 const AF_INET: u8 = 2;
 
@@ -39,8 +39,9 @@ impl Route {
     }
 }
 
-/// One `bpf_fib_lookup` for IPv4; returns its code and the filled
-/// parameters.
+/// One `bpf_fib_lookup` for IPv4, without a length (so the answer holds for
+/// packets of any size; callers check the MTU it reports); returns its code
+/// and the filled parameters.
 #[inline(always)]
 fn fib(
     ctx: &TcContext,
@@ -48,25 +49,16 @@ fn fib(
     saddr: u32,
     daddr: u32,
     proto: u8,
-    tot_len: u16,
     flags: u32,
 ) -> (u32, FibParams) {
-    // Zeroed word by word with volatile stores: the BPF backend turns any
-    // zeroing it recognises (mem::zeroed, array or struct literals) into a
-    // call to a byte-wise memset subprogram, which showed up in profiles.
     let mut words = core::mem::MaybeUninit::<[u64; size_of::<FibParams>() / 8]>::uninit();
-    let word = words.as_mut_ptr().cast::<u64>();
-    for i in 0..size_of::<FibParams>() / 8 {
-        // SAFETY: i stays inside the array.
-        unsafe { core::ptr::write_volatile(word.add(i), 0) };
-    }
-    // SAFETY: every byte is initialised; FibParams is plain old data of this
-    // size, with an alignment a u64 array satisfies.
+    let words = mem::zeroed(&mut words);
+    // SAFETY: FibParams is plain old data of this size, with an alignment a
+    // u64 array satisfies, and every byte is zero.
     let params = unsafe { &mut *words.as_mut_ptr().cast::<FibParams>() };
     params.family = AF_INET;
     params.l4_protocol = proto;
     params.ifindex = ifindex;
-    params.__bindgen_anon_1.tot_len = tot_len;
     params.__bindgen_anon_3.ipv4_src = saddr;
     params.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
@@ -79,7 +71,7 @@ fn fib(
 /// multicast and need no neighbour.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u32> {
-    let (ret, params) = fib(ctx, ifindex, saddr, daddr, 0, 0, BPF_FIB_LOOKUP_SKIP_NEIGH);
+    let (ret, params) = fib(ctx, ifindex, saddr, daddr, 0, BPF_FIB_LOOKUP_SKIP_NEIGH);
     (ret == BPF_FIB_LKUP_RET_SUCCESS).then_some(params.ifindex)
 }
 
@@ -100,7 +92,7 @@ pub fn lookup(
         ifindex,
         kind: u32::from(proto),
     };
-    cached_fib(ctx, &key, 0, tot_len)
+    cached_fib(ctx, &key, tot_len)
 }
 
 /// Strict reverse-path check: `saddr` must route back out of `ifindex`, the
@@ -116,7 +108,7 @@ pub fn reverse_path_ok(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32, pr
         ifindex,
         kind: ROUTE_KIND_REVERSE_PATH | u32::from(proto),
     };
-    match cached_fib(ctx, &key, BPF_FIB_LOOKUP_SKIP_NEIGH, 0) {
+    match cached_fib(ctx, &key, 0) {
         Ok(route) => route.ifindex() == ifindex,
         Err(_) => false,
     }
@@ -127,31 +119,27 @@ pub fn reverse_path_ok(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32, pr
 /// rtnetlink change to links, addresses, routes or neighbours, so a cached
 /// result lives at most until the daemon has seen the change (well under a
 /// millisecond). Only complete answers are cached: an unresolved neighbour
-/// is asked about again.
+/// is asked about again. Reverse-path keys are looked up without resolving
+/// a neighbour.
 #[inline(always)]
-fn cached_fib(ctx: &TcContext, key: &RouteKey, flags: u32, tot_len: u16) -> Result<Route, Reason> {
+fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Reason> {
     let generation = maps::fib_generation();
     if let Some(entry) = maps::cached_route(key)
         && entry.generation == generation
     {
-        if entry.mtu != 0 && tot_len > entry.mtu {
-            return Err(Reason::FibFragNeeded);
-        }
-        return Ok(Route::Resolved {
-            ifindex: entry.ifindex,
-            smac: entry.smac,
-            dmac: entry.dmac,
-        });
+        return resolved(&entry, tot_len);
     }
-    // Looked up without a length, so the result can be cached for packets
-    // of any size; the MTU it reports is checked here instead.
+    let flags = if key.kind & ROUTE_KIND_REVERSE_PATH != 0 {
+        BPF_FIB_LOOKUP_SKIP_NEIGH
+    } else {
+        0
+    };
     let (ret, params) = fib(
         ctx,
         key.ifindex,
         key.saddr,
         key.daddr,
         key.kind as u8,
-        0,
         flags,
     );
     // SAFETY: the kernel filled the union members for IPv4.
@@ -163,25 +151,16 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, flags: u32, tot_len: u16) -> Resu
     };
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            maps::cache_route(
-                key,
-                &RouteEntry {
-                    generation,
-                    ifindex: params.ifindex,
-                    mtu,
-                    smac: params.smac,
-                    dmac: params.dmac,
-                    pad: 0,
-                },
-            );
-            if mtu != 0 && tot_len > mtu {
-                return Err(Reason::FibFragNeeded);
-            }
-            Ok(Route::Resolved {
+            let entry = RouteEntry {
+                generation,
                 ifindex: params.ifindex,
+                mtu,
                 smac: params.smac,
                 dmac: params.dmac,
-            })
+                pad: 0,
+            };
+            maps::cache_route(key, &entry);
+            resolved(&entry, tot_len)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved {
             ifindex: params.ifindex,
@@ -194,6 +173,19 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, flags: u32, tot_len: u16) -> Resu
         // errors from a bad argument: none of them is a route to use.
         _ => Err(Reason::FibNoRoute),
     }
+}
+
+/// A complete answer, for a packet of `tot_len` bytes (0: any size).
+#[inline(always)]
+fn resolved(entry: &RouteEntry, tot_len: u16) -> Result<Route, Reason> {
+    if entry.mtu != 0 && tot_len > entry.mtu {
+        return Err(Reason::FibFragNeeded);
+    }
+    Ok(Route::Resolved {
+        ifindex: entry.ifindex,
+        smac: entry.smac,
+        dmac: entry.dmac,
+    })
 }
 
 /// Sources no LAN host may legitimately use: this network, loopback,

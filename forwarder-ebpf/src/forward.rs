@@ -104,9 +104,8 @@ fn forward(
         End::Destination,
         rule.target_addr,
         rule.target_port,
-    )
-    .map_err(|_| Reason::RewriteFailed)?;
-    let action = nat::redirect(ctx, route).map_err(|_| Reason::RewriteFailed)?;
+    )?;
+    let action = nat::redirect(ctx, route)?;
     maps::count_rule(rule.slot, Direction::In, ip.tot_len);
     Ok(Verdict::Redirected(action))
 }

@@ -9,6 +9,7 @@
 mod fib;
 mod forward;
 mod maps;
+mod mem;
 mod nat;
 mod parse;
 mod relay;

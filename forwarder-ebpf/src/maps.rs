@@ -82,6 +82,14 @@ pub fn uplink() -> Option<UplinkState> {
     UPLINK.get(0).copied()
 }
 
+/// The uplink, if it is up and has an address to translate to.
+#[inline(always)]
+pub fn usable_uplink() -> Result<UplinkState, Reason> {
+    uplink()
+        .filter(UplinkState::usable)
+        .ok_or(Reason::NoUplinkAddress)
+}
+
 /// A rule, in place: copying its 80 bytes out cost time on every packet.
 #[inline(always)]
 pub fn forward_rule(key: &RuleKey) -> Option<&'static ForwardRule> {

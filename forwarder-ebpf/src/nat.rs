@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use forwarder_common::{csum, maps::PROTO_UDP};
+use forwarder_common::{csum, maps::PROTO_UDP, reason::Reason};
 
 use crate::{
     fib::Route,
@@ -25,6 +25,12 @@ pub enum End {
 /// A rewrite could not complete; the packet may be half-written and must not
 /// be delivered.
 pub struct RewriteFailed;
+
+impl From<RewriteFailed> for Reason {
+    fn from(_: RewriteFailed) -> Self {
+        Reason::RewriteFailed
+    }
+}
 
 /// Flags for `bpf_l4_csum_replace`: a UDP checksum of zero means "none" and
 /// must stay zero.

@@ -6,7 +6,7 @@
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
-    maps::{MAX_RELAY_TARGETS, PROTO_UDP, RelayKey, UplinkState, group_mac},
+    maps::{MAX_RELAY_TARGETS, PROTO_UDP, RelayKey, UplinkState, among_first, group_mac},
     reason::Reason,
 };
 
@@ -14,6 +14,7 @@ use crate::{
     Verdict, fib,
     forward::plausible_lan_source,
     maps::{self, RelayEvent},
+    mem,
     nat::{self, End},
     parse::{self, Ipv4},
 };
@@ -36,23 +37,6 @@ fn lookup(
     Ok((relay, l4))
 }
 
-/// Whether one of the first `count` entries is `ifindex`. Written without
-/// slicing: a dynamic slice bound is a panic path the verifier rejects.
-#[inline(always)]
-fn already_sent(sent_to: &[u32; MAX_RELAY_TARGETS], count: usize, ifindex: u32) -> bool {
-    let mut j = 0;
-    while j < MAX_RELAY_TARGETS {
-        if j >= count {
-            return false;
-        }
-        if sent_to[j] == ifindex {
-            return true;
-        }
-        j += 1;
-    }
-    false
-}
-
 /// LAN to VMs: a LAN peer's datagram to a relay group is copied, unchanged
 /// at L3 (still multicast, the peer's source kept), out of each interface
 /// that routes to a relay target, with that interface's MAC as source and
@@ -66,7 +50,7 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
         return Err(Reason::Reflected);
     }
     plausible_lan_source(ip, uplink)?;
-    if uplink.prefix_len < 32 && (ip.saddr ^ uplink.addr) & uplink.netmask() != 0 {
+    if !uplink.on_lan(ip.saddr) {
         return Err(Reason::SourceNotAllowed);
     }
     if !fib::reverse_path_ok(ctx, uplink.ifindex, ip.saddr, ip.daddr, ip.proto) {
@@ -74,16 +58,8 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
     }
 
     let mac = group_mac(ip.daddr);
-    // Zeroed with volatile stores, in place: the BPF backend turns any
-    // zeroing it recognises into a call to its byte-wise memset.
-    let mut targets = core::mem::MaybeUninit::<[u32; MAX_RELAY_TARGETS]>::uninit();
-    let slot = targets.as_mut_ptr().cast::<u32>();
-    for i in 0..MAX_RELAY_TARGETS {
-        // SAFETY: i stays inside the array.
-        unsafe { core::ptr::write_volatile(slot.add(i), 0) };
-    }
-    // SAFETY: every element was written.
-    let sent_to = unsafe { targets.assume_init_mut() };
+    let mut sent_to = core::mem::MaybeUninit::<[u32; MAX_RELAY_TARGETS]>::uninit();
+    let sent_to = mem::zeroed(&mut sent_to);
     let mut copies = 0;
     let mut failed = false;
     for i in 0..MAX_RELAY_TARGETS {
@@ -96,13 +72,13 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
         let Some(ifindex) = fib::egress(ctx, uplink.ifindex, ip.saddr, target) else {
             continue;
         };
-        if ifindex == uplink.ifindex || already_sent(sent_to, copies, ifindex) {
+        if ifindex == uplink.ifindex || among_first(sent_to, copies, ifindex) {
             continue;
         }
         let Some(egress_mac) = maps::downstream_mac(ifindex) else {
             continue;
         };
-        nat::set_macs(ctx, mac, egress_mac).map_err(|_| Reason::RewriteFailed)?;
+        nat::set_macs(ctx, mac, egress_mac)?;
         if ctx.clone_redirect(ifindex, 0).is_ok() {
             maps::count_relay(relay.slot, RelayEvent::Down(ip.tot_len));
         } else {
@@ -114,7 +90,7 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
         copies += 1;
     }
     if copies > 0 {
-        nat::set_macs(ctx, dst_mac, src_mac).map_err(|_| Reason::RewriteFailed)?;
+        nat::set_macs(ctx, dst_mac, src_mac)?;
     }
     match (copies, failed) {
         (0, _) => Err(Reason::RelayNoRoute),
@@ -138,10 +114,7 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if !fib::reverse_path_ok(ctx, ifindex, ip.saddr, ip.daddr, ip.proto) {
         return Err(Reason::ReversePathFailed);
     }
-    let uplink = maps::uplink().ok_or(Reason::NoUplinkAddress)?;
-    if !uplink.usable() {
-        return Err(Reason::NoUplinkAddress);
-    }
+    let uplink = maps::usable_uplink()?;
     if !maps::take_relay_token(relay) {
         maps::count_relay(relay.slot, RelayEvent::RateLimited);
         return Err(Reason::RelayRateLimited);
@@ -158,15 +131,10 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
         .and_then(|()| nat::set_ttl(ctx, ip.ttl))
         .and_then(|()| nat::set_macs(ctx, dst_mac, src_mac))
         .and_then(|()| nat::restore_checksums(ctx, &l4, saved));
-    if restored.is_err() {
-        return Err(Reason::RewriteFailed);
+    restored?;
+    if !copied? {
+        return Err(Reason::RelayCloneFailed);
     }
-    match copied {
-        Ok(true) => {
-            maps::count_relay(relay.slot, RelayEvent::Up(ip.tot_len));
-            Ok(Verdict::Relayed)
-        }
-        Ok(false) => Err(Reason::RelayCloneFailed),
-        Err(_) => Err(Reason::RewriteFailed),
-    }
+    maps::count_relay(relay.slot, RelayEvent::Up(ip.tot_len));
+    Ok(Verdict::Relayed)
 }

@@ -56,10 +56,7 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     let key = maps::reverse_rule(&reverse).ok_or(Reason::NoRule)?;
     let rule = maps::forward_rule(&key).ok_or(Reason::NoRule)?;
 
-    let uplink = maps::uplink().ok_or(Reason::NoUplinkAddress)?;
-    if !uplink.usable() {
-        return Err(Reason::NoUplinkAddress);
-    }
+    let uplink = maps::usable_uplink()?;
     if fib::is_martian(ip.daddr) || !rule.allows(ip.daddr, &uplink) {
         return Err(Reason::PeerNotAllowed);
     }
@@ -83,9 +80,8 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
         return Err(Reason::ReplyNotViaUplink);
     }
 
-    nat::translate(ctx, ip, &l4, End::Source, uplink.addr, key.port)
-        .map_err(|_| Reason::RewriteFailed)?;
-    let action = nat::redirect(ctx, route).map_err(|_| Reason::RewriteFailed)?;
+    nat::translate(ctx, ip, &l4, End::Source, uplink.addr, key.port)?;
+    let action = nat::redirect(ctx, route)?;
     maps::count_rule(rule.slot, Direction::Out, ip.tot_len);
     Ok(Verdict::Redirected(action))
 }
