@@ -384,7 +384,12 @@ impl Daemon {
                     for event in &events {
                         self.interfaces.apply(event);
                     }
-                    self.reconcile()?;
+                    // Route and neighbour changes (ARP churns all the time)
+                    // leave links and addresses as they were: they only
+                    // invalidate cached FIB results.
+                    if events.iter().any(|e| !matches!(e, Event::RoutingChanged)) {
+                        self.reconcile()?;
+                    }
                     if !events.is_empty() {
                         self.datapath.tables.bump_fib_generation()?;
                     }
