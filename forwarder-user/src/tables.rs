@@ -264,14 +264,16 @@ impl Tables {
             }))
     }
 
+    /// One skip/drop reason's count summed over CPUs.
+    pub fn reason_count(&self, reason: Reason) -> Result<u64> {
+        Ok(self.reasons.get(&(reason as u32), 0)?.iter().sum())
+    }
+
     /// Every skip/drop reason with its count summed over CPUs.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>> {
         Reason::ALL
             .iter()
-            .map(|reason| {
-                let per_cpu = self.reasons.get(&(*reason as u32), 0)?;
-                Ok((*reason, per_cpu.iter().sum()))
-            })
+            .map(|reason| Ok((*reason, self.reason_count(*reason)?)))
             .collect()
     }
 }

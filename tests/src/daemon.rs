@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use forwarder::{pin::PinLayout, tables::Tables};
+use forwarder_common::reason::Reason;
 
 use crate::{
     bpffs::PinDir,
@@ -198,6 +199,20 @@ impl Forwarder {
     /// The instance's maps, opened from their pins.
     pub fn tables(&self) -> Result<Tables> {
         Tables::open_pinned(&self.layout().maps)
+    }
+
+    /// How often the datapath counted `reason`.
+    pub fn reason(&self, reason: Reason) -> Result<u64> {
+        self.tables()?.reason_count(reason)
+    }
+
+    /// Rewrites and clones the kernel refused: never expected.
+    pub fn failures(&self) -> Result<u64> {
+        let tables = self.tables()?;
+        [Reason::RewriteFailed, Reason::RelayCloneFailed]
+            .into_iter()
+            .map(|r| tables.reason_count(r))
+            .sum()
     }
 
     pub fn log_text(&self) -> String {

@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::packet::Mac;
+
 const PREFIX: &str = "fwt-";
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -34,6 +36,20 @@ impl DieWithParent for Command {
             })
         }
     }
+}
+
+pub struct Link {
+    pub index: u32,
+    pub mac: Mac,
+}
+
+pub fn parse_mac(s: &str) -> Result<Mac> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC {s:?}"))?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("MAC {s:?}"))
 }
 
 /// Runs a command, failing with its stderr when it exits non-zero.
@@ -102,6 +118,25 @@ impl Netns {
         run(Command::new("ip")
             .args(["-n", &self.name])
             .args(args.split_whitespace()))
+    }
+
+    /// An interface's index and MAC, as `ip -o link show` reports them.
+    pub fn link(&self, dev: &str) -> Result<Link> {
+        let line = self.ip(&format!("-o link show dev {dev}"))?;
+        let index = line
+            .split(':')
+            .next()
+            .and_then(|i| i.trim().parse().ok())
+            .with_context(|| format!("no ifindex in {line:?}"))?;
+        let mac = line
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .with_context(|| format!("no MAC in {line:?}"))?;
+        Ok(Link {
+            index,
+            mac: parse_mac(mac)?,
+        })
     }
 
     /// `sh -c script` inside the namespace.

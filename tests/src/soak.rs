@@ -18,10 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use forwarder::pin::PinLayout;
-use forwarder_common::{
-    maps::{RouteEntry, RouteKey, names},
-    reason::Reason,
-};
+use forwarder_common::maps::{RouteEntry, RouteKey, names};
 
 use crate::{
     daemon::{Forwarder, cli},
@@ -377,18 +374,9 @@ fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
-/// Errors the datapath counts when the kernel refuses an operation.
-const ERROR_REASONS: [Reason; 2] = [Reason::RewriteFailed, Reason::RelayCloneFailed];
-
 fn footprint(fwd: &Forwarder) -> Result<Footprint> {
     let pid = fwd.pid().context("the daemon is not running")?;
     let tables = fwd.tables()?;
-    let errors = tables
-        .reason_counters()?
-        .into_iter()
-        .filter(|(r, _)| ERROR_REASONS.contains(r))
-        .map(|(_, n)| n)
-        .sum();
     let cache_pin = PinLayout::new(fwd.pins.path())
         .maps
         .join(names::ROUTE_CACHE);
@@ -399,7 +387,7 @@ fn footprint(fwd: &Forwarder) -> Result<Footprint> {
         fds: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64,
         rules: tables.installed()?.len() as u64,
         routes_cached: cache.keys().count() as u64,
-        errors,
+        errors: fwd.failures()?,
     })
 }
 

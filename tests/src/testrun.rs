@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions};
 use forwarder::{
     datapath::{Datapath, Role},
@@ -58,31 +58,12 @@ pub struct Harness {
 }
 
 fn iface(ns: &Netns, name: &str) -> Result<Iface> {
-    let line = ns.ip(&format!("-o link show dev {name}"))?;
-    let index = line
-        .split(':')
-        .next()
-        .and_then(|i| i.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no ifindex in {line:?}"))?;
-    let mac = line
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .ok_or_else(|| anyhow!("no MAC in {line:?}"))?;
+    let link = ns.link(name)?;
     Ok(Iface {
         name: name.into(),
-        index,
-        mac: parse_mac(mac)?,
+        index: link.index,
+        mac: link.mac,
     })
-}
-
-pub fn parse_mac(s: &str) -> Result<Mac> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("MAC {s:?}"))?;
-    bytes.try_into().map_err(|_| anyhow!("MAC {s:?}"))
 }
 
 fn mac_str(mac: Mac) -> String {
@@ -222,10 +203,7 @@ impl Harness {
     pub fn reason(&self, reason: Reason) -> u64 {
         self.datapath
             .tables
-            .reason_counters()
+            .reason_count(reason)
             .expect("reading reason counters")
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, n)| n)
     }
 }

@@ -4,10 +4,13 @@
 //! show what leaked.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddrV4,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
+use forwarder::{datapath::Role, pin::PinLayout};
 use forwarder_common::maps::PROTO_TCP;
 use forwarder_tests::{
     daemon::Forwarder,
@@ -131,36 +134,24 @@ fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
     kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
 }
 
-fn ifindex(ns: &Netns, dev: &str) -> u32 {
-    let line = ns.ip(&format!("-o link show dev {dev}")).unwrap();
-    line.split(':').next().unwrap().trim().parse().unwrap()
-}
-
 fn uplink_flags(fwd: &Forwarder) -> u8 {
     fwd.tables().and_then(|t| t.uplink()).map_or(0, |u| u.flags)
 }
 
-/// The link pins an instance holds, as (role, ifindex), sorted.
-fn link_pins(fwd: &Forwarder) -> Vec<String> {
-    let dir = forwarder::pin::PinLayout::new(fwd.pins.path()).links;
-    let mut names: Vec<String> = std::fs::read_dir(dir)
+/// The link pins an instance holds, sorted.
+fn link_pins(fwd: &Forwarder) -> Vec<PathBuf> {
+    let mut pins: Vec<PathBuf> = std::fs::read_dir(PinLayout::new(fwd.pins.path()).links)
         .unwrap()
         .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .map(|e| e.path())
         .collect();
-    names.sort();
-    names
+    pins.sort();
+    pins
 }
 
-fn error_count(fwd: &Forwarder) -> u64 {
-    use forwarder_common::reason::Reason;
-    fwd.tables()
-        .and_then(|t| t.reason_counters())
-        .unwrap()
-        .into_iter()
-        .filter(|(r, _)| matches!(r, Reason::RewriteFailed | Reason::RelayCloneFailed))
-        .map(|(_, n)| n)
-        .sum()
+/// Where `fwd` pins its link for `role` on `dev` of `ns`.
+fn link_pin(fwd: &Forwarder, role: Role, ns: &Netns, dev: &str) -> PathBuf {
+    PinLayout::new(fwd.pins.path()).link_pin(role.name(), ns.link(dev).unwrap().index)
 }
 
 /// Forwarding and relaying both ways work end to end.
@@ -274,7 +265,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         vif = t.restart_app_vif(&vif).unwrap();
         // Half are paced, each waited for; the rest come as fast as they can.
         if restart < VM_RESTARTS / 2 {
-            let pin = format!("downstream-{}", ifindex(&t.sysfw, &vif));
+            let pin = link_pin(&sysfw, Role::Downstream, &t.sysfw, &vif);
             assert!(
                 wait_until(Duration::from_secs(2), || link_pins(&sysfw).contains(&pin)),
                 "restart {restart}: {vif} was not attached"
@@ -284,9 +275,9 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
     }
     let expected_pins = {
         let mut pins = vec![
-            format!("downstream-{}", ifindex(&t.sysfw, "vif4.0")),
-            format!("downstream-{}", ifindex(&t.sysfw, &vif)),
-            format!("uplink-{}", ifindex(&t.sysfw, SYSFW_UPLINK)),
+            link_pin(&sysfw, Role::Downstream, &t.sysfw, "vif4.0"),
+            link_pin(&sysfw, Role::Downstream, &t.sysfw, &vif),
+            link_pin(&sysfw, Role::Uplink, &t.sysfw, SYSFW_UPLINK),
         ];
         pins.sort();
         pins
@@ -297,13 +288,18 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         "sys-firewall's link pins {:?}, expected {expected_pins:?}",
         link_pins(&sysfw)
     );
-    let macs = sysfw.tables().unwrap().downstream_macs().unwrap();
-    let live: Vec<u32> = vec![ifindex(&t.sysfw, "vif4.0"), ifindex(&t.sysfw, &vif)];
-    let mut held: Vec<u32> = macs.keys().copied().collect();
-    held.sort();
-    let mut want = live.clone();
-    want.sort();
-    assert_eq!(held, want, "DOWNSTREAM_MACS holds interfaces that are gone");
+    let held: BTreeSet<u32> = sysfw
+        .tables()
+        .unwrap()
+        .downstream_macs()
+        .unwrap()
+        .into_keys()
+        .collect();
+    let live: BTreeSet<u32> = ["vif4.0", vif.as_str()]
+        .iter()
+        .map(|dev| t.sysfw.link(dev).unwrap().index)
+        .collect();
+    assert_eq!(held, live, "DOWNSTREAM_MACS holds interfaces that are gone");
     kernel_objects::wait_released(running, Duration::from_secs(5)).unwrap();
     println!(
         "{VM_RESTARTS} VM restarts: each paced one attached within {slowest:?}; kernel objects {running:?} before and after"
@@ -314,22 +310,17 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         "the rule's counters went backwards or stopped"
     );
     for fwd in [&sysnet, &sysfw] {
-        assert_eq!(error_count(fwd), 0, "rewrite or clone failures counted");
+        assert_eq!(
+            fwd.failures().unwrap(),
+            0,
+            "rewrite or clone failures counted"
+        );
     }
 
     sysnet.stop().unwrap();
     sysfw.stop().unwrap();
     drop(t);
     kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
-}
-
-fn reason_count(fwd: &Forwarder, which: forwarder_common::reason::Reason) -> u64 {
-    fwd.tables()
-        .and_then(|t| t.reason_counters())
-        .unwrap()
-        .into_iter()
-        .find(|(r, _)| *r == which)
-        .map_or(0, |(_, n)| n)
 }
 
 /// How many copies of each announcement (by payload) a capture holds.
@@ -430,17 +421,18 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
         Announcer::start(&lan, "lan", LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
     let both_guards_hit = || {
         fwds.iter().all(|f| {
-            reason_count(f, Reason::Reflected) > 0 && reason_count(f, Reason::RelayNotTarget) > 0
+            f.reason(Reason::Reflected).unwrap() > 0
+                && f.reason(Reason::RelayNotTarget).unwrap() > 0
         })
     };
     assert!(
         wait_until(Duration::from_secs(5), both_guards_hit),
         "the loop path was never exercised: reflected {:?}, relay_not_target {:?}",
         fwds.iter()
-            .map(|f| reason_count(f, Reason::Reflected))
+            .map(|f| f.reason(Reason::Reflected).unwrap())
             .collect::<Vec<_>>(),
         fwds.iter()
-            .map(|f| reason_count(f, Reason::RelayNotTarget))
+            .map(|f| f.reason(Reason::RelayNotTarget).unwrap())
             .collect::<Vec<_>>()
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -482,10 +474,10 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
         worst(&vm_frames, "vm"),
         worst(&vm_frames, "lan"),
         fwds.iter()
-            .map(|f| reason_count(f, Reason::Reflected))
+            .map(|f| f.reason(Reason::Reflected).unwrap())
             .collect::<Vec<_>>(),
         fwds.iter()
-            .map(|f| reason_count(f, Reason::RelayNotTarget))
+            .map(|f| f.reason(Reason::RelayNotTarget).unwrap())
             .collect::<Vec<_>>(),
     );
     // LAN: the peer's own datagram, and each router's copy of the VM's.

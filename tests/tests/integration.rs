@@ -323,16 +323,7 @@ fn seed_recipe_without_checksum_offload() {
 #[test]
 fn receivers_count_corrupt_checksums() {
     let t = Topology::build(Offload::Off).expect("topology");
-    let mac = |ns: &Netns, dev: &str| {
-        let line = ns.ip(&format!("-o link show dev {dev}")).unwrap();
-        let mac = line
-            .split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .unwrap()
-            .to_string();
-        forwarder_tests::testrun::parse_mac(&mac).unwrap()
-    };
+    let mac = |ns: &Netns, dev: &str| ns.link(dev).unwrap().mac;
     let mut frame = forwarder_tests::packet::Frame::udp(SYSNET_LAN, 40000, LAN_PEER, 9)
         .with_payload(b"corrupt");
     frame.src_mac = mac(&t.sysnet, SYSNET_UPLINK);

@@ -140,7 +140,7 @@ fn uplink_down(t: &Topology, sysnet: Option<&Forwarder>) -> Result<String> {
         None => None,
     };
     let no_addr_before = sysnet
-        .map(|f| reason_count(f, Reason::NoUplinkAddress))
+        .map(|f| f.reason(Reason::NoUplinkAddress))
         .transpose()?;
     t.sysnet.ip(&format!("link set {SYSNET_UPLINK} down"))?;
     {
@@ -158,7 +158,7 @@ fn uplink_down(t: &Topology, sysnet: Option<&Forwarder>) -> Result<String> {
             "{} copies relayed toward a down uplink",
             after - before
         );
-        let no_addr = reason_count(fwd, Reason::NoUplinkAddress)?;
+        let no_addr = fwd.reason(Reason::NoUplinkAddress)?;
         ensure!(
             no_addr > no_addr_before.unwrap_or(0),
             "no_uplink_address not counted"
@@ -202,23 +202,6 @@ fn relay_up_count(fwd: &Forwarder) -> Result<u64> {
     Ok(total)
 }
 
-fn reason_count(fwd: &Forwarder, reason: Reason) -> Result<u64> {
-    Ok(fwd
-        .tables()?
-        .reason_counters()?
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .map_or(0, |(_, n)| n))
-}
-
-fn ifindex(ns: &Netns, dev: &str) -> Result<u32> {
-    let line = ns.ip(&format!("-o link show dev {dev}"))?;
-    line.split(':')
-        .next()
-        .and_then(|i| i.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no ifindex in {line:?}"))
-}
-
 /// Qubes restarts a VM behind a new vif name and ifindex; both directions
 /// must keep working every time.
 fn vif_restarts(t: &Topology, sysfw: Option<&Forwarder>) -> Result<String> {
@@ -228,7 +211,7 @@ fn vif_restarts(t: &Topology, sysfw: Option<&Forwarder>) -> Result<String> {
         vif = t.restart_app_vif(&vif)?;
         let created = Instant::now();
         if let Some(fwd) = sysfw {
-            let index = ifindex(&t.sysfw, &vif)?;
+            let index = t.sysfw.link(&vif)?.index;
             let pin: PathBuf =
                 forwarder::pin::PinLayout::new(fwd.pins.path()).link_pin("downstream", index);
             ensure!(

@@ -18,7 +18,6 @@ use forwarder_tests::{
     netns::Netns,
     packet::{self, Frame},
     sockets::{EchoServer, tcp_echo, udp_echo},
-    testrun::parse_mac,
     topology::*,
     wait::wait_until,
 };
@@ -26,30 +25,10 @@ use forwarder_tests::{
 const OTHER_LAN_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const SHORT: Duration = Duration::from_millis(800);
 
-fn mac(ns: &Netns, dev: &str) -> [u8; 6] {
-    let line = ns.ip(&format!("-o link show dev {dev}")).unwrap();
-    parse_mac(
-        line.split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .unwrap(),
-    )
-    .unwrap()
-}
-
-fn reason(fwd: &Forwarder, reason: Reason) -> u64 {
-    fwd.tables()
-        .and_then(|t| t.reason_counters())
-        .map(|all| {
-            all.into_iter()
-                .find(|(r, _)| *r == reason)
-                .map_or(0, |(_, n)| n)
-        })
-        .unwrap_or(0)
-}
-
 fn counted(fwd: &Forwarder, which: Reason, before: u64) -> bool {
-    wait_until(Duration::from_secs(2), || reason(fwd, which) > before)
+    wait_until(Duration::from_secs(2), || {
+        fwd.reason(which).unwrap() > before
+    })
 }
 
 /// One raw UDP datagram with a chosen source, out of `dev` in `ns`.
@@ -69,7 +48,7 @@ impl Spoof<'_> {
         marker: &str,
     ) -> Result<()> {
         let mut frame = Frame::udp(src, sport, dst, dport).with_payload(marker.as_bytes());
-        frame.src_mac = mac(self.ns, self.dev);
+        frame.src_mac = self.ns.link(self.dev).unwrap().mac;
         frame.dst_mac = self.next_hop;
         capture::inject(self.ns, self.dev, &frame.build())
     }
@@ -123,17 +102,17 @@ fn scenario() -> Checks {
     let from_app2 = Spoof {
         ns: &t.app2,
         dev: "eth0",
-        next_hop: mac(&t.sysfw, "vif4.0"),
+        next_hop: t.sysfw.link("vif4.0").unwrap().mac,
     };
     let from_app = Spoof {
         ns: &t.app,
         dev: "eth0",
-        next_hop: mac(&t.sysfw, "vif3.0"),
+        next_hop: t.sysfw.link("vif3.0").unwrap().mac,
     };
     let from_lan = Spoof {
         ns: &t.lan,
         dev: "eth0",
-        next_hop: mac(&t.sysnet, SYSNET_UPLINK),
+        next_hop: t.sysnet.link(SYSNET_UPLINK).unwrap().mac,
     };
     let mut checks = Checks::default();
     let empty = |r: Result<()>| r.map(|()| String::new());
@@ -141,7 +120,7 @@ fn scenario() -> Checks {
     checks.add(
         "a VM cannot send as another VM through the forwarder",
         empty((|| {
-            let before = reason(&sysfw, Reason::ReversePathFailed);
+            let before = sysfw.reason(Reason::ReversePathFailed).unwrap();
             from_app2.send(APP, LOCALSEND_PORT, LAN_PEER, 40000, "spoof-vm")?;
             ensure!(
                 counted(&sysfw, Reason::ReversePathFailed, before),
@@ -157,7 +136,7 @@ fn scenario() -> Checks {
             // stack, which drops local and foreign sources on a vif; the capture
             // check at the end shows none reached the LAN.
             for router in [SYSFW, SYSNET_LAN] {
-                let before = reason(&sysfw, Reason::NoRule);
+                let before = sysfw.reason(Reason::NoRule).unwrap();
                 from_app.send(router, LOCALSEND_PORT, LAN_PEER, 40000, "spoof-router")?;
                 ensure!(
                     counted(&sysfw, Reason::NoRule, before),
@@ -172,7 +151,7 @@ fn scenario() -> Checks {
         empty((|| {
             let listener = t.lan.run(|| UdpSocket::bind((OTHER_LAN_HOST, 7000)))?;
             listener.set_read_timeout(Some(Duration::from_secs(3)))?;
-            let before = reason(&sysnet, Reason::PeerNotAllowed);
+            let before = sysnet.reason(Reason::PeerNotAllowed).unwrap();
             // From the forwarded port itself, as a reply would come.
             let app = t
                 .app
@@ -194,7 +173,7 @@ fn scenario() -> Checks {
         "a LAN host outside allow-from cannot reach the target",
         empty((|| {
             let _server = EchoServer::start(&t.app, LOCALSEND_PORT)?;
-            let before = reason(&sysnet, Reason::SourceNotAllowed);
+            let before = sysnet.reason(Reason::SourceNotAllowed).unwrap();
             let answered = t.lan.run(|| -> Result<bool> {
                 let sock = UdpSocket::bind((OTHER_LAN_HOST, 0))?;
                 sock.set_read_timeout(Some(SHORT))?;
@@ -224,7 +203,7 @@ fn scenario() -> Checks {
                     Reason::ReversePathFailed,
                 ]
                 .into_iter()
-                .map(|r| reason(&sysnet, r))
+                .map(|r| sysnet.reason(r).unwrap())
                 .sum::<u64>()
             };
             for src in [
@@ -277,7 +256,7 @@ fn scenario() -> Checks {
         empty((|| {
             // Nothing listens on 53317/udp in the app now: its kernel answers
             // with a port unreachable that quotes its internal address.
-            let before = reason(&sysfw, Reason::IcmpErrorDropped);
+            let before = sysfw.reason(Reason::IcmpErrorDropped).unwrap();
             t.lan.run(|| -> Result<()> {
                 let sock = UdpSocket::bind((LAN_PEER, 0))?;
                 sock.send_to(b"to-nobody", (SYSNET_LAN, LOCALSEND_PORT))?;
@@ -329,9 +308,9 @@ fn scenario() -> Checks {
     );
 
     // Each capture also holds the frames its own namespace injected.
-    let lan = received(lan_capture.finish(), mac(&t.lan, "eth0"));
-    let app = received(app_capture.finish(), mac(&t.app, "eth0"));
-    let app2 = received(app2_capture.finish(), mac(&t.app2, "eth0"));
+    let lan = received(lan_capture.finish(), t.lan.link("eth0").unwrap().mac);
+    let app = received(app_capture.finish(), t.app.link("eth0").unwrap().mac);
+    let app2 = received(app2_capture.finish(), t.app2.link("eth0").unwrap().mac);
     checks.add(
         "nothing spoofed got through, and no internal address left the uplink",
         empty((|| {

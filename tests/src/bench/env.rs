@@ -2,9 +2,9 @@
 
 use std::{fmt::Write as _, net::SocketAddrV4};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
-use crate::{daemon::Forwarder, netns::Netns, testrun::parse_mac, topology::*};
+use crate::{daemon::Forwarder, netns::Netns, topology::*};
 
 /// First listen port of the rule-scaling configurations; the benchmark's
 /// packets go to the last rule's port, the worst case for a linear scan.
@@ -65,13 +65,7 @@ pub struct Env {
 }
 
 fn mac(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
-    let line = ns.ip(&format!("-o link show dev {dev}"))?;
-    let mac = line
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .context("no MAC")?;
-    parse_mac(mac)
+    Ok(ns.link(dev)?.mac)
 }
 
 fn nft(ns: &Netns, script: &str) -> Result<()> {
