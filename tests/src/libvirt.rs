@@ -85,11 +85,9 @@ impl Libvirt {
         t.vm.ip(&format!("addr add {VM}/24 dev eth0"))?;
         t.vm.ip(&format!("route add default via {BRIDGE}"))?;
 
-        let path = std::env::temp_dir().join(format!("{}.nft", t.host.name()));
-        std::fs::write(&path, LIBVIRT_TABLE)?;
-        let loaded = t.host.sh(&format!("nft -f {}", path.display()));
-        let _ = std::fs::remove_file(&path);
-        loaded.context("loading libvirt's table")?;
+        t.host
+            .nft(LIBVIRT_TABLE)
+            .context("loading libvirt's table")?;
 
         let state = match offload {
             Offload::On => "on",

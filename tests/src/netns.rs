@@ -5,7 +5,7 @@ use std::{
     fs::File,
     io,
     os::fd::AsRawFd as _,
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
 };
@@ -137,6 +137,33 @@ impl Netns {
             index,
             mac: parse_mac(mac)?,
         })
+    }
+
+    /// Loads an nftables ruleset (`nft -f`) inside the namespace.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft's stdin")?
+            .write_all(ruleset.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "loading nftables in {}: {}\n{ruleset}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// `sh -c script` inside the namespace.

@@ -165,16 +165,6 @@ fn vm_input_table(me: Ipv4Addr, ports: &[u16]) -> String {
     )
 }
 
-fn nft(ns: &Netns, ruleset: &str) -> Result<()> {
-    let path = std::env::temp_dir().join(format!("{}.nft", ns.name()));
-    std::fs::write(&path, ruleset)?;
-    let result = ns.sh(&format!("nft -f {}", path.display()));
-    let _ = std::fs::remove_file(&path);
-    result
-        .with_context(|| format!("loading nftables in {}:\n{ruleset}", ns.name()))
-        .map(drop)
-}
-
 /// A Qubes backend vif: the VM's /32 route, the gateway address on the vif,
 /// link group 2 and proxy ARP.
 fn vif(router: &Netns, vm: &Netns, vif: &str, gateway: Ipv4Addr, vm_addr: Ipv4Addr) -> Result<()> {
@@ -223,17 +213,13 @@ impl Topology {
             router.sysctl("net.ipv4.ip_forward=1")?;
         }
 
-        nft(&t.sysnet, &qubes_netvm_tables(&[("vif2.0", SYSFW)]))?;
-        nft(
-            &t.sysfw,
-            &qubes_netvm_tables(&[("vif3.0", APP), ("vif4.0", APP2)]),
-        )?;
-        nft(&t.sysfw, &qubes_firewall_table(&[APP, APP2]))?;
-        nft(
-            &t.app,
-            &vm_input_table(APP, &[LOCALSEND_PORT, UNFORWARDED_PORT]),
-        )?;
-        nft(&t.app2, &vm_input_table(APP2, &[LOCALSEND_PORT]))?;
+        t.sysnet.nft(&qubes_netvm_tables(&[("vif2.0", SYSFW)]))?;
+        t.sysfw
+            .nft(&qubes_netvm_tables(&[("vif3.0", APP), ("vif4.0", APP2)]))?;
+        t.sysfw.nft(&qubes_firewall_table(&[APP, APP2]))?;
+        t.app
+            .nft(&vm_input_table(APP, &[LOCALSEND_PORT, UNFORWARDED_PORT]))?;
+        t.app2.nft(&vm_input_table(APP2, &[LOCALSEND_PORT]))?;
 
         t.set_offload(offload)?;
         Ok(t)
@@ -294,10 +280,8 @@ impl Topology {
         sysnet += &format!(
             "add rule ip qubes custom-prerouting iif != {SYSNET_UPLINK} udp dport {port} ip daddr {group} ip ttl set 2 dup to {group} device {SYSNET_UPLINK} notrack\n"
         );
-        nft(&self.sysnet, &sysnet)?;
-        nft(
-            &self.sysfw,
-            &format!(
+        self.sysnet.nft(&sysnet)?;
+        self.sysfw.nft(&format!(
                 "add chain ip qubes custom-prerouting\n\
                  insert rule ip qubes prerouting jump custom-prerouting\n\
                  add rule ip qubes custom-prerouting iif != {SYSFW_UPLINK} udp dport {port} ip daddr {group} ip ttl set 2 dup to {group} device {SYSFW_UPLINK} notrack\n"
@@ -344,10 +328,9 @@ ip monitor address dev {SYSNET_UPLINK} | while read -r _; do update; done"#
         let name = format!("vif{}.0", NEXT.fetch_add(1, Ordering::Relaxed));
         self.sysfw.ip(&format!("link del {old}"))?;
         vif(&self.sysfw, &self.app, &name, SYSFW, APP)?;
-        nft(
-            &self.sysfw,
-            &format!("add element ip qubes allowed {{ \"{name}\" . {APP} }}\n"),
-        )?;
+        self.sysfw.nft(&format!(
+            "add element ip qubes allowed {{ \"{name}\" . {APP} }}\n"
+        ))?;
         Ok(name)
     }
 
@@ -369,7 +352,7 @@ ip monitor address dev {SYSNET_UPLINK} | while read -r _; do update; done"#
                     "add rule ip qubes custom-forward iif {iface} ip daddr {target} {proto} dport {port} ct state new,established,related counter accept\n"
                 );
             }
-            nft(router, &script)?;
+            router.nft(&script)?;
         }
         Ok(())
     }

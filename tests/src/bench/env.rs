@@ -68,14 +68,6 @@ fn mac(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
     Ok(ns.link(dev)?.mac)
 }
 
-fn nft(ns: &Netns, script: &str) -> Result<()> {
-    let path = std::env::temp_dir().join(format!("{}-bench.nft", ns.name()));
-    std::fs::write(&path, script)?;
-    let result = ns.sh(&format!("nft -f {}", path.display()));
-    let _ = std::fs::remove_file(&path);
-    result.map(drop)
-}
-
 /// Per-router (name, uplink, next target) of the Qubes topology.
 fn routers(t: &Topology) -> [(&Netns, &'static str, std::net::Ipv4Addr); 2] {
     [
@@ -170,7 +162,7 @@ impl Env {
                     }
                     Setup::NftPerPort(n) | Setup::NftMaps(n) => {
                         for (ns, uplink, target) in routers(t) {
-                            nft(ns, &nft_rules(setup, uplink, target, n))?;
+                            ns.nft(&nft_rules(setup, uplink, target, n))?;
                         }
                         (
                             SocketAddrV4::new(SYSNET_LAN, SCALE_BASE_PORT + n as u16 - 1),

@@ -32,8 +32,8 @@ struct Sink<'a> {
 
 impl<'a> Sink<'a> {
     fn install(ns: &'a Netns, port: u16) -> Result<Self> {
-        ns.sh(&format!(
-            "printf 'table netdev bench_sink {{\\n chain in {{\\n  type filter hook ingress device \"eth0\" priority -500; policy accept;\\n  meta protocol ip ip protocol udp udp dport {port} counter drop\\n }}\\n}}\\n' | nft -f -"
+        ns.nft(&format!(
+            "table netdev bench_sink {{\n chain in {{\n  type filter hook ingress device \"eth0\" priority -500; policy accept;\n  meta protocol ip ip protocol udp udp dport {port} counter drop\n }}\n}}\n"
         ))?;
         Ok(Sink { ns })
     }
