@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use forwarder::{pin::PinLayout, tables::Tables};
-use forwarder_common::reason::Reason;
+use forwarder::{datapath::Role, pin::PinLayout, tables::Tables};
+use forwarder_common::{maps::UplinkState, reason::Reason};
 
 use crate::{
     bpffs::PinDir,
@@ -184,16 +184,38 @@ impl Forwarder {
     }
 
     fn ready(&self) -> bool {
-        let layout = self.layout();
-        let has_uplink_link = std::fs::read_dir(&layout.links).is_ok_and(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("uplink-"))
-        });
-        has_uplink_link
-            && Tables::open_pinned(&layout.maps)
-                .and_then(|t| t.uplink())
-                .is_ok_and(|u| u.usable())
+        let uplink = self.uplink();
+        uplink.usable() && self.link_pin(Role::Uplink, uplink.ifindex).exists()
+    }
+
+    /// The uplink as the state map holds it; the default (no uplink) when
+    /// the maps cannot be read.
+    pub fn uplink(&self) -> UplinkState {
+        self.tables().and_then(|t| t.uplink()).unwrap_or_default()
+    }
+
+    /// Where the instance pins its `role` link on interface `ifindex`.
+    pub fn link_pin(&self, role: Role, ifindex: u32) -> PathBuf {
+        self.layout().link_pin(role.name(), ifindex)
+    }
+
+    /// Every link pin the instance holds, sorted.
+    pub fn link_pins(&self) -> Vec<PathBuf> {
+        let mut pins: Vec<PathBuf> = std::fs::read_dir(self.layout().links)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        pins.sort();
+        pins
+    }
+
+    /// Relay copies sent out of the uplink, over every relay.
+    pub fn relayed_up(&self) -> Result<u64> {
+        let tables = self.tables()?;
+        tables
+            .installed_relays()?
+            .values()
+            .map(|r| Ok(tables.relay_counters(r.slot)?.packets_up))
+            .sum()
     }
 
     /// The instance's maps, opened from their pins.
@@ -203,16 +225,18 @@ impl Forwarder {
 
     /// How often the datapath counted `reason`.
     pub fn reason(&self, reason: Reason) -> Result<u64> {
-        self.tables()?.reason_count(reason)
+        self.reasons(&[reason])
+    }
+
+    /// How often the datapath counted any of `reasons`.
+    pub fn reasons(&self, reasons: &[Reason]) -> Result<u64> {
+        let tables = self.tables()?;
+        reasons.iter().map(|r| tables.reason_count(*r)).sum()
     }
 
     /// Rewrites and clones the kernel refused: never expected.
     pub fn failures(&self) -> Result<u64> {
-        let tables = self.tables()?;
-        [Reason::RewriteFailed, Reason::RelayCloneFailed]
-            .into_iter()
-            .map(|r| tables.reason_count(r))
-            .sum()
+        self.reasons(&[Reason::RewriteFailed, Reason::RelayCloneFailed])
     }
 
     pub fn log_text(&self) -> String {

@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::wait::wait_until;
+use crate::wait::{until_stable, wait_until};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Objects {
@@ -61,18 +61,21 @@ pub fn wait_released(limit: Objects, timeout: Duration) -> Result<()> {
 /// The counts once they stop changing (for up to 5 s): a baseline taken
 /// while an earlier test's objects are still being released would be high.
 pub fn settled() -> Result<Objects> {
+    objects()?;
+    let (last, _) = until_stable(Duration::from_secs(5), Duration::from_millis(300), || {
+        objects().ok()
+    });
+    last.context("bpftool stopped answering")
+}
+
+/// Waits until the kernel holds `links` links (a daemon attaches its
+/// downstream interfaces after it reports ready) and returns the counts.
+pub fn wait_links(links: usize, timeout: Duration) -> Result<Objects> {
     let mut last = objects()?;
-    let mut stable_since = std::time::Instant::now();
-    let deadline = stable_since + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = objects()?;
-        if now != last {
-            last = now;
-            stable_since = std::time::Instant::now();
-        } else if stable_since.elapsed() >= Duration::from_millis(300) {
-            break;
-        }
+    if wait_until(timeout, || {
+        objects().map(|now| last = now).is_ok() && last.links == links
+    }) {
+        return Ok(last);
     }
-    Ok(last)
+    bail!("expected {links} links, the kernel holds {last:?}")
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use forwarder::{datapath::Role, pin::PinLayout};
+use forwarder::datapath::Role;
 use forwarder_common::maps::PROTO_TCP;
 use forwarder_tests::{
     daemon::Forwarder,
@@ -18,12 +18,14 @@ use forwarder_tests::{
     netns::Netns,
     sockets::{EchoServer, TcpTicker},
     topology::*,
-    wait::wait_until,
+    wait::{until_stable, wait_until},
 };
 
 const OUTAGE: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(100);
 const MAX_STALL: Duration = Duration::from_millis(500);
+/// sys-net: uplink and vif2.0; sys-firewall: uplink, vif3.0 and vif4.0.
+const QUBES_LINKS: usize = 5;
 
 /// Packets the forward rule on `port`/tcp has translated in, from the pins.
 fn tcp_packets_in(fwd: &Forwarder, port: u16) -> u64 {
@@ -47,15 +49,8 @@ fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
     let idle: Objects = kernel_objects::settled().unwrap();
     let t = Topology::build(Offload::On).unwrap();
     let (mut sysnet, mut sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
-    // sys-net: uplink and vif2.0; sys-firewall: uplink, vif3.0 and vif4.0.
-    let mut running = idle;
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            running = kernel_objects::objects().unwrap();
-            running.links == idle.links + 5
-        }),
-        "expected five links, the kernel holds {running:?}"
-    );
+    let running =
+        kernel_objects::wait_links(idle.links + QUBES_LINKS, Duration::from_secs(5)).unwrap();
     let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
     let ticker =
         TcpTicker::start(&t.lan, SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), TICK).unwrap();
@@ -134,24 +129,9 @@ fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
     kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
 }
 
-fn uplink_flags(fwd: &Forwarder) -> u8 {
-    fwd.tables().and_then(|t| t.uplink()).map_or(0, |u| u.flags)
-}
-
-/// The link pins an instance holds, sorted.
-fn link_pins(fwd: &Forwarder) -> Vec<PathBuf> {
-    let mut pins: Vec<PathBuf> = std::fs::read_dir(PinLayout::new(fwd.pins.path()).links)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    pins.sort();
-    pins
-}
-
 /// Where `fwd` pins its link for `role` on `dev` of `ns`.
 fn link_pin(fwd: &Forwarder, role: Role, ns: &Netns, dev: &str) -> PathBuf {
-    PinLayout::new(fwd.pins.path()).link_pin(role.name(), ns.link(dev).unwrap().index)
+    fwd.link_pin(role, ns.link(dev).unwrap().index)
 }
 
 /// Forwarding and relaying both ways work end to end.
@@ -193,13 +173,10 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
     let idle = kernel_objects::settled().unwrap();
     let t = Topology::build(Offload::On).unwrap();
     let (mut sysnet, mut sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
-    let mut running = idle;
-    assert!(wait_until(Duration::from_secs(5), || {
-        running = kernel_objects::objects().unwrap();
-        running.links == idle.links + 5
-    }));
+    let running =
+        kernel_objects::wait_links(idle.links + QUBES_LINKS, Duration::from_secs(5)).unwrap();
     everything_works(&t, "before");
-    let sysnet_pins = link_pins(&sysnet);
+    let sysnet_pins = sysnet.link_pins();
 
     // Half the flaps are paced, each waited for both ways; the rest come
     // back to back, faster than the kernel reports carrier changes (its
@@ -213,7 +190,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
                 .unwrap();
             if flap < FLAPS / 2 {
                 assert!(
-                    wait_until(Duration::from_secs(3), || (uplink_flags(&sysnet)
+                    wait_until(Duration::from_secs(3), || (sysnet.uplink().flags
                         & UPLINK_UP
                         != 0)
                         == up),
@@ -224,7 +201,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         }
     }
     assert!(
-        wait_until(Duration::from_secs(3), || uplink_flags(&sysnet) & UPLINK_UP
+        wait_until(Duration::from_secs(3), || sysnet.uplink().flags & UPLINK_UP
             != 0),
         "the uplink never came back after the rapid flaps"
     );
@@ -246,7 +223,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         slowest("up")
     );
     assert_eq!(
-        link_pins(&sysnet),
+        sysnet.link_pins(),
         sysnet_pins,
         "the flaps changed sys-net's attachments"
     );
@@ -267,7 +244,7 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         if restart < VM_RESTARTS / 2 {
             let pin = link_pin(&sysfw, Role::Downstream, &t.sysfw, &vif);
             assert!(
-                wait_until(Duration::from_secs(2), || link_pins(&sysfw).contains(&pin)),
+                wait_until(Duration::from_secs(2), || sysfw.link_pins().contains(&pin)),
                 "restart {restart}: {vif} was not attached"
             );
             slowest = slowest.max(at.elapsed());
@@ -283,10 +260,10 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
         pins
     };
     assert!(
-        wait_until(Duration::from_secs(5), || link_pins(&sysfw)
+        wait_until(Duration::from_secs(5), || sysfw.link_pins()
             == expected_pins),
         "sys-firewall's link pins {:?}, expected {expected_pins:?}",
-        link_pins(&sysfw)
+        sysfw.link_pins()
     );
     let held: BTreeSet<u32> = sysfw
         .tables()
@@ -344,6 +321,8 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
     use forwarder_common::reason::Reason;
     use forwarder_tests::{capture::Capture, sockets::Announcer};
 
+    /// Each sender's announcements, 2 s at one every 50 ms.
+    const ANNOUNCEMENTS: u64 = 40;
     const VM: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 17);
     const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
     forwarder_tests::netns::sweep_leftovers();
@@ -419,36 +398,46 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
         Announcer::start(&vm, "vm", LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
     let from_lan =
         Announcer::start(&lan, "lan", LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
-    let both_guards_hit = || {
-        fwds.iter().all(|f| {
-            f.reason(Reason::Reflected).unwrap() > 0
-                && f.reason(Reason::RelayNotTarget).unwrap() > 0
-        })
+    // (reflected, relay_not_target) per router: the guards against a loop.
+    let guards = || {
+        fwds.iter()
+            .map(|f| {
+                (
+                    f.reason(Reason::Reflected).unwrap(),
+                    f.reason(Reason::RelayNotTarget).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
     };
     assert!(
-        wait_until(Duration::from_secs(5), both_guards_hit),
-        "the loop path was never exercised: reflected {:?}, relay_not_target {:?}",
-        fwds.iter()
-            .map(|f| f.reason(Reason::Reflected).unwrap())
-            .collect::<Vec<_>>(),
-        fwds.iter()
-            .map(|f| f.reason(Reason::RelayNotTarget).unwrap())
-            .collect::<Vec<_>>()
+        wait_until(Duration::from_secs(5), || guards()
+            .iter()
+            .all(|(reflected, not_target)| *reflected > 0 && *not_target > 0)),
+        "the loop path was never exercised: (reflected, relay_not_target) {:?}",
+        guards()
     );
-    std::thread::sleep(Duration::from_secs(2));
-    let sent = (
-        from_vm.sent.load(std::sync::atomic::Ordering::Relaxed),
-        from_lan.sent.load(std::sync::atomic::Ordering::Relaxed),
+    let sent = || {
+        (
+            from_vm.sent.load(std::sync::atomic::Ordering::Relaxed),
+            from_lan.sent.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (vm, lan) = sent();
+            vm >= ANNOUNCEMENTS && lan >= ANNOUNCEMENTS
+        }),
+        "the senders stalled at {:?}",
+        sent()
     );
+    let sent = sent();
     drop((from_vm, from_lan));
     // Once the senders stop, nothing may still be circulating.
     let settled = |capture: &Capture| {
-        let mut last = capture.snapshot().len();
-        wait_until(Duration::from_secs(3), || {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = capture.snapshot().len();
-            std::mem::replace(&mut last, now) == now
+        until_stable(Duration::from_secs(3), Duration::from_millis(300), || {
+            capture.snapshot().len()
         })
+        .1
     };
     assert!(
         settled(&at_lan) && settled(&at_vm),
@@ -465,20 +454,15 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
     println!(
         "two routers, one group, hairpin ports: {} + {} announcements sent; most copies of one announcement: \
          LAN {} of the VM's and {} of the LAN's, VM side {} of the VM's and {} of the LAN's; \
-         {relayed_twice} VM announcements reached the LAN once per router; loop guards hit: reflected {:?}, \
-         relay_not_target {:?}",
+         {relayed_twice} VM announcements reached the LAN once per router; loop guards hit \
+         (reflected, relay_not_target): {:?}",
         sent.0,
         sent.1,
         worst(&lan_frames, "vm"),
         worst(&lan_frames, "lan"),
         worst(&vm_frames, "vm"),
         worst(&vm_frames, "lan"),
-        fwds.iter()
-            .map(|f| f.reason(Reason::Reflected).unwrap())
-            .collect::<Vec<_>>(),
-        fwds.iter()
-            .map(|f| f.reason(Reason::RelayNotTarget).unwrap())
-            .collect::<Vec<_>>(),
+        guards(),
     );
     // LAN: the peer's own datagram, and each router's copy of the VM's.
     assert_eq!(

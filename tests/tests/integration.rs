@@ -268,8 +268,6 @@ fn scenario(contender: Contender, offload: Offload) -> Checks {
                         "exit status {status}; log:\n{}",
                         fwd.log_text()
                     );
-                    let left = fwd.pins.contents();
-                    ensure!(left.is_empty(), "pins left: {left:?}");
                     ensure!(
                         !ns.sh("nft list tables")?.contains("forwarder"),
                         "nftables table left"

@@ -10,18 +10,6 @@ use forwarder_tests::{daemon::Forwarder, localsend::Peer, topology::*, wait::wai
 const APP_ALIAS: &str = "qubes-app";
 const LAN_ALIAS: &str = "lan-phone";
 
-fn relayed_up(fwd: &Forwarder) -> u64 {
-    let Ok(tables) = fwd.tables() else { return 0 };
-    let Ok(relays) = tables.installed_relays() else {
-        return 0;
-    };
-    relays
-        .values()
-        .filter_map(|r| tables.relay_counters(r.slot).ok())
-        .map(|c| c.packets_up)
-        .sum()
-}
-
 #[test]
 fn localsend_peers_discover_each_other_and_exchange_files_through_the_forwarder() {
     let t = Topology::build(Offload::On).expect("topology");
@@ -32,9 +20,10 @@ fn localsend_peers_discover_each_other_and_exchange_files_through_the_forwarder(
     // three went out to the LAN, a peer starting now can only find the app
     // through the relay of its own announcement.
     assert!(
-        wait_until(Duration::from_secs(10), || relayed_up(&sysnet) >= 3),
+        wait_until(Duration::from_secs(10), || sysnet.relayed_up().unwrap()
+            >= 3),
         "the app's start-up announcements were not relayed ({} seen)",
-        relayed_up(&sysnet)
+        sysnet.relayed_up().unwrap()
     );
     let started = Instant::now();
     let lan = Peer::start(&t.lan, LAN_ALIAS).expect("localsendd on the LAN");

@@ -2,9 +2,9 @@
 //! Qubes-like topology, for the forwarder and for the seed's nftables recipe
 //! (dup plus the dispatcher-maintained SNAT), checksum offload on and off.
 
+use forwarder::datapath::Role;
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -136,7 +136,7 @@ fn address_change(t: &Topology) -> Result<String> {
 fn uplink_down(t: &Topology, sysnet: Option<&Forwarder>) -> Result<String> {
     let listener = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT)?;
     let relayed_before = match sysnet {
-        Some(fwd) => Some(relay_up_count(fwd)?),
+        Some(fwd) => Some(fwd.relayed_up()?),
         None => None,
     };
     let no_addr_before = sysnet
@@ -152,7 +152,7 @@ fn uplink_down(t: &Topology, sysnet: Option<&Forwarder>) -> Result<String> {
         );
     }
     if let (Some(fwd), Some(before)) = (sysnet, relayed_before) {
-        let after = relay_up_count(fwd)?;
+        let after = fwd.relayed_up()?;
         ensure!(
             after == before,
             "{} copies relayed toward a down uplink",
@@ -165,13 +165,9 @@ fn uplink_down(t: &Topology, sysnet: Option<&Forwarder>) -> Result<String> {
         );
     }
     t.sysnet.ip(&format!("link set {SYSNET_UPLINK} up"))?;
-    t.lan.ip("link set eth0 up")?;
     if let Some(fwd) = sysnet {
         ensure!(
-            wait_until(WAIT, || fwd
-                .tables()
-                .and_then(|t| t.uplink())
-                .is_ok_and(|u| u.usable())),
+            wait_until(WAIT, || fwd.uplink().usable()),
             "the forwarder did not see the uplink come back"
         );
     }
@@ -193,15 +189,6 @@ fn uplink_down(t: &Topology, sysnet: Option<&Forwarder>) -> Result<String> {
     Ok(String::new())
 }
 
-fn relay_up_count(fwd: &Forwarder) -> Result<u64> {
-    let tables = fwd.tables()?;
-    let mut total = 0;
-    for relay in tables.installed_relays()?.values() {
-        total += tables.relay_counters(relay.slot)?.packets_up;
-    }
-    Ok(total)
-}
-
 /// Qubes restarts a VM behind a new vif name and ifindex; both directions
 /// must keep working every time.
 fn vif_restarts(t: &Topology, sysfw: Option<&Forwarder>) -> Result<String> {
@@ -212,8 +199,7 @@ fn vif_restarts(t: &Topology, sysfw: Option<&Forwarder>) -> Result<String> {
         let created = Instant::now();
         if let Some(fwd) = sysfw {
             let index = t.sysfw.link(&vif)?.index;
-            let pin: PathBuf =
-                forwarder::pin::PinLayout::new(fwd.pins.path()).link_pin("downstream", index);
+            let pin = fwd.link_pin(Role::Downstream, index);
             ensure!(
                 wait_until(Duration::from_millis(100), || pin.exists()),
                 "cycle {cycle}: {vif} not attached within 100 ms"

@@ -3,6 +3,7 @@
 //! rejoining the relay groups, and resyncing after the kernel dropped
 //! events.
 
+use forwarder::datapath::Role;
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use forwarder::netlink::{Event, Monitor};
@@ -28,15 +29,11 @@ fn add_uplink(ns: &Netns) {
     ns.ip("link set eth0 up").unwrap();
 }
 
-fn state(fwd: &Forwarder) -> UplinkState {
-    fwd.tables().and_then(|t| t.uplink()).unwrap_or_default()
-}
-
 fn wait_state(fwd: &Forwarder, what: &str, pred: impl Fn(&UplinkState) -> bool) {
     assert!(
-        wait_until(WAIT, || pred(&state(fwd))),
+        wait_until(WAIT, || pred(&fwd.uplink())),
         "{what}: state is {:?}",
-        state(fwd)
+        fwd.uplink()
     );
 }
 
@@ -74,11 +71,7 @@ fn a_missing_uplink_and_address_are_waited_for() {
         &["--uplink", "eth0", "--forward", "tcp:80=10.0.0.9"],
     )
     .unwrap();
-    assert!(
-        wait_until(WAIT, || fwd.log_text().contains("waiting for it to appear")),
-        "log:\n{}",
-        fwd.log_text()
-    );
+    fwd.wait_log("waiting for it to appear", WAIT).unwrap();
     assert!(fwd.running(), "the daemon must wait, not exit");
     add_uplink(&ns);
     wait_state(&fwd, "uplink appeared without an address", |s| {
@@ -87,7 +80,7 @@ fn a_missing_uplink_and_address_are_waited_for() {
     assert!(fwd.running());
     ns.ip("addr add 192.168.5.2/24 dev eth0").unwrap();
     fwd.wait_ready(WAIT).unwrap();
-    assert_eq!(state(&fwd).addr, wire([192, 168, 5, 2]));
+    assert_eq!(fwd.uplink().addr, wire([192, 168, 5, 2]));
 }
 
 #[test]
@@ -132,7 +125,7 @@ fn the_state_map_follows_address_mac_and_link_changes() {
         s.addr == wire([10, 20, 30, 40]) && s.prefix_len == 16
     });
 
-    let old = state(&fwd).ifindex;
+    let old = fwd.uplink().ifindex;
     ns.ip("link del eth0").unwrap();
     wait_state(&fwd, "uplink gone", |s| s.ifindex == 0);
     add_uplink(&ns);
@@ -143,8 +136,7 @@ fn the_state_map_follows_address_mac_and_link_changes() {
             .contains(&Ipv4Addr::new(224, 0, 0, 167))),
         "relay group rejoined on the recreated uplink"
     );
-    let pin =
-        forwarder::pin::PinLayout::new(fwd.pins.path()).link_pin("uplink", state(&fwd).ifindex);
+    let pin = fwd.link_pin(Role::Uplink, fwd.uplink().ifindex);
     assert!(
         wait_until(WAIT, || pin.exists()),
         "uplink program attached to the new link"
@@ -224,13 +216,8 @@ fn the_daemon_resyncs_after_an_overflow() {
     // SAFETY: as above.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
     assert!(flooded.unwrap().success());
-    assert!(
-        wait_until(Duration::from_secs(20), || fwd
-            .log_text()
-            .contains("overflowed; resyncing")),
-        "no overflow seen; log:\n{}",
-        fwd.log_text()
-    );
+    fwd.wait_log("overflowed; resyncing", Duration::from_secs(20))
+        .unwrap();
     wait_state(&fwd, "renumbered during the flood", |s| {
         s.addr == wire([192, 168, 6, 2])
     });
