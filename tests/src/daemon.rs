@@ -52,9 +52,7 @@ impl Forwarder {
     /// Starts `forwarder run <args> --pin-dir <own dir>` in `ns` and waits
     /// until the uplink program is attached and the uplink has an address.
     pub fn start(ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
-        let mut fwd = Self::spawn(ns, label, args)?;
-        fwd.wait_ready(Duration::from_secs(20))?;
-        Ok(fwd)
+        Self::start_binary(&binary()?, ns, label, args)
     }
 
     /// The forwarder in both routers of the Qubes-like topology, each
@@ -292,10 +290,14 @@ impl Forwarder {
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
-        if self.child.is_some()
-            && let Err(err) = self.stop()
-        {
-            let _ = std::fs::remove_file(&self.log);
+        let stopped = if self.child.is_some() {
+            self.stop().map(drop)
+        } else {
+            Ok(())
+        };
+        // A failed stop's error already quotes the log.
+        let _ = std::fs::remove_file(&self.log);
+        if let Err(err) = stopped {
             // Every test checks the daemon cleans up; a test already failing
             // must not abort on a second panic.
             if std::thread::panicking() {
@@ -304,7 +306,6 @@ impl Drop for Forwarder {
                 panic!("cleanup: {err:#}");
             }
         }
-        let _ = std::fs::remove_file(&self.log);
     }
 }
 

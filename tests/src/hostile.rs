@@ -305,7 +305,6 @@ fn bend(rng: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
 /// The parts of a frame the oracle reasons about, read defensively.
 #[derive(Clone, Copy, Debug)]
 struct View {
-    ihl5: bool,
     proto: u8,
     saddr: Ipv4Addr,
     daddr: Ipv4Addr,
@@ -331,7 +330,6 @@ fn view(frame: &[u8]) -> Option<View> {
     let pseudo = csum::pseudo_header_sum(saddr.octets(), daddr.octets(), ip[9], l4.len() as u16);
     let udp_none = ip[9] == UDP && l4[6] == 0 && l4[7] == 0;
     Some(View {
-        ihl5: true,
         proto: ip[9],
         saddr,
         daddr,
@@ -387,8 +385,7 @@ pub enum Outcome {
 }
 
 /// Checks one program run against the properties above.
-pub fn check(case: &Case, action: i32, output: &[u8]) -> Result<Outcome> {
-    let rules = rules();
+pub fn check(rules: &[Rule], case: &Case, action: i32, output: &[u8]) -> Result<Outcome> {
     match action {
         TC_ACT_UNSPEC => {
             ensure!(output == case.frame, "passed but changed");
@@ -426,7 +423,7 @@ pub fn check(case: &Case, action: i32, output: &[u8]) -> Result<Outcome> {
                 _ => bail!("redirected a frame that is not plain IPv4 TCP/UDP"),
             };
             ensure!(
-                inp.ihl5 && matches!(inp.proto, TCP | UDP),
+                matches!(inp.proto, TCP | UDP),
                 "redirected protocol {}",
                 inp.proto
             );
@@ -545,7 +542,8 @@ fn refused(err: &anyhow::Error) -> bool {
 /// Runs `count` generated cases from `seed` through the programs, checking
 /// each, and every frame that reaches the uplink's far end.
 pub fn run(count: u64, seed: u64, mut keep_going: impl FnMut(&Tally) -> bool) -> Result<Tally> {
-    let h = Harness::with_relays(&rules(), &relays())?;
+    let rules = rules();
+    let h = Harness::with_relays(&rules, &relays())?;
     let lan = crate::capture::Capture::start(&h.ns, "lan0")?;
     let mut rng = Rng::new(seed);
     let mut tally = Tally::default();
@@ -560,7 +558,7 @@ pub fn run(count: u64, seed: u64, mut keep_going: impl FnMut(&Tally) -> bool) ->
             }
             Err(err) => return Err(err),
         };
-        match check(&case, action, &output) {
+        match check(&rules, &case, action, &output) {
             Ok(Outcome::Passed) => tally.passed += 1,
             Ok(Outcome::Redirected) => tally.redirected += 1,
             Ok(Outcome::Dropped) => tally.dropped += 1,

@@ -5,7 +5,10 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::wait::{until_stable, wait_until};
+use crate::{
+    netns::run,
+    wait::{until_stable, wait_until},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Objects {
@@ -15,17 +18,9 @@ pub struct Objects {
 }
 
 fn count(kind: &str) -> Result<usize> {
-    let out = Command::new("bpftool")
-        .args(["--json", kind, "show"])
-        .output()
-        .context("running bpftool (Debian package bpftool)")?;
-    if !out.status.success() {
-        bail!(
-            "bpftool {kind} show: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+    let out = run(Command::new("bpftool").args(["--json", kind, "show"]))
+        .context("bpftool (Debian package bpftool)")?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out)
         .with_context(|| format!("bpftool {kind} show printed no JSON list"))?;
     Ok(list.len())
 }

@@ -43,6 +43,8 @@ pub struct Peer {
     pub alias: String,
     pub dir: PathBuf,
     child: Child,
+    python: String,
+    lib: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +56,7 @@ pub struct Device {
 impl Peer {
     pub fn start(ns: &Netns, alias: &str) -> Result<Self> {
         let lib = install_dir()?;
+        let python = python()?;
         let dir = std::env::temp_dir().join(format!("{}-{alias}", ns.name()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["home", "config", "state", "run", "downloads"] {
@@ -61,7 +64,7 @@ impl Peer {
         }
         let log = std::fs::File::create(dir.join("daemon.log"))?;
         let child = ns
-            .command(&python()?)
+            .command(&python)
             .args([
                 "-m",
                 "localsendd",
@@ -91,6 +94,8 @@ impl Peer {
             alias: alias.into(),
             dir,
             child,
+            python,
+            lib,
         };
         if !wait_until(Duration::from_secs(15), || {
             peer.log().contains(" localsendd: alias=")
@@ -111,7 +116,7 @@ impl Peer {
     }
 
     fn ctl(&self, args: &[&str]) -> Result<std::process::Output> {
-        Command::new(python()?)
+        Command::new(&self.python)
             .args([
                 "-c",
                 "import sys; from localsendd.cli import main; sys.exit(main())",
@@ -119,7 +124,7 @@ impl Peer {
             .arg("--socket")
             .arg(self.dir.join("run/localsendd.sock"))
             .args(args)
-            .env("PYTHONPATH", install_dir()?)
+            .env("PYTHONPATH", &self.lib)
             .output()
             .context("localsendctl")
     }

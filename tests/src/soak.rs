@@ -622,14 +622,15 @@ pub fn run(duration: Duration, sample_every: Duration) -> Result<Report> {
         ANNOUNCE_INTERVAL,
     )?;
 
-    let echoed_mib = |streams: &[Stream]| {
-        streams
-            .iter()
-            .map(|s| s.echoed_bytes.load(Ordering::Relaxed))
-            .sum::<u64>() as f64
-            / f64::from(1 << 20)
-    };
     let start = Instant::now();
+    let sample = |echoed_bytes: u64| -> Result<Sample> {
+        Ok(Sample {
+            at: start.elapsed(),
+            routers: [footprint(&sysnet)?, footprint(&sysfw)?],
+            kernel: kernel_objects::objects()?,
+            echoed_mib: echoed_bytes as f64 / f64::from(1 << 20),
+        })
+    };
     let mut samples = Vec::new();
     let mut next_sample = start;
     let mut tick = 0u16;
@@ -639,12 +640,12 @@ pub fn run(duration: Duration, sample_every: Duration) -> Result<Report> {
     let mut flows: Vec<JoinHandle<()>> = Vec::new();
     while start.elapsed() < duration {
         if Instant::now() >= next_sample {
-            let sample = Sample {
-                at: start.elapsed(),
-                routers: [footprint(&sysnet)?, footprint(&sysfw)?],
-                kernel: kernel_objects::objects()?,
-                echoed_mib: echoed_mib(&streams),
-            };
+            let sample = sample(
+                streams
+                    .iter()
+                    .map(|s| s.echoed_bytes.load(Ordering::Relaxed))
+                    .sum(),
+            )?;
             eprintln!(
                 "soak: {:.0} s, RSS {} / {} KiB, {:.1} MiB echoed",
                 sample.at.as_secs_f64(),
@@ -694,12 +695,7 @@ pub fn run(duration: Duration, sample_every: Duration) -> Result<Report> {
         .into_iter()
         .map(Stream::finish)
         .collect::<Result<Vec<_>>>()?;
-    samples.push(Sample {
-        at: start.elapsed(),
-        routers: [footprint(&sysnet)?, footprint(&sysfw)?],
-        kernel: kernel_objects::objects()?,
-        echoed_mib: streams.iter().map(|(_, e)| e.bytes).sum::<u64>() as f64 / f64::from(1 << 20),
-    });
+    samples.push(sample(streams.iter().map(|(_, e)| e.bytes).sum())?);
     let relayed_up = at_lan
         .received()
         .iter()

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
 use forwarder::{
     datapath::{Datapath, Role},
     pin::{self, PinLayout},
@@ -16,7 +16,11 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use crate::{bpffs::PinDir, netns::Netns, packet::Mac};
+use crate::{
+    bpffs::PinDir,
+    netns::{Link, Netns},
+    packet::Mac,
+};
 
 pub const TC_ACT_UNSPEC: i32 = -1;
 pub const TC_ACT_SHOT: i32 = 2;
@@ -41,29 +45,13 @@ pub const OTHER_VM: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 6);
 /// Behind vif1.0, without a neighbour entry.
 pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
 
-#[derive(Clone, Debug)]
-pub struct Iface {
-    pub name: String,
-    pub index: u32,
-    pub mac: Mac,
-}
-
 pub struct Harness {
     pub datapath: Datapath,
     pub ns: Netns,
-    pub uplink: Iface,
-    pub vif1: Iface,
-    pub vif2: Iface,
+    pub uplink: Link,
+    pub vif1: Link,
+    pub vif2: Link,
     _pins: PinDir,
-}
-
-fn iface(ns: &Netns, name: &str) -> Result<Iface> {
-    let link = ns.link(name)?;
-    Ok(Iface {
-        name: name.into(),
-        index: link.index,
-        mac: link.mac,
-    })
 }
 
 fn mac_str(mac: Mac) -> String {
@@ -110,22 +98,19 @@ impl Harness {
         let mut datapath = Datapath::load(&layout)?;
         datapath.tables.sync_rules(rules)?;
         datapath.tables.sync_relays(relays)?;
-        let harness = Harness {
-            uplink: iface(&ns, "up0")?,
-            vif1: iface(&ns, "vif1.0")?,
-            vif2: iface(&ns, "vif2.0")?,
+        let mut harness = Harness {
+            uplink: ns.link("up0")?,
+            vif1: ns.link("vif1.0")?,
+            vif2: ns.link("vif2.0")?,
             datapath,
             ns,
             _pins: pins,
         };
         let state = harness.uplink_state();
-        let mut harness = harness;
-        harness.datapath.tables.set_uplink(state)?;
-        for vif in [harness.vif1.clone(), harness.vif2.clone()] {
-            harness
-                .datapath
-                .tables
-                .set_downstream_mac(vif.index, vif.mac)?;
+        let tables = &mut harness.datapath.tables;
+        tables.set_uplink(state)?;
+        for vif in [&harness.vif1, &harness.vif2] {
+            tables.set_downstream_mac(vif.index, vif.mac)?;
         }
         Ok(harness)
     }
@@ -155,20 +140,7 @@ impl Harness {
         frame: &[u8],
         gso_size: u32,
     ) -> Result<(i32, Vec<u8>)> {
-        let _inside = self.ns.enter()?;
-        let prog = self.datapath.program(role)?;
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_CTX_IFINDEX..SKB_CTX_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[SKB_CTX_GSO_SIZE..SKB_CTX_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 512];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
+        let (result, mut out) = self.test_run(role, ifindex, frame, gso_size, 0)?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
     }
@@ -183,10 +155,24 @@ impl Harness {
         frame: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration> {
+        Ok(self.test_run(role, ifindex, frame, 0, repeat)?.0.duration)
+    }
+
+    /// One BPF_PROG_TEST_RUN inside the namespace, so FIB lookups see its
+    /// routes; returns the result and the output buffer, untruncated.
+    fn test_run(
+        &self,
+        role: Role,
+        ifindex: u32,
+        frame: &[u8],
+        gso_size: u32,
+        repeat: u32,
+    ) -> Result<(TestRunResult, Vec<u8>)> {
         let _inside = self.ns.enter()?;
         let prog = self.datapath.program(role)?;
         let mut ctx = [0u8; SKB_CTX_LEN];
         ctx[SKB_CTX_IFINDEX..SKB_CTX_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[SKB_CTX_GSO_SIZE..SKB_CTX_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 512];
         let result = prog
             .test_run(TestRunOptions {
@@ -197,7 +183,7 @@ impl Harness {
                 ..TestRunOptions::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
-        Ok(result.duration)
+        Ok((result, out))
     }
 
     pub fn reason(&self, reason: Reason) -> u64 {
@@ -205,5 +191,17 @@ impl Harness {
             .tables
             .reason_count(reason)
             .expect("reading reason counters")
+    }
+
+    /// Runs `frame` and asserts the program left it alone and counted
+    /// `reason`.
+    pub fn assert_untouched(&self, role: Role, ifindex: u32, frame: &[u8], reason: Reason) {
+        let before = self.reason(reason);
+        let (action, out) = self
+            .run(role, ifindex, frame)
+            .unwrap_or_else(|e| panic!("{reason:?}, {} bytes: {e:#}", frame.len()));
+        assert_eq!(action, TC_ACT_UNSPEC, "{reason:?}: action");
+        assert_eq!(out, frame, "{reason:?}: bytes changed");
+        assert_eq!(self.reason(reason), before + 1, "{reason:?} not counted");
     }
 }

@@ -49,17 +49,6 @@ fn from_lan(mut frame: Frame) -> Frame {
     frame
 }
 
-/// Runs `frame` and asserts the program left it alone and counted `reason`.
-fn assert_untouched(h: &Harness, role: Role, ifindex: u32, frame: &[u8], reason: Reason) {
-    let before = h.reason(reason);
-    let (action, out) = h
-        .run(role, ifindex, frame)
-        .unwrap_or_else(|e| panic!("{reason:?}, {} bytes: {e:#}", frame.len()));
-    assert_eq!(action, TC_ACT_UNSPEC, "{reason:?}: action");
-    assert_eq!(out, frame, "{reason:?}: bytes changed");
-    assert_eq!(h.reason(reason), before + 1, "{reason:?} not counted");
-}
-
 #[test]
 fn tcp_syn_to_the_listen_port_is_dnatted_to_the_target() {
     let h = harness();
@@ -161,7 +150,7 @@ fn traffic_outside_the_rules_is_untouched_and_counted() {
     let h = harness();
     let up = h.uplink.index;
     let other_port = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 22)).build();
-    assert_untouched(&h, Role::Uplink, up, &other_port, Reason::NoRule);
+    h.assert_untouched(Role::Uplink, up, &other_port, Reason::NoRule);
     let other_dst = from_lan(Frame::tcp(
         LAN_PEER,
         40000,
@@ -169,25 +158,18 @@ fn traffic_outside_the_rules_is_untouched_and_counted() {
         53317,
     ))
     .build();
-    assert_untouched(&h, Role::Uplink, up, &other_dst, Reason::OtherDestination);
+    h.assert_untouched(Role::Uplink, up, &other_dst, Reason::OtherDestination);
     let wrong_proto = from_lan(Frame::udp(LAN_PEER, 40000, UPLINK_ADDR, 8080)).build();
-    assert_untouched(&h, Role::Uplink, up, &wrong_proto, Reason::NoRule);
+    h.assert_untouched(Role::Uplink, up, &wrong_proto, Reason::NoRule);
     let on_wrong_iface = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317)).build();
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Uplink,
         h.vif1.index,
         &on_wrong_iface,
         Reason::NotUplink,
     );
     let vm_outbound = Frame::tcp(TARGET, 43000, LAN_PEER, 80).build();
-    assert_untouched(
-        &h,
-        Role::Downstream,
-        h.vif1.index,
-        &vm_outbound,
-        Reason::NoRule,
-    );
+    h.assert_untouched(Role::Downstream, h.vif1.index, &vm_outbound, Reason::NoRule);
 }
 
 #[test]
@@ -201,15 +183,9 @@ fn sources_outside_allow_from_are_untouched() {
         53317,
     ))
     .build();
-    assert_untouched(&h, Role::Uplink, up, &off_subnet, Reason::SourceNotAllowed);
+    h.assert_untouched(Role::Uplink, up, &off_subnet, Reason::SourceNotAllowed);
     let outside_list = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 2222)).build();
-    assert_untouched(
-        &h,
-        Role::Uplink,
-        up,
-        &outside_list,
-        Reason::SourceNotAllowed,
-    );
+    h.assert_untouched(Role::Uplink, up, &outside_list, Reason::SourceNotAllowed);
     let inside_list = from_lan(Frame::tcp(
         Ipv4Addr::new(192, 168, 1, 70),
         40000,
@@ -242,7 +218,7 @@ fn spoofed_and_martian_sources_are_untouched() {
         if reason == Reason::ReversePathFailed {
             frame = from_lan(Frame::udp(src, 40000, UPLINK_ADDR, 5000));
         }
-        assert_untouched(&h, Role::Uplink, up, &frame.build(), reason);
+        h.assert_untouched(Role::Uplink, up, &frame.build(), reason);
     }
 }
 
@@ -251,17 +227,10 @@ fn spoofed_replies_are_untouched() {
     let h = harness();
     // Wrong address: another VM pretending to be the target's service.
     let wrong_addr = Frame::tcp(OTHER_VM, 53317, LAN_PEER, 40000).build();
-    assert_untouched(
-        &h,
-        Role::Downstream,
-        h.vif2.index,
-        &wrong_addr,
-        Reason::NoRule,
-    );
+    h.assert_untouched(Role::Downstream, h.vif2.index, &wrong_addr, Reason::NoRule);
     // Right address, wrong interface: the target lives behind vif1.0.
     let wrong_iface = Frame::tcp(TARGET, 53317, LAN_PEER, 40000).build();
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif2.index,
         &wrong_iface,
@@ -269,8 +238,7 @@ fn spoofed_replies_are_untouched() {
     );
     // Toward a peer auto does not allow (off the uplink's subnet).
     let far_peer = Frame::tcp(TARGET, 53317, Ipv4Addr::new(8, 8, 8, 8), 40000).build();
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif1.index,
         &far_peer,
@@ -278,8 +246,7 @@ fn spoofed_replies_are_untouched() {
     );
     // Toward another VM: not out of the uplink, so the stack decides.
     let to_vm = Frame::udp(UNRESOLVED, 5000, OTHER_VM, 40000).build();
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif1.index,
         &to_vm,
@@ -292,8 +259,7 @@ fn ttl_that_would_expire_goes_to_the_stack() {
     let h = harness();
     let mut frame = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317));
     frame.ttl = 1;
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Uplink,
         h.uplink.index,
         &frame.build(),
@@ -301,8 +267,7 @@ fn ttl_that_would_expire_goes_to_the_stack() {
     );
     let mut reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000);
     reply.ttl = 1;
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif1.index,
         &reply.build(),
@@ -316,13 +281,7 @@ fn over_mtu_packets_go_to_the_stack_but_gso_packets_are_judged_by_segment() {
     h.ns.ip("link set vif1.0 mtu 1000").unwrap();
     let big = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317).with_payload(&[7u8; 1400]))
         .build();
-    assert_untouched(
-        &h,
-        Role::Uplink,
-        h.uplink.index,
-        &big,
-        Reason::FibFragNeeded,
-    );
+    h.assert_untouched(Role::Uplink, h.uplink.index, &big, Reason::FibFragNeeded);
     let (action, out) = h.run_gso(Role::Uplink, h.uplink.index, &big, 900).unwrap();
     assert_eq!(action, TC_ACT_REDIRECT, "900-byte segments fit a 1000 MTU");
     assert!(packet::parse(&out).unwrap().l4_checksum_ok);
@@ -335,16 +294,14 @@ fn no_uplink_address_means_nothing_is_forwarded() {
     state.flags = UPLINK_UP;
     h.datapath.tables.set_uplink(state).unwrap();
     let frame = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317)).build();
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Uplink,
         h.uplink.index,
         &frame,
         Reason::NoUplinkAddress,
     );
     let reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000).build();
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif1.index,
         &reply,
@@ -364,8 +321,7 @@ fn icmp_errors_about_forwarded_flows_are_dropped() {
 
     let unrelated = Frame::udp(TARGET, 41000, Ipv4Addr::new(9, 9, 9, 9), 53).build();
     let error = packet::icmp_error(TARGET, LAN_PEER, 3, 3, &unrelated);
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif1.index,
         &error,
@@ -374,8 +330,7 @@ fn icmp_errors_about_forwarded_flows_are_dropped() {
     let mut ping = Frame::udp(TARGET, 0, LAN_PEER, 0);
     ping.proto = ICMP;
     ping.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif1.index,
         &ping.build(),
@@ -394,7 +349,7 @@ fn malformed_input_passes_with_identical_bytes_and_is_counted() {
     // the packet holds. (BPF_PROG_TEST_RUN itself refuses an IPv4 frame
     // shorter than an IP header, so shorter cuts cannot be fed in.)
     for len in 14 + 20..bytes.len() {
-        assert_untouched(&h, Role::Uplink, up, &bytes[..len], Reason::BadLength);
+        h.assert_untouched(Role::Uplink, up, &bytes[..len], Reason::BadLength);
     }
     // Cut inside the transport header with a consistent IP length.
     for (frame, keep) in [
@@ -404,8 +359,7 @@ fn malformed_input_passes_with_identical_bytes_and_is_counted() {
         let mut cut = frame.clone();
         cut.tot_len = Some(20 + keep);
         let bytes = cut.build();
-        assert_untouched(
-            &h,
+        h.assert_untouched(
             Role::Uplink,
             up,
             &bytes[..14 + 20 + keep as usize],
@@ -415,47 +369,46 @@ fn malformed_input_passes_with_identical_bytes_and_is_counted() {
 
     let mut f = bytes.clone();
     f[14] = 0x44;
-    assert_untouched(&h, Role::Uplink, up, &f, Reason::BadIpHeader);
+    h.assert_untouched(Role::Uplink, up, &f, Reason::BadIpHeader);
     let mut f = bytes.clone();
     f[14] = 0x65;
-    assert_untouched(&h, Role::Uplink, up, &f, Reason::BadIpHeader);
+    h.assert_untouched(Role::Uplink, up, &f, Reason::BadIpHeader);
 
     let mut options = good.clone();
     options.ip_options = vec![1, 1, 1, 0];
-    assert_untouched(&h, Role::Uplink, up, &options.build(), Reason::IpOptions);
+    h.assert_untouched(Role::Uplink, up, &options.build(), Reason::IpOptions);
 
     for frag in [0x2000, 0x0001, 0x2010] {
         let mut fragment = good.clone();
         fragment.frag = frag;
-        assert_untouched(&h, Role::Uplink, up, &fragment.build(), Reason::Fragment);
+        h.assert_untouched(Role::Uplink, up, &fragment.build(), Reason::Fragment);
     }
 
     let mut arp = good.clone();
     arp.ether_type = 0x0806;
-    assert_untouched(&h, Role::Uplink, up, &arp.build(), Reason::NotIpv4);
+    h.assert_untouched(Role::Uplink, up, &arp.build(), Reason::NotIpv4);
     let mut ipv6 = good.clone();
     ipv6.ether_type = 0x86dd;
-    assert_untouched(&h, Role::Uplink, up, &ipv6.build(), Reason::Ipv6);
+    h.assert_untouched(Role::Uplink, up, &ipv6.build(), Reason::Ipv6);
     let mut vlan = good.clone();
     vlan.vlan = Some(5);
-    assert_untouched(&h, Role::Uplink, up, &vlan.build(), Reason::Vlan);
+    h.assert_untouched(Role::Uplink, up, &vlan.build(), Reason::Vlan);
 
     let mut too_long = good.clone();
     too_long.tot_len = Some(2000);
-    assert_untouched(&h, Role::Uplink, up, &too_long.build(), Reason::BadLength);
+    h.assert_untouched(Role::Uplink, up, &too_long.build(), Reason::BadLength);
     let mut too_short = good.clone();
     too_short.tot_len = Some(30);
-    assert_untouched(&h, Role::Uplink, up, &too_short.build(), Reason::BadLength);
+    h.assert_untouched(Role::Uplink, up, &too_short.build(), Reason::BadLength);
 
     let mut bad_doff = bytes.clone();
     bad_doff[14 + 20 + 12] = 0x40;
-    assert_untouched(&h, Role::Uplink, up, &bad_doff, Reason::BadLength);
+    h.assert_untouched(Role::Uplink, up, &bad_doff, Reason::BadLength);
 
     // The same shapes on the downstream program.
     let reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000).build();
     for len in 14 + 20..reply.len() {
-        assert_untouched(
-            &h,
+        h.assert_untouched(
             Role::Downstream,
             h.vif1.index,
             &reply[..len],
@@ -475,12 +428,11 @@ fn malformed_input_passes_with_identical_bytes_and_is_counted() {
         } else {
             Reason::BadLength
         };
-        assert_untouched(&h, Role::Downstream, h.vif1.index, &cut, reason);
+        h.assert_untouched(Role::Downstream, h.vif1.index, &cut, reason);
     }
     let mut frag = Frame::tcp(TARGET, 53317, LAN_PEER, 40000);
     frag.frag = 0x2000;
-    assert_untouched(
-        &h,
+    h.assert_untouched(
         Role::Downstream,
         h.vif1.index,
         &frag.build(),
