@@ -11,7 +11,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::netns::Netns;
 
@@ -172,6 +172,22 @@ pub fn inject(ns: &Netns, ifname: &str, frame: &[u8]) -> Result<()> {
 }
 
 /// One line about a frame, for failure messages.
+/// Fails when any frame carries an address `internal` matches, saying how
+/// many did and describing the first.
+pub fn ensure_no_internal(frames: &[Vec<u8>], internal: impl Fn(&Ipv4Addr) -> bool) -> Result<()> {
+    let leaks: Vec<&Vec<u8>> = frames
+        .iter()
+        .filter(|f| addresses(f).iter().any(&internal))
+        .collect();
+    ensure!(
+        leaks.is_empty(),
+        "{} frames with internal addresses, e.g. {}",
+        leaks.len(),
+        describe(leaks[0])
+    );
+    Ok(())
+}
+
 pub fn describe(frame: &[u8]) -> String {
     match crate::packet::parse(frame) {
         Some(p) => format!(

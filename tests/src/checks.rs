@@ -20,6 +20,22 @@ impl Checks {
         self.checks.push(Check { name, result });
     }
 
+    /// Records a check that has nothing to report but pass or fail.
+    pub fn add_ok(&mut self, name: &'static str, result: Result<()>) {
+        self.add(name, result.map(|()| String::new()));
+    }
+
+    /// Prints every check and panics, naming them, if any failed.
+    pub fn assert_all_pass(&self, title: &str) {
+        let failed = self.report(title);
+        assert!(
+            failed.is_empty(),
+            "{} of {} checks failed: {failed:?}",
+            failed.len(),
+            self.checks.len()
+        );
+    }
+
     /// Prints every check and returns the names of those that failed.
     pub fn report(&self, title: &str) -> Vec<&'static str> {
         println!("{title}:");

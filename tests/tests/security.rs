@@ -115,11 +115,10 @@ fn scenario() -> Checks {
         next_hop: t.sysnet.link(SYSNET_UPLINK).unwrap().mac,
     };
     let mut checks = Checks::default();
-    let empty = |r: Result<()>| r.map(|()| String::new());
 
-    checks.add(
+    checks.add_ok(
         "a VM cannot send as another VM through the forwarder",
-        empty((|| {
+        (|| {
             let before = sysfw.reason(Reason::ReversePathFailed).unwrap();
             from_app2.send(APP, LOCALSEND_PORT, LAN_PEER, 40000, "spoof-vm")?;
             ensure!(
@@ -127,11 +126,11 @@ fn scenario() -> Checks {
                 "sys-firewall did not refuse it"
             );
             Ok(())
-        })()),
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "a VM cannot send as a router",
-        empty((|| {
+        (|| {
             // No rule targets a router, so the datapath leaves these to the
             // stack, which drops local and foreign sources on a vif; the capture
             // check at the end shows none reached the LAN.
@@ -144,11 +143,11 @@ fn scenario() -> Checks {
                 );
             }
             Ok(())
-        })()),
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "a VM cannot use its rule to reach a peer the rule does not allow",
-        empty((|| {
+        (|| {
             let listener = t.lan.run(|| UdpSocket::bind((OTHER_LAN_HOST, 7000)))?;
             listener.set_read_timeout(Some(Duration::from_secs(3)))?;
             let before = sysnet.reason(Reason::PeerNotAllowed).unwrap();
@@ -167,11 +166,11 @@ fn scenario() -> Checks {
                 "peer_not_allowed not counted"
             );
             Ok(())
-        })()),
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "a LAN host outside allow-from cannot reach the target",
-        empty((|| {
+        (|| {
             let _server = EchoServer::start(&t.app, LOCALSEND_PORT)?;
             let before = sysnet.reason(Reason::SourceNotAllowed).unwrap();
             let answered = t.lan.run(|| -> Result<bool> {
@@ -191,11 +190,11 @@ fn scenario() -> Checks {
                 Duration::from_secs(3),
             )
             .map(drop)
-        })()),
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "LAN hosts spoofing internal, router or martian sources cannot reach the target",
-        empty((|| {
+        (|| {
             let refused = || {
                 sysnet
                     .reasons(&[
@@ -220,11 +219,11 @@ fn scenario() -> Checks {
                 );
             }
             Ok(())
-        })()),
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "a forwarded port exposes that port of that target and nothing else",
-        empty((|| {
+        (|| {
             let _servers: Vec<EchoServer> = [22u16, 80, 8080, 53316, 53318]
                 .iter()
                 .map(|p| EchoServer::start(&t.app, *p))
@@ -248,11 +247,11 @@ fn scenario() -> Checks {
                 Duration::from_secs(3),
             )
             .map(drop)
-        })()),
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "ICMP errors about forwarded flows are dropped and counted",
-        empty((|| {
+        (|| {
             // Nothing listens on 53317/udp in the app now: its kernel answers
             // with a port unreachable that quotes its internal address.
             let before = sysfw.reason(Reason::IcmpErrorDropped).unwrap();
@@ -266,11 +265,11 @@ fn scenario() -> Checks {
                 "icmp_error_dropped not counted"
             );
             Ok(())
-        })()),
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "pins and the control socket are root-only",
-        empty((|| {
+        (|| {
             use std::os::unix::fs::PermissionsExt as _;
             for path in sysnet.pins.contents().into_iter().filter(|p| !p.is_dir()) {
                 let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
@@ -303,16 +302,16 @@ fn scenario() -> Checks {
                 .output()?;
             ensure!(!out.status.success(), "nobody could read the pinned maps");
             Ok(())
-        })()),
+        })(),
     );
 
     // Each capture also holds the frames its own namespace injected.
     let lan = received(lan_capture.finish(), t.lan.link("eth0").unwrap().mac);
     let app = received(app_capture.finish(), t.app.link("eth0").unwrap().mac);
     let app2 = received(app2_capture.finish(), t.app2.link("eth0").unwrap().mac);
-    checks.add(
+    checks.add_ok(
         "nothing spoofed got through, and no internal address left the uplink",
-        empty((|| {
+        (|| {
             for (frames, markers, place) in [
                 (&lan, ["spoof-vm", "spoof-router"].as_slice(), "the LAN"),
                 (&app, ["spoof-lan", "outsider"].as_slice(), "the app"),
@@ -322,23 +321,12 @@ fn scenario() -> Checks {
                     ensure!(seen.is_empty(), "{marker} reached {place}: {seen:?}");
                 }
             }
-            let leaks: Vec<String> = lan
-                .iter()
-                .filter(|f| capture::addresses(f).iter().any(|a| a.octets()[0] == 10))
-                .map(|f| capture::describe(f))
-                .collect();
-            ensure!(
-                leaks.is_empty(),
-                "{} frames with internal addresses, e.g. {}",
-                leaks.len(),
-                leaks[0]
-            );
-            Ok(())
-        })()),
+            capture::ensure_no_internal(&lan, |a| a.octets()[0] == 10)
+        })(),
     );
-    checks.add(
+    checks.add_ok(
         "the second VM saw none of the first VM's forwarded traffic",
-        empty((|| {
+        (|| {
             let seen: Vec<String> = app2
                 .iter()
                 .filter_map(|f| packet::parse(f))
@@ -347,14 +335,12 @@ fn scenario() -> Checks {
                 .collect();
             ensure!(seen.is_empty(), "app2 saw {seen:?}");
             Ok(())
-        })()),
+        })(),
     );
     checks
 }
 
 #[test]
 fn the_forwarder_opens_no_path_qubes_closes() {
-    let checks = scenario();
-    let failed = checks.report("security properties");
-    assert!(failed.is_empty(), "failed: {failed:?}");
+    scenario().assert_all_pass("security properties");
 }
