@@ -161,7 +161,7 @@ pub enum RulesCommand {
     },
 }
 
-fn parse_regex(s: &str) -> Result<Regex, String> {
+pub fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| format!("not a valid regular expression: {e}"))
 }
 

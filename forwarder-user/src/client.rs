@@ -40,10 +40,7 @@ pub fn render(rules: &[RuleView]) -> String {
             format!("{}:{}", r.target, r.target_port),
             r.allow_from,
             expires_text(r.expires_in_secs),
-            serde_json::to_value(r.origin)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            r.origin.name(),
             r.packets_in,
             human_bytes(r.bytes_in as f64),
             r.packets_out,

@@ -14,7 +14,9 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::{
-    cli::{DEFAULT_DOWNSTREAM, DEFAULT_PIN_DIR, DEFAULT_RELAY_RATE, RunArgs, parse_ifname},
+    cli::{
+        DEFAULT_DOWNSTREAM, DEFAULT_PIN_DIR, DEFAULT_RELAY_RATE, RunArgs, parse_ifname, parse_regex,
+    },
     rules::{self, Origin, Relay, Rule},
     spec::{AllowFrom, ForwardSpec, Proto, RelaySpec, parse_rate, parse_ttl},
 };
@@ -117,10 +119,6 @@ fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
         .map_err(|_| format!("{s:?} is not an IPv4 address"))
 }
 
-fn parse_regex(s: &str) -> Result<Regex, String> {
-    Regex::new(s).map_err(|e| format!("not a valid regular expression: {e}"))
-}
-
 fn parse_expiry(s: &str) -> Result<SystemTime, String> {
     humantime::parse_rfc3339(s)
         .map_err(|_| format!("{s:?} is not an RFC 3339 time, e.g. 2026-11-22T18:00:00Z"))
@@ -193,12 +191,9 @@ impl RunConfig {
         if !args.forward.is_empty() {
             for spec in &args.forward {
                 let target = resolve(spec).map_err(|e| format!("--forward {e}"))?;
-                let port = spec.target_port.unwrap_or(spec.port);
-                rules.push(Rule::new(
-                    spec.proto,
-                    spec.port,
+                rules.push(Rule::from_spec(
+                    spec,
                     target,
-                    port,
                     allow_from.clone(),
                     Origin::Flag,
                 ));
@@ -208,14 +203,7 @@ impl RunConfig {
                 let key = |k: &str| format!("forward[{i}].{k}");
                 let spec: ForwardSpec = src.key(&key("spec"), &table.spec, parse_str)?;
                 let target = src.key(&key("spec"), &table.spec, |_| resolve(&spec))?;
-                let mut rule = Rule::new(
-                    spec.proto,
-                    spec.port,
-                    target,
-                    spec.target_port.unwrap_or(spec.port),
-                    allow_from.clone(),
-                    Origin::File,
-                );
+                let mut rule = Rule::from_spec(&spec, target, allow_from.clone(), Origin::File);
                 if let Some(a) = &table.allow_from {
                     rule.allow = src.key(&key("allow_from"), a, parse_str::<AllowFrom>)?;
                 }

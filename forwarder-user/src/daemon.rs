@@ -157,11 +157,8 @@ impl Daemon {
     /// Removes rules whose time is up.
     fn expire_rules(&mut self) -> Result<()> {
         let now = SystemTime::now();
-        let (expired, kept): (Vec<Rule>, Vec<Rule>) = self
-            .config
-            .rules
-            .drain(..)
-            .partition(|r| r.expires.is_some_and(|t| t <= now));
+        let (expired, kept): (Vec<Rule>, Vec<Rule>) =
+            self.config.rules.drain(..).partition(|r| r.expired(now));
         self.config.rules = kept;
         if !expired.is_empty() {
             self.apply_rules()?;
@@ -277,14 +274,7 @@ impl Daemon {
             Some(a) => a.parse::<AllowFrom>()?,
             None => self.config.allow_from.clone(),
         };
-        let mut rule = Rule::new(
-            spec.proto,
-            spec.port,
-            target,
-            spec.target_port.unwrap_or(spec.port),
-            allow,
-            Origin::Live,
-        );
+        let mut rule = Rule::from_spec(&spec, target, allow, Origin::Live);
         rule.comment = comment;
         rule.expires = expire_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
         let mut candidate = self.config.rules.clone();
@@ -451,11 +441,11 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
     let mut config = config;
     let now = SystemTime::now();
     config.rules.retain(|r| {
-        let live = r.expires.is_none_or(|t| t > now);
-        if !live {
+        let expired = r.expired(now);
+        if expired {
             warn!("skipping rule {r}: it expired before the start");
         }
-        live
+        !expired
     });
     let setup = (|| -> Result<()> {
         datapath.tables.sync_rules(&config.rules)?;

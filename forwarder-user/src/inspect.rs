@@ -12,12 +12,18 @@ use std::{
 
 use anyhow::{Result, bail};
 use forwarder_common::{
-    maps::{ALLOW_ANY, ALLOW_AUTO, ForwardRule, LAYOUT_VERSION, UPLINK_HAS_ADDR, UPLINK_UP},
+    maps::{ALLOW_ANY, ALLOW_AUTO, ForwardRule, LAYOUT_VERSION, UPLINK_UP},
     reason::Disposition,
 };
 use serde::Serialize;
 
-use crate::{cli::InspectArgs, pin::PinLayout, spec::Proto, tables::Tables};
+use crate::{
+    cli::InspectArgs,
+    interfaces::{address_text, mac_text},
+    pin::PinLayout,
+    spec::Proto,
+    tables::Tables,
+};
 
 /// Schema version of the JSON output; bumped on incompatible changes.
 pub const JSON_VERSION: u32 = 1;
@@ -114,10 +120,6 @@ fn ifname(ifindex: u32) -> Option<String> {
     )
 }
 
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.map(|b| format!("{b:02x}")).join(":")
-}
-
 fn allow_text(rule: &ForwardRule) -> String {
     match rule.allow {
         ALLOW_ANY => "any".into(),
@@ -171,13 +173,7 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
         name: (state.ifindex != 0)
             .then(|| ifname(state.ifindex))
             .flatten(),
-        address: (state.flags & UPLINK_HAS_ADDR != 0).then(|| {
-            format!(
-                "{}/{}",
-                Ipv4Addr::from(state.addr.to_ne_bytes()),
-                state.prefix_len
-            )
-        }),
+        address: address_text(&state),
         mac: mac_text(state.mac),
         link_up: state.flags & UPLINK_UP != 0,
         usable: state.usable(),
@@ -319,14 +315,16 @@ pub fn human_bytes(n: f64) -> String {
     }
 }
 
-fn rate_cell(rates: Option<Rates>, pick: fn(&Rates) -> (f64, f64)) -> String {
-    match rates {
-        Some(r) => {
-            let (packets, bytes) = pick(&r);
-            format!("{packets:.1}/s {}/s", human_bytes(bytes))
-        }
-        None => String::new(),
-    }
+/// "packets/s bytes/s" in then out; empty without rates (no --watch).
+fn rate_column(rates: Option<Rates>) -> String {
+    let cell = |packets: f64, bytes: f64| format!("{packets:.1}/s {}/s", human_bytes(bytes));
+    rates.map_or_else(String::new, |r| {
+        format!(
+            "{} / {}",
+            cell(r.packets_in, r.bytes_in),
+            cell(r.packets_out, r.bytes_out)
+        )
+    })
 }
 
 /// The table people read.
@@ -383,14 +381,7 @@ pub fn render(s: &Snapshot) -> String {
             "RATE IN / OUT"
         );
         for r in &s.rules {
-            let rate = match r.rates {
-                Some(_) => format!(
-                    "{} / {}",
-                    rate_cell(r.rates, |x| (x.packets_in, x.bytes_in)),
-                    rate_cell(r.rates, |x| (x.packets_out, x.bytes_out))
-                ),
-                None => String::new(),
-            };
+            let rate = rate_column(r.rates);
             out += &format!(
                 "  {:<12} {:<22} {:<20} {:>10} {:>11} {:>10} {:>11}  {}\n",
                 format!("{}:{}", r.proto, r.port),
@@ -424,14 +415,7 @@ pub fn render(s: &Snapshot) -> String {
         );
         for r in &s.relays {
             let targets: Vec<String> = r.targets.iter().map(ToString::to_string).collect();
-            let rate = match r.rates {
-                Some(_) => format!(
-                    "{} / {}",
-                    rate_cell(r.rates, |x| (x.packets_in, x.bytes_in)),
-                    rate_cell(r.rates, |x| (x.packets_out, x.bytes_out))
-                ),
-                None => String::new(),
-            };
+            let rate = rate_column(r.rates);
             out += &format!(
                 "  {:<22} {:<18} {:>5} {:>4}/s {:>9} {:>11} {:>9} {:>11} {:>8}  {}\n",
                 format!("{}:{}", r.group, r.port),

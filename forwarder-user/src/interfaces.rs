@@ -105,22 +105,32 @@ pub fn describe(state: &UplinkState) -> String {
     if state.ifindex == 0 {
         return "absent".into();
     }
-    let addr = if state.flags & UPLINK_HAS_ADDR != 0 {
-        format!(
-            "{}/{}",
-            Ipv4Addr::from(state.addr.to_ne_bytes()),
-            state.prefix_len
-        )
-    } else {
-        "no IPv4 address".into()
-    };
+    let addr = address_text(state).unwrap_or_else(|| "no IPv4 address".into());
     let link = if state.flags & UPLINK_UP != 0 {
         "up"
     } else {
         "down"
     };
-    let mac = state.mac.map(|b| format!("{b:02x}")).join(":");
-    format!("ifindex {} {link}, {addr}, MAC {mac}", state.ifindex)
+    format!(
+        "ifindex {} {link}, {addr}, MAC {}",
+        state.ifindex,
+        mac_text(state.mac)
+    )
+}
+
+/// The uplink's address as ADDR/PREFIX, if it has one.
+pub fn address_text(state: &UplinkState) -> Option<String> {
+    (state.flags & UPLINK_HAS_ADDR != 0).then(|| {
+        format!(
+            "{}/{}",
+            Ipv4Addr::from(state.addr.to_ne_bytes()),
+            state.prefix_len
+        )
+    })
+}
+
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use forwarder_common::maps::{
     Relay as RelayValue, RelayKey, ReverseKey, RuleKey,
 };
 
-use crate::spec::{AllowFrom, Proto, is_unicast};
+use crate::spec::{AllowFrom, ForwardSpec, Proto, is_unicast};
 
 /// Where a rule came from, which decides whether `--save` writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -22,6 +22,18 @@ pub enum Origin {
     Preset,
     /// Added at runtime with `rules add` and not saved.
     Live,
+}
+
+impl Origin {
+    /// The name `rules list` shows, the same as in its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Origin::Flag => "flag",
+            Origin::File => "file",
+            Origin::Preset => "preset",
+            Origin::Live => "live",
+        }
+    }
 }
 
 /// A forward rule with its target resolved.
@@ -58,6 +70,29 @@ impl Rule {
             expires: None,
             origin,
         }
+    }
+
+    /// A rule from a spec whose target is resolved: the target port
+    /// defaults to the listen port.
+    pub fn from_spec(
+        spec: &ForwardSpec,
+        target: Ipv4Addr,
+        allow: AllowFrom,
+        origin: Origin,
+    ) -> Self {
+        Rule::new(
+            spec.proto,
+            spec.port,
+            target,
+            spec.target_port.unwrap_or(spec.port),
+            allow,
+            origin,
+        )
+    }
+
+    /// Whether the rule's time is up at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|t| t <= now)
     }
 
     pub fn key(&self) -> RuleKey {
@@ -226,6 +261,13 @@ mod tests {
     use forwarder_common::maps::{UplinkState, prefix_to_mask};
 
     use super::*;
+
+    #[test]
+    fn origin_names_are_their_json() {
+        for origin in [Origin::Flag, Origin::File, Origin::Preset, Origin::Live] {
+            assert_eq!(serde_json::to_value(origin).unwrap(), origin.name());
+        }
+    }
 
     fn rule(proto: Proto, port: u16, target: [u8; 4], target_port: u16) -> Rule {
         Rule::new(

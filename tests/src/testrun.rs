@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
 use forwarder::{
     datapath::{Datapath, Role},
+    interfaces::mac_text,
     pin::{self, PinLayout},
     rules::{Relay, Rule},
 };
@@ -54,10 +55,6 @@ pub struct Harness {
     _pins: PinDir,
 }
 
-fn mac_str(mac: Mac) -> String {
-    mac.map(|b| format!("{b:02x}")).join(":")
-}
-
 impl Harness {
     pub fn new(rules: &[Rule]) -> Result<Self> {
         Self::with_relays(rules, &[])
@@ -84,7 +81,7 @@ impl Harness {
             }
             ns.ip(&format!(
                 "neigh replace {addr} lladdr {} dev {dev} nud permanent",
-                mac_str(mac)
+                mac_text(mac)
             ))?;
         }
         ns.ip(&format!("route add {UNRESOLVED}/32 dev vif1.0"))?;
