@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     setup::{command, is_root, run_cmd, step, workspace_root},
-    test::build_release,
+    test::{build_driver, build_release},
 };
 
 pub fn run(quick: bool, json: bool, update_docs: bool) -> Result<()> {
@@ -13,15 +13,7 @@ pub fn run(quick: bool, json: bool, update_docs: bool) -> Result<()> {
         bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
     }
     build_release()?;
-    step("building the benchmark driver");
-    run_cmd(command("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "forwarder-tests",
-        "--bin",
-        "bench",
-    ]))?;
+    build_driver("bench")?;
     step("running the benchmark");
     let root = workspace_root();
     let mut bench = command(

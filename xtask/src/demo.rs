@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     setup::{command, is_root, localsend_dir, run_cmd, step},
-    test::build_release,
+    test::{build_driver, build_release},
 };
 
 pub fn run() -> Result<()> {
@@ -13,15 +13,7 @@ pub fn run() -> Result<()> {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
     build_release()?;
-    step("building the demo driver");
-    run_cmd(command("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "forwarder-tests",
-        "--bin",
-        "demo",
-    ]))?;
+    build_driver("demo")?;
     step("running the demo");
     run_cmd(
         command("target/release/demo")

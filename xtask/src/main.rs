@@ -79,51 +79,46 @@ enum Task {
     },
 }
 
-/// Builds one of the test crate's drivers (release) and runs it.
+/// Builds one of the test crate's drivers and runs it.
 fn driver(name: &str, args: &[&str]) -> anyhow::Result<()> {
-    setup::step(&format!("building the {name} driver"));
-    setup::run_cmd(setup::command("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "forwarder-tests",
-        "--bin",
-        name,
-    ]))?;
+    test::build_driver(name)?;
     setup::run_cmd(setup::command(&format!("target/release/{name}")).args(args))
 }
 
+/// Every task but `setup` needs what setup installs; it runs first, and is
+/// quick when everything is present.
+fn run(task: Task) -> anyhow::Result<()> {
+    setup::run()?;
+    match task {
+        Task::Setup => Ok(()),
+        Task::Build => test::build_release(),
+        Task::Demo => demo::run(),
+        Task::BuildAndLoad { args } => {
+            test::build_release()?;
+            setup::step(&format!("forwarder run {}", args.join(" ")));
+            setup::run_cmd(
+                setup::command("target/release/forwarder")
+                    .arg("run")
+                    .args(&args),
+            )
+        }
+        Task::Package => package::run().map(drop),
+        Task::Fuzz { seconds } => driver("fuzz", &["--seconds", &seconds.to_string()]),
+        Task::Soak { minutes } => {
+            test::build_release()?;
+            driver("soak", &["--minutes", &minutes.to_string()])
+        }
+        Task::Bench {
+            quick,
+            json,
+            update_docs,
+        } => bench::run(quick, json, update_docs),
+        Task::Test { filter } => test::run(&filter),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result =
-        match cli.task {
-            Task::Setup => setup::run(),
-            Task::Build => setup::run().and_then(|()| test::build_release()),
-            Task::Demo => setup::run().and_then(|()| demo::run()),
-            Task::BuildAndLoad { args } => setup::run()
-                .and_then(|()| test::build_release())
-                .and_then(|()| {
-                    setup::step(&format!("forwarder run {}", args.join(" ")));
-                    setup::run_cmd(
-                        setup::command("target/release/forwarder")
-                            .arg("run")
-                            .args(&args),
-                    )
-                }),
-            Task::Package => setup::run().and_then(|()| package::run()).map(drop),
-            Task::Fuzz { seconds } => {
-                setup::run().and_then(|()| driver("fuzz", &["--seconds", &seconds.to_string()]))
-            }
-            Task::Soak { minutes } => setup::run()
-                .and_then(|()| test::build_release())
-                .and_then(|()| driver("soak", &["--minutes", &minutes.to_string()])),
-            Task::Bench {
-                quick,
-                json,
-                update_docs,
-            } => setup::run().and_then(|()| bench::run(quick, json, update_docs)),
-            Task::Test { filter } => setup::run().and_then(|()| test::run(&filter)),
-        };
+    let result = run(Cli::parse().task);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -42,6 +42,13 @@ fn cargo_test(args: &[String], after: &[String], package: Option<&std::path::Pat
     Ok(passed)
 }
 
+/// Builds one of the test crate's drivers (demo, bench, fuzz, soak) into
+/// target/release.
+pub fn build_driver(name: &str) -> Result<()> {
+    step(&format!("building the {name} driver"));
+    run_cmd(command("cargo").args(["build", "--release", "-p", "forwarder-tests", "--bin", name]))
+}
+
 pub fn build_release() -> Result<()> {
     step("building the forwarder (release)");
     run_cmd(command("cargo").args(["build", "--release", "-p", "forwarder-user"]))?;
