@@ -5,5 +5,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod csum;
+pub mod flow;
+pub mod layout;
 pub mod maps;
 pub mod reason;

@@ -8,15 +8,13 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Bumped whenever a map's layout changes; part of the pin path, so a new
-/// binary never adopts maps pinned by an incompatible one.
-pub const LAYOUT_VERSION: u32 = 1;
+use crate::{layout::map_layout, map_type};
 
 /// Capacity of the forward-rule maps and of the per-rule counter array.
 pub const MAX_RULES: u32 = 16_384;
-/// Allow-from CIDRs a single forward rule can carry.
+/// Allow-from CIDRs a single forward rule or relay can carry.
 pub const MAX_ALLOW_CIDRS: usize = 8;
-/// Capacity of the relay map and its counter and bucket arrays.
+/// Capacity of the relay map and its counter array.
 pub const MAX_RELAYS: u32 = 64;
 /// Targets a single relay can copy to.
 pub const MAX_RELAY_TARGETS: usize = 8;
@@ -24,6 +22,8 @@ pub const MAX_RELAY_TARGETS: usize = 8;
 pub const MAX_IFACES: u32 = 4096;
 /// FIB results the datapath keeps (LRU).
 pub const MAX_CACHED_ROUTES: u32 = 65_536;
+/// Forwarded flows the datapath tracks unless told otherwise (LRU).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -41,7 +41,26 @@ pub mod names {
     pub const DOWNSTREAM_MACS: &str = "DOWNSTREAM_MACS";
     pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
     pub const FIB_GENERATION: &str = "FIB_GENERATION";
+    pub const FLOWS: &str = "FLOWS";
 }
+
+/// The key and value fingerprint of every map the programs define, by
+/// name. Part of the layout identity: a pinned map is adopted only when its
+/// fingerprint, recorded when it was created, equals this build's.
+pub const MAP_LAYOUTS: &[(&str, u64)] = &[
+    (names::UPLINK, map_layout::<u32, UplinkState>()),
+    (names::FORWARD_RULES, map_layout::<RuleKey, ForwardRule>()),
+    (names::REVERSE_RULES, map_layout::<ReverseKey, RuleKey>()),
+    (names::RULE_COUNTERS, map_layout::<u32, RuleCounters>()),
+    (names::REASON_COUNTERS, map_layout::<u32, u64>()),
+    (names::RELAYS, map_layout::<RelayKey, Relay>()),
+    (names::RELAY_COUNTERS, map_layout::<u32, RelayCounters>()),
+    (names::RELAY_BUCKETS, map_layout::<u32, u64>()),
+    (names::DOWNSTREAM_MACS, map_layout::<u32, [u8; 6]>()),
+    (names::ROUTE_CACHE, map_layout::<RouteKey, RouteEntry>()),
+    (names::FIB_GENERATION, map_layout::<u32, u32>()),
+    (names::FLOWS, map_layout::<FlowKey, FlowEntry>()),
+];
 
 /// Program names as the eBPF object defines them.
 pub mod programs {
@@ -49,20 +68,32 @@ pub mod programs {
     pub const DOWNSTREAM_INGRESS: &str = "downstream_ingress";
 }
 
+/// Names of the read-only globals userspace sets when it loads the object,
+/// after the start-up self-test has found what the kernel supports.
+pub mod globals {
+    /// Non-zero: the kernel accepts `BPF_FIB_LOOKUP_SKIP_NEIGH` (6.3+).
+    pub const FIB_SKIP_NEIGH: &str = "FIB_SKIP_NEIGH";
+    /// Non-zero: `bpf_fib_lookup` reports the route's MTU (5.12+), so a
+    /// cached route can check a packet's length without a new lookup.
+    pub const FIB_MTU_RESULT: &str = "FIB_MTU_RESULT";
+}
+
 /// `UplinkState::flags`: the link is administratively and operationally up.
 pub const UPLINK_UP: u8 = 1;
 /// `UplinkState::flags`: `addr` and `prefix_len` hold the primary address.
 pub const UPLINK_HAS_ADDR: u8 = 2;
 
-/// The uplink as userspace last saw it on rtnetlink (single-entry array).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct UplinkState {
-    pub ifindex: u32,
-    pub addr: u32,
-    pub prefix_len: u8,
-    pub flags: u8,
-    pub mac: [u8; 6],
+map_type! {
+    /// The uplink as userspace last saw it on rtnetlink (single-entry array).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct UplinkState {
+        pub ifindex: u32,
+        pub addr: u32,
+        pub prefix_len: u8,
+        pub flags: u8,
+        pub mac: [u8; 6],
+    }
 }
 
 impl UplinkState {
@@ -95,21 +126,25 @@ pub const fn prefix_to_mask(prefix_len: u8) -> u32 {
     }
 }
 
-/// A forward rule is found by protocol and the uplink port it listens on.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RuleKey {
-    pub port: u16,
-    pub proto: u8,
-    pub pad: u8,
+map_type! {
+    /// A forward rule is found by protocol and the uplink port it listens on.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+    pub struct RuleKey {
+        pub port: u16,
+        pub proto: u8,
+        pub pad: u8,
+    }
 }
 
-/// An allowed peer network, address and mask in wire order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Cidr {
-    pub addr: u32,
-    pub mask: u32,
+map_type! {
+    /// An IPv4 network, address and mask in wire order.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct Cidr {
+        pub addr: u32,
+        pub mask: u32,
+    }
 }
 
 impl Cidr {
@@ -118,32 +153,31 @@ impl Cidr {
     }
 }
 
-/// `ForwardRule::allow`: any peer.
+/// `Allow::kind`: any peer.
 pub const ALLOW_ANY: u8 = 0;
-/// `ForwardRule::allow`: the uplink's connected subnet when its prefix is
+/// `Allow::kind`: the uplink's connected subnet when its prefix is
 /// shorter than /32, otherwise any peer. Evaluated per packet against the
 /// live uplink state, so it follows address changes with no userspace work.
 pub const ALLOW_AUTO: u8 = 1;
-/// `ForwardRule::allow`: only peers in `cidrs[..n_cidrs]`.
+/// `Allow::kind`: only peers in `cidrs[..n_cidrs]`.
 pub const ALLOW_LIST: u8 = 2;
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct ForwardRule {
-    pub target_addr: u32,
-    pub target_port: u16,
-    pub allow: u8,
-    pub n_cidrs: u8,
-    /// Index into `RULE_COUNTERS`, assigned by userspace.
-    pub slot: u32,
-    pub pad: u32,
-    pub cidrs: [Cidr; MAX_ALLOW_CIDRS],
+map_type! {
+    /// Which LAN peers may use a rule or feed a relay.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct Allow {
+        pub kind: u8,
+        pub n_cidrs: u8,
+        pub pad: u16,
+        pub cidrs: [Cidr; MAX_ALLOW_CIDRS],
+    }
 }
 
-impl ForwardRule {
-    /// Whether `peer` may use this rule, given the uplink it arrived on.
+impl Allow {
+    /// Whether `peer` is allowed, given the uplink it arrived on.
     pub fn allows(&self, peer: u32, uplink: &UplinkState) -> bool {
-        match self.allow {
+        match self.kind {
             ALLOW_ANY => true,
             ALLOW_AUTO => uplink.on_lan(peer),
             _ => {
@@ -163,51 +197,153 @@ impl ForwardRule {
     }
 }
 
-/// Replies are found by the target's address, port and protocol.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ReverseKey {
-    pub addr: u32,
-    pub port: u16,
-    pub proto: u8,
-    pub pad: u8,
+map_type! {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct ForwardRule {
+        pub target_addr: u32,
+        pub target_port: u16,
+        pub pad: u16,
+        /// Index into `RULE_COUNTERS`, assigned by userspace.
+        pub slot: u32,
+        /// Identity of this rule among all rules ever installed in these
+        /// maps; a flow belongs to the rule whose id it carries, so a rule
+        /// replaced on the same port never inherits the old one's flows.
+        pub id: u32,
+        /// CLOCK_BOOTTIME nanoseconds from which the programs no longer
+        /// apply the rule, daemon or not; 0 for never.
+        pub deadline_ns: u64,
+        pub allow: Allow,
+        pub pad2: u32,
+    }
 }
 
-/// Per-rule traffic, one copy per CPU. "in" is LAN to target, "out" the
-/// replies; bytes are IP datagram lengths.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct RuleCounters {
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    pub packets_out: u64,
-    pub bytes_out: u64,
+impl ForwardRule {
+    /// Whether the rule's deadline has passed at `now` (CLOCK_BOOTTIME).
+    pub const fn expired(&self, now: u64) -> bool {
+        self.deadline_ns != 0 && now >= self.deadline_ns
+    }
 }
 
-/// A relay is found by its group and UDP port.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RelayKey {
-    pub group: u32,
-    pub port: u16,
-    pub pad: u16,
+map_type! {
+    /// Replies are found by the target's address, port and protocol.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+    pub struct ReverseKey {
+        pub addr: u32,
+        pub port: u16,
+        pub proto: u8,
+        pub pad: u8,
+    }
 }
 
-/// Copies datagrams to `group:port` between the uplink and the VMs in
-/// `targets`. The VM-to-LAN direction is rate limited by a GCRA bucket: each
-/// copy costs `interval_ns`, and up to `burst_ns` of debt is allowed.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Relay {
-    pub targets: [u32; MAX_RELAY_TARGETS],
-    pub n_targets: u8,
-    /// TTL of copies sent to the LAN; 0 keeps the sender's.
-    pub ttl: u8,
-    pub pad: u16,
-    /// Index into `RELAY_COUNTERS` and `RELAY_BUCKETS`.
-    pub slot: u32,
-    pub interval_ns: u64,
-    pub burst_ns: u64,
+map_type! {
+    /// Per-rule traffic, one copy per CPU. "in" is LAN to target, "out" the
+    /// replies; bytes are IP datagram lengths.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct RuleCounters {
+        pub packets_in: u64,
+        pub bytes_in: u64,
+        pub packets_out: u64,
+        pub bytes_out: u64,
+    }
+}
+
+map_type! {
+    /// A forwarded flow as the LAN side started it: the peer, its port, and
+    /// the rule's protocol and listen port.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+    pub struct FlowKey {
+        pub peer_addr: u32,
+        pub peer_port: u16,
+        pub listen_port: u16,
+        pub proto: u8,
+        pub pad: u8,
+        pub pad2: u16,
+    }
+}
+
+map_type! {
+    /// What the datapath knows of a flow: whose it is, how far TCP got,
+    /// and when it was created and last seen (CLOCK_BOOTTIME nanoseconds).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct FlowEntry {
+        /// `ForwardRule::id` of the rule that created it.
+        pub rule_id: u32,
+        /// `FLOW_*` bits.
+        pub state: u8,
+        pub pad: u8,
+        pub pad2: u16,
+        pub created_ns: u64,
+        pub seen_ns: u64,
+    }
+}
+
+map_type! {
+    /// A relay is found by its group (or broadcast address) and UDP port.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+    pub struct RelayKey {
+        pub group: u32,
+        pub port: u16,
+        pub pad: u16,
+    }
+}
+
+map_type! {
+    /// Copies datagrams to `group:port` between the uplink and the VMs in
+    /// `targets`. Each direction is rate limited by a GCRA bucket: each copy
+    /// costs `interval_ns`, and up to `burst_ns` of debt is allowed.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct Relay {
+        pub targets: [u32; MAX_RELAY_TARGETS],
+        pub n_targets: u8,
+        /// TTL of copies sent to the LAN; 0 keeps the sender's.
+        pub ttl: u8,
+        pub pad: u16,
+        /// Index into `RELAY_COUNTERS`; buckets are `2 * slot` (to the LAN)
+        /// and `2 * slot + 1` (to the VMs) of `RELAY_BUCKETS`.
+        pub slot: u32,
+        pub up: RateLimit,
+        pub down: RateLimit,
+        /// LAN peers whose datagrams are copied to the VMs.
+        pub allow: Allow,
+        pub pad2: u32,
+    }
+}
+
+map_type! {
+    /// A GCRA limit; an interval of 0 means unlimited.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct RateLimit {
+        pub interval_ns: u64,
+        pub burst_ns: u64,
+    }
+}
+
+impl RateLimit {
+    /// `rate` copies per second, with a burst of one second's worth.
+    pub const fn per_second(rate: u32) -> Self {
+        let rate = if rate == 0 { 1 } else { rate as u64 };
+        let interval_ns = 1_000_000_000 / rate;
+        RateLimit {
+            interval_ns,
+            burst_ns: interval_ns * (rate - 1),
+        }
+    }
+
+    /// Copies per second this limit lets through in the long run.
+    pub const fn rate(&self) -> u64 {
+        match 1_000_000_000u64.checked_div(self.interval_ns) {
+            Some(rate) => rate,
+            None => 0,
+        }
+    }
 }
 
 impl Relay {
@@ -234,50 +370,57 @@ pub fn among_first(list: &[u32; MAX_RELAY_TARGETS], count: usize, value: u32) ->
     false
 }
 
-/// Per-relay traffic, one copy per CPU. "up" counts copies sent out of the
-/// uplink, "down" copies sent toward VMs (one per target interface).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct RelayCounters {
-    pub packets_up: u64,
-    pub bytes_up: u64,
-    pub packets_down: u64,
-    pub bytes_down: u64,
-    pub rate_limited: u64,
+map_type! {
+    /// Per-relay traffic, one copy per CPU. "up" counts copies sent out of
+    /// the uplink, "down" copies sent toward VMs (one per target interface).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct RelayCounters {
+        pub packets_up: u64,
+        pub bytes_up: u64,
+        pub packets_down: u64,
+        pub bytes_down: u64,
+        pub rate_limited: u64,
+        pub rate_limited_down: u64,
+    }
 }
 
-/// What a FIB lookup was asked: the key of a cached result.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RouteKey {
-    pub daddr: u32,
-    pub saddr: u32,
-    pub ifindex: u32,
-    /// The L4 protocol, or'ed with ROUTE_KIND_REVERSE_PATH for the
-    /// neighbour-less lookups of the reverse-path check. A whole word, not a
-    /// byte and padding: the BPF backend zeroes byte arrays through a memset
-    /// call.
-    pub kind: u32,
+map_type! {
+    /// What a FIB lookup was asked: the key of a cached result.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+    pub struct RouteKey {
+        pub daddr: u32,
+        pub saddr: u32,
+        pub ifindex: u32,
+        /// The L4 protocol, or'ed with ROUTE_KIND_REVERSE_PATH for the
+        /// neighbour-less lookups of the reverse-path check. A whole word, not
+        /// a byte and padding: the BPF backend zeroes byte arrays through a
+        /// memset call.
+        pub kind: u32,
+    }
 }
 
 /// `RouteKey::kind` flag of reverse-path lookups, whose cached answers carry
 /// no MACs and must never serve as a route.
 pub const ROUTE_KIND_REVERSE_PATH: u32 = 1 << 16;
 
-/// A successful FIB lookup with a resolved neighbour, valid while
-/// `generation` equals `FIB_GENERATION`: userspace bumps that on every
-/// rtnetlink change to links, addresses, routes or neighbours, which
-/// invalidates every cached result at once.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct RouteEntry {
-    pub generation: u32,
-    pub ifindex: u32,
-    /// The egress MTU, for the length check the lookup would have done.
-    pub mtu: u16,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
-    pub pad: u16,
+map_type! {
+    /// A successful FIB lookup with a resolved neighbour, valid while
+    /// `generation` equals `FIB_GENERATION`: userspace bumps that on every
+    /// rtnetlink change that can change a lookup's answer, which invalidates
+    /// every cached result at once.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct RouteEntry {
+        pub generation: u32,
+        pub ifindex: u32,
+        /// The route's MTU, for the length check the lookup would have done.
+        pub mtu: u16,
+        pub smac: [u8; 6],
+        pub dmac: [u8; 6],
+        pub pad: u16,
+    }
 }
 
 /// The multicast MAC of an IPv4 group: 01:00:5e and the low 23 bits.
@@ -293,16 +436,20 @@ pub const fn is_multicast(addr: u32) -> bool {
 
 const _: () = {
     assert!(size_of::<RelayKey>() == 8);
-    assert!(size_of::<Relay>() == 4 * MAX_RELAY_TARGETS + 24);
-    assert!(size_of::<RelayCounters>() == 40);
+    assert!(size_of::<Allow>() == 4 + 8 * MAX_ALLOW_CIDRS);
+    assert!(size_of::<RateLimit>() == 16);
+    assert!(size_of::<Relay>() == 4 * MAX_RELAY_TARGETS + 8 + 32 + size_of::<Allow>() + 4);
+    assert!(size_of::<RelayCounters>() == 48);
     assert!(size_of::<RouteKey>() == 16);
     assert!(size_of::<RouteEntry>() == 24);
     assert!(size_of::<UplinkState>() == 16);
     assert!(size_of::<RuleKey>() == 4);
     assert!(size_of::<Cidr>() == 8);
-    assert!(size_of::<ForwardRule>() == 16 + 8 * MAX_ALLOW_CIDRS);
+    assert!(size_of::<ForwardRule>() == 24 + size_of::<Allow>() + 4);
     assert!(size_of::<ReverseKey>() == 8);
     assert!(size_of::<RuleCounters>() == 32);
+    assert!(size_of::<FlowKey>() == 12);
+    assert!(size_of::<FlowEntry>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -320,6 +467,8 @@ mod user {
     unsafe impl aya::Pod for RelayCounters {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteEntry {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
 }
 
 #[cfg(test)]
@@ -373,8 +522,8 @@ mod tests {
 
     #[test]
     fn auto_allows_the_uplink_subnet_only_below_slash_32() {
-        let rule = ForwardRule {
-            allow: ALLOW_AUTO,
+        let allow = Allow {
+            kind: ALLOW_AUTO,
             ..Default::default()
         };
         let mut uplink = UplinkState {
@@ -382,34 +531,60 @@ mod tests {
             prefix_len: 24,
             ..Default::default()
         };
-        assert!(rule.allows(wire([192, 168, 1, 77]), &uplink));
-        assert!(!rule.allows(wire([192, 168, 2, 77]), &uplink));
+        assert!(allow.allows(wire([192, 168, 1, 77]), &uplink));
+        assert!(!allow.allows(wire([192, 168, 2, 77]), &uplink));
         uplink.prefix_len = 32;
-        assert!(rule.allows(wire([8, 8, 8, 8]), &uplink));
+        assert!(allow.allows(wire([8, 8, 8, 8]), &uplink));
     }
 
     #[test]
     fn list_checks_only_the_configured_cidrs() {
-        let mut rule = ForwardRule {
-            allow: ALLOW_LIST,
+        let mut allow = Allow {
+            kind: ALLOW_LIST,
             n_cidrs: 2,
             ..Default::default()
         };
-        rule.cidrs[0] = Cidr {
+        allow.cidrs[0] = Cidr {
             addr: wire([10, 0, 0, 0]),
             mask: prefix_to_mask(8),
         };
-        rule.cidrs[1] = Cidr {
+        allow.cidrs[1] = Cidr {
             addr: wire([192, 168, 5, 9]),
             mask: prefix_to_mask(32),
         };
         // A stale third entry must not count once n_cidrs says two.
-        rule.cidrs[2] = Cidr { addr: 0, mask: 0 };
+        allow.cidrs[2] = Cidr { addr: 0, mask: 0 };
         let uplink = UplinkState::default();
-        assert!(rule.allows(wire([10, 200, 1, 1]), &uplink));
-        assert!(rule.allows(wire([192, 168, 5, 9]), &uplink));
-        assert!(!rule.allows(wire([192, 168, 5, 10]), &uplink));
-        rule.n_cidrs = 0;
-        assert!(!rule.allows(wire([10, 200, 1, 1]), &uplink));
+        assert!(allow.allows(wire([10, 200, 1, 1]), &uplink));
+        assert!(allow.allows(wire([192, 168, 5, 9]), &uplink));
+        assert!(!allow.allows(wire([192, 168, 5, 10]), &uplink));
+        allow.n_cidrs = 0;
+        assert!(!allow.allows(wire([10, 200, 1, 1]), &uplink));
+    }
+
+    #[test]
+    fn deadlines_of_zero_never_pass() {
+        let mut rule = ForwardRule::default();
+        assert!(!rule.expired(u64::MAX));
+        rule.deadline_ns = 100;
+        assert!(!rule.expired(99));
+        assert!(rule.expired(100));
+    }
+
+    #[test]
+    fn rate_limits_allow_a_burst_of_one_second() {
+        let limit = RateLimit::per_second(4);
+        assert_eq!(limit.interval_ns, 250_000_000);
+        assert_eq!(limit.burst_ns, 750_000_000);
+        assert_eq!(limit.rate(), 4);
+        assert_eq!(RateLimit::default().rate(), 0);
+    }
+
+    #[test]
+    fn every_map_has_one_distinct_layout() {
+        let mut names: Vec<&str> = MAP_LAYOUTS.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), MAP_LAYOUTS.len());
     }
 }

@@ -58,6 +58,8 @@ reasons! {
     NotUplink = "not_uplink", Passed, "uplink program ran on an interface that is not the current uplink";
     OtherDestination = "other_destination", Passed, "not addressed to the uplink's address";
     NoRule = "no_rule", Passed, "no forward rule for this protocol and port";
+    RuleExpired = "rule_expired", Passed, "the rule's deadline has passed (the programs stop applying it themselves)";
+    NoFlow = "no_flow", Passed, "from a forward target's port but no flow the LAN started (or it timed out): left to the stack and the VM's firewall";
     NoUplinkAddress = "no_uplink_address", Passed, "the uplink is down or has no IPv4 address";
     MartianSource = "martian_source", Passed, "source is zero, loopback, multicast, broadcast, reserved or the router's own";
     SourceNotAllowed = "source_not_allowed", Passed, "source is outside the rule's allow-from";
@@ -68,10 +70,12 @@ reasons! {
     ReplyNotViaUplink = "reply_not_via_uplink", Passed, "reply destination does not route out of the uplink";
     FibFwdDisabled = "fib_forwarding_disabled", Passed, "IPv4 forwarding is disabled on the ingress interface";
     FibNoRoute = "fib_no_route", Passed, "no usable route (unreachable, blackhole, prohibit, local or unsupported)";
+    FibLookupRejected = "fib_lookup_rejected", Passed, "the kernel refused the FIB lookup's arguments (a flag it does not know)";
     FibFragNeeded = "fib_frag_needed", Passed, "packet exceeds the egress MTU; left to the stack";
     Reflected = "reflected", Passed, "multicast carrying this router's own MAC or address (reflected by an access point)";
     RelayNotTarget = "relay_not_target", Passed, "multicast to a relay group from a host that is not one of its targets";
     RelayRateLimited = "relay_rate_limited", Passed, "relay copy to the LAN suppressed by the relay's token bucket";
+    RelayDownRateLimited = "relay_down_rate_limited", Passed, "relay copies toward the VMs suppressed by the relay's token bucket";
     RelayNoRoute = "relay_no_route", Passed, "no relay target routes through a downstream interface";
     RelayCloneFailed = "relay_clone_failed", Passed, "the kernel refused to clone a relay copy";
     IcmpErrorDropped = "icmp_error_dropped", Dropped, "ICMP error quoting a forwarded flow from the downstream side";

@@ -15,7 +15,7 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use crate::{maps, mem};
+use crate::{kernel, maps, mem};
 
 const AF_INET: u8 = 2;
 
@@ -39,31 +39,38 @@ impl Route {
     }
 }
 
-/// One `bpf_fib_lookup` for IPv4, without a length (so the answer holds for
-/// packets of any size; callers check the MTU it reports); returns its code
-/// and the filled parameters.
+/// One `bpf_fib_lookup` for IPv4. `tot_len` 0 asks for no length check (so
+/// the answer holds for packets of any size; callers check the MTU it
+/// reports). Returns the helper's code (negative: it refused the
+/// arguments) and the filled parameters.
 #[inline(always)]
-fn fib(
-    ctx: &TcContext,
-    ifindex: u32,
-    saddr: u32,
-    daddr: u32,
-    proto: u8,
-    flags: u32,
-) -> (u32, FibParams) {
+fn fib(ctx: &TcContext, key: &RouteKey, tot_len: u16, flags: u32) -> (i64, FibParams) {
     let mut words = core::mem::MaybeUninit::<[u64; size_of::<FibParams>() / 8]>::uninit();
     let words = mem::zeroed(&mut words);
     // SAFETY: FibParams is plain old data of this size, with an alignment a
     // u64 array satisfies, and every byte is zero.
     let params = unsafe { &mut *words.as_mut_ptr().cast::<FibParams>() };
     params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.ifindex = ifindex;
-    params.__bindgen_anon_3.ipv4_src = saddr;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
+    params.l4_protocol = key.kind as u8;
+    params.ifindex = key.ifindex;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_3.ipv4_src = key.saddr;
+    params.__bindgen_anon_4.ipv4_dst = key.daddr;
     // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
     let ret = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, flags) };
-    (ret as u32, *params)
+    (ret, *params)
+}
+
+/// Flags of a lookup that needs no neighbour: skipping it where the kernel
+/// can (6.3+); older kernels answer NO_NEIGH with the egress filled in,
+/// which serves as well.
+#[inline(always)]
+fn no_neigh_flags() -> u32 {
+    if kernel::fib_skip_neigh() {
+        BPF_FIB_LOOKUP_SKIP_NEIGH
+    } else {
+        0
+    }
 }
 
 /// The interface a packet from `saddr` to `daddr` arriving on `ifindex`
@@ -71,12 +78,19 @@ fn fib(
 /// multicast and need no neighbour.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u32> {
-    let (ret, params) = fib(ctx, ifindex, saddr, daddr, 0, BPF_FIB_LOOKUP_SKIP_NEIGH);
-    (ret == BPF_FIB_LKUP_RET_SUCCESS).then_some(params.ifindex)
+    let key = RouteKey {
+        daddr,
+        saddr,
+        ifindex,
+        kind: 0,
+    };
+    let (ret, params) = fib(ctx, &key, 0, no_neigh_flags());
+    let ret = ret as u32;
+    (ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH).then_some(params.ifindex)
 }
 
 /// What the stack would do with a packet from `saddr` to `daddr` arriving on
-/// `ifindex`. A non-zero `tot_len` is checked against the egress MTU.
+/// `ifindex`. A non-zero `tot_len` is checked against the route's MTU.
 #[inline(always)]
 pub fn lookup(
     ctx: &TcContext,
@@ -101,7 +115,13 @@ pub fn lookup(
 /// is needed (a LAN peer that only sends may have none), so none is looked
 /// up, and the answer can be cached either way.
 #[inline(always)]
-pub fn reverse_path_ok(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32, proto: u8) -> bool {
+pub fn reverse_path(
+    ctx: &TcContext,
+    ifindex: u32,
+    saddr: u32,
+    daddr: u32,
+    proto: u8,
+) -> Result<(), Reason> {
     let key = RouteKey {
         daddr: saddr,
         saddr: daddr,
@@ -109,18 +129,22 @@ pub fn reverse_path_ok(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32, pr
         kind: ROUTE_KIND_REVERSE_PATH | u32::from(proto),
     };
     match cached_fib(ctx, &key, 0) {
-        Ok(route) => route.ifindex() == ifindex,
-        Err(_) => false,
+        Ok(route) if route.ifindex() == ifindex => Ok(()),
+        Err(Reason::FibLookupRejected) => Err(Reason::FibLookupRejected),
+        _ => Err(Reason::ReversePathFailed),
     }
 }
 
 /// One FIB lookup, answered from ROUTE_CACHE when the cache holds it under
 /// the current FIB generation. Userspace bumps the generation on every
-/// rtnetlink change to links, addresses, routes or neighbours, so a cached
-/// result lives at most until the daemon has seen the change (well under a
-/// millisecond). Only complete answers are cached: an unresolved neighbour
-/// is asked about again. Reverse-path keys are looked up without resolving
-/// a neighbour.
+/// rtnetlink change that can change an answer, so a cached result lives at
+/// most until the daemon has seen the change (well under a millisecond).
+///
+/// Only complete answers are cached, and only with a route MTU: for a GSO
+/// packet the kernel reports the device's MTU instead, and a kernel older
+/// than 5.12 reports none, so those lookups check the length themselves and
+/// are not kept. Reverse-path keys carry no length and are looked up
+/// without resolving a neighbour.
 #[inline(always)]
 fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Reason> {
     let generation = maps::fib_generation();
@@ -129,19 +153,16 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Re
     {
         return resolved(&entry, tot_len);
     }
-    let flags = if key.kind & ROUTE_KIND_REVERSE_PATH != 0 {
-        BPF_FIB_LOOKUP_SKIP_NEIGH
-    } else {
-        0
-    };
-    let (ret, params) = fib(
-        ctx,
-        key.ifindex,
-        key.saddr,
-        key.daddr,
-        key.kind as u8,
-        flags,
-    );
+    let reverse_path = key.kind & ROUTE_KIND_REVERSE_PATH != 0;
+    let flags = if reverse_path { no_neigh_flags() } else { 0 };
+    let mtu_result = kernel::fib_mtu_result();
+    // SAFETY: reading a field of the context the program was given.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let lookup_len = if mtu_result { 0 } else { tot_len };
+    let (ret, params) = fib(ctx, key, lookup_len, flags);
+    if ret < 0 {
+        return Err(Reason::FibLookupRejected);
+    }
     // SAFETY: the kernel filled the union members for IPv4.
     let (nexthop, mtu) = unsafe {
         (
@@ -149,17 +170,19 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Re
             params.__bindgen_anon_1.mtu_result,
         )
     };
-    match ret {
+    match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let entry = RouteEntry {
                 generation,
                 ifindex: params.ifindex,
-                mtu,
+                mtu: if mtu_result { mtu } else { 0 },
                 smac: params.smac,
                 dmac: params.dmac,
                 pad: 0,
             };
-            maps::cache_route(key, &entry);
+            if reverse_path || (mtu_result && !gso) {
+                maps::cache_route(key, &entry);
+            }
             resolved(&entry, tot_len)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved {
@@ -169,8 +192,8 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Re
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::FibFragNeeded),
         BPF_FIB_LKUP_RET_FWD_DISABLED => Err(Reason::FibFwdDisabled),
         // Blackhole, unreachable, prohibit, not forwarded (local or
-        // broadcast destination), unsupported LWT, no source address, and
-        // errors from a bad argument: none of them is a route to use.
+        // broadcast destination), unsupported LWT and no source address:
+        // none of them is a route to use.
         _ => Err(Reason::FibNoRoute),
     }
 }

@@ -5,12 +5,12 @@
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
-    maps::{RuleKey, UplinkState, is_multicast},
+    maps::{FlowKey, RuleKey, UplinkState, is_multicast},
     reason::Reason,
 };
 
 use crate::{
-    Verdict, fib,
+    Verdict, fib, flow, kernel,
     maps::{self, Direction},
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF},
@@ -75,16 +75,18 @@ fn forward(
         pad: 0,
     };
     let rule = maps::forward_rule(&key).ok_or(Reason::NoRule)?;
+    let now = kernel::now();
+    if rule.expired(now) {
+        return Err(Reason::RuleExpired);
+    }
     plausible_lan_source(ip, uplink)?;
-    if !rule.allows(ip.saddr, uplink) {
+    if !rule.allow.allows(ip.saddr, uplink) {
         return Err(Reason::SourceNotAllowed);
     }
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
-    if !fib::reverse_path_ok(ctx, ifindex, ip.saddr, ip.daddr, ip.proto) {
-        return Err(Reason::ReversePathFailed);
-    }
+    fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
     let route = fib::lookup(
         ctx,
         ifindex,
@@ -96,6 +98,19 @@ fn forward(
     if route.ifindex() == ifindex {
         return Err(Reason::TargetViaUplink);
     }
+    flow::from_peer(
+        &FlowKey {
+            peer_addr: ip.saddr,
+            peer_port: l4.sport,
+            listen_port: l4.dport,
+            proto: ip.proto,
+            pad: 0,
+            pad2: 0,
+        },
+        rule.id,
+        l4.tcp_flags,
+        now,
+    );
 
     nat::translate(
         ctx,

@@ -1,13 +1,16 @@
 //! TC programs of the forwarder. `uplink_ingress` runs on the uplink and
-//! DNATs forwarded ports to their targets; `downstream_ingress` runs on every
-//! downstream interface and translates the targets' replies back. Anything a
+//! DNATs forwarded ports to their targets, recording each flow;
+//! `downstream_ingress` runs on every downstream interface and translates
+//! the targets' packets of those flows back. Anything a
 //! program does not claim goes on untouched with `TC_ACT_UNSPEC`, so other
 //! programs on the same hook still run, and the reason is counted.
 #![no_std]
 #![no_main]
 
 mod fib;
+mod flow;
 mod forward;
+mod kernel;
 mod maps;
 mod mem;
 mod nat;

@@ -2,14 +2,16 @@
 //! them. Maps are pinned by name so a restarted daemon adopts them.
 
 use aya_ebpf::{
+    bindings::BPF_ANY,
     helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
     maps::{
-        ForwardRule, MAX_CACHED_ROUTES, MAX_IFACES, MAX_RELAYS, MAX_RULES, Relay, RelayCounters,
-        RelayKey, ReverseKey, RouteEntry, RouteKey, RuleCounters, RuleKey, UplinkState,
+        DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, ForwardRule, MAX_CACHED_ROUTES, MAX_IFACES,
+        MAX_RELAYS, MAX_RULES, RateLimit, Relay, RelayCounters, RelayKey, ReverseKey, RouteEntry,
+        RouteKey, RuleCounters, RuleKey, UplinkState,
     },
     reason::Reason,
 };
@@ -36,11 +38,12 @@ static RELAYS: HashMap<RelayKey, Relay> = HashMap::pinned(MAX_RELAYS, 0);
 #[map]
 static RELAY_COUNTERS: PerCpuArray<RelayCounters> = PerCpuArray::pinned(MAX_RELAYS, 0);
 
-/// Per relay, the GCRA "theoretical arrival time" in ktime nanoseconds.
+/// Per relay and direction, the GCRA "theoretical arrival time" in ktime
+/// nanoseconds: `2 * slot` toward the LAN, `2 * slot + 1` toward the VMs.
 /// Shared by all CPUs: concurrent updates can let a copy or two more
 /// through, which a rate limit for Wi-Fi airtime can afford.
 #[map]
-static RELAY_BUCKETS: Array<u64> = Array::pinned(MAX_RELAYS, 0);
+static RELAY_BUCKETS: Array<u64> = Array::pinned(2 * MAX_RELAYS, 0);
 
 /// MAC of every interface the downstream program is attached to, written by
 /// userspace: relay copies toward a VM need the egress MAC, which a FIB
@@ -58,6 +61,29 @@ static ROUTE_CACHE: LruHashMap<RouteKey, RouteEntry> = LruHashMap::pinned(MAX_CA
 /// matches.
 #[map]
 static FIB_GENERATION: Array<u32> = Array::pinned(1, 0);
+
+/// Flows the LAN started, so a target's packet is only translated back as
+/// the answer to one (LRU: a full table forgets the least recently used,
+/// which its peer's next packet recreates). Userspace sets the size.
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+#[inline(always)]
+pub fn flow(key: &FlowKey) -> Option<*mut FlowEntry> {
+    FLOWS.get_ptr_mut(key)
+}
+
+#[inline(always)]
+pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) {
+    // An LRU insert only fails without memory; the flow is then recreated
+    // by the peer's next packet.
+    let _ = FLOWS.insert(key, entry, u64::from(BPF_ANY));
+}
+
+#[inline(always)]
+pub fn remove_flow(key: &FlowKey) {
+    let _ = FLOWS.remove(key);
+}
 
 #[inline(always)]
 pub fn fib_generation() -> u32 {
@@ -116,24 +142,37 @@ pub fn downstream_mac(ifindex: u32) -> Option<[u8; 6]> {
     unsafe { DOWNSTREAM_MACS.get(ifindex).copied() }
 }
 
+/// Which way a relay copies.
+#[derive(Clone, Copy)]
+pub enum RelayDirection {
+    /// From a VM out of the uplink.
+    Up,
+    /// From the LAN toward the VMs.
+    Down,
+}
+
 /// GCRA: a copy is allowed unless the bucket is more than `burst_ns` ahead
 /// of now; each allowed copy moves it `interval_ns` further.
 #[inline(always)]
-pub fn take_relay_token(relay: &Relay) -> bool {
-    if relay.interval_ns == 0 {
+pub fn take_relay_token(relay: &Relay, direction: RelayDirection) -> bool {
+    let (limit, bucket): (&RateLimit, u32) = match direction {
+        RelayDirection::Up => (&relay.up, 2 * relay.slot),
+        RelayDirection::Down => (&relay.down, 2 * relay.slot + 1),
+    };
+    if limit.interval_ns == 0 {
         return true;
     }
-    let Some(tat) = RELAY_BUCKETS.get_ptr_mut(relay.slot) else {
+    let Some(tat) = RELAY_BUCKETS.get_ptr_mut(bucket) else {
         return false;
     };
     // SAFETY: plain helper call; tat points into the map value.
     unsafe {
         let now = bpf_ktime_get_ns();
         let base = if *tat > now { *tat } else { now };
-        if base - now > relay.burst_ns {
+        if base - now > limit.burst_ns {
             return false;
         }
-        *tat = base + relay.interval_ns;
+        *tat = base + limit.interval_ns;
     }
     true
 }
@@ -144,7 +183,7 @@ pub enum RelayEvent {
     Up(u16),
     /// A copy went toward a VM.
     Down(u16),
-    RateLimited,
+    RateLimited(RelayDirection),
 }
 
 #[inline(always)]
@@ -161,7 +200,8 @@ pub fn count_relay(slot: u32, event: RelayEvent) {
                 counters.packets_down += 1;
                 counters.bytes_down += u64::from(bytes);
             }
-            RelayEvent::RateLimited => counters.rate_limited += 1,
+            RelayEvent::RateLimited(RelayDirection::Up) => counters.rate_limited += 1,
+            RelayEvent::RateLimited(RelayDirection::Down) => counters.rate_limited_down += 1,
         }
     }
 }

@@ -140,14 +140,15 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
     })
 }
 
-/// Ports of a TCP or UDP segment, with its checksum's offset in the packet
-/// and its header length.
+/// Ports of a TCP or UDP segment, with its checksum's offset in the packet,
+/// its header length and (TCP only) its flags.
 #[derive(Clone, Copy)]
 pub struct L4 {
     pub sport: u16,
     pub dport: u16,
     pub check_off: usize,
     pub hlen: u16,
+    pub tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -163,22 +164,24 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Reason> {
     let ports: *const Ports = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { &*ports };
-    let hlen = if ip.proto == PROTO_TCP {
-        let offset: *const u8 = ptr_at(ctx, L4_OFF + 12).ok_or(Reason::Truncated)?;
+    let (hlen, tcp_flags) = if ip.proto == PROTO_TCP {
+        let offset_flags: *const [u8; 2] = ptr_at(ctx, L4_OFF + 12).ok_or(Reason::Truncated)?;
         // SAFETY: bounds checked by ptr_at.
-        let data_offset = unsafe { *offset } >> 4;
+        let [offset, flags] = unsafe { *offset_flags };
+        let data_offset = offset >> 4;
         if data_offset < 5 || (ip.tot_len as usize) < IPV4_HLEN + usize::from(data_offset) * 4 {
             return Err(Reason::BadLength);
         }
-        u16::from(data_offset) * 4
+        (u16::from(data_offset) * 4, flags)
     } else {
-        hlen as u16
+        (hlen as u16, 0)
     };
     Ok(L4 {
         sport: ports.sport,
         dport: ports.dport,
         check_off,
         hlen,
+        tcp_flags,
     })
 }
 

@@ -13,7 +13,7 @@ use forwarder_common::{
 use crate::{
     Verdict, fib,
     forward::plausible_lan_source,
-    maps::{self, RelayEvent},
+    maps::{self, RelayDirection, RelayEvent},
     mem,
     nat::{self, End},
     parse::{self, Ipv4},
@@ -50,11 +50,13 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
         return Err(Reason::Reflected);
     }
     plausible_lan_source(ip, uplink)?;
-    if !uplink.on_lan(ip.saddr) {
+    if !relay.allow.allows(ip.saddr, uplink) {
         return Err(Reason::SourceNotAllowed);
     }
-    if !fib::reverse_path_ok(ctx, uplink.ifindex, ip.saddr, ip.daddr, ip.proto) {
-        return Err(Reason::ReversePathFailed);
+    fib::reverse_path(ctx, uplink.ifindex, ip.saddr, ip.daddr, ip.proto)?;
+    if !maps::take_relay_token(relay, RelayDirection::Down) {
+        maps::count_relay(relay.slot, RelayEvent::RateLimited(RelayDirection::Down));
+        return Err(Reason::RelayDownRateLimited);
     }
 
     let mac = group_mac(ip.daddr);
@@ -111,12 +113,10 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     }
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if !fib::reverse_path_ok(ctx, ifindex, ip.saddr, ip.daddr, ip.proto) {
-        return Err(Reason::ReversePathFailed);
-    }
+    fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
     let uplink = maps::usable_uplink()?;
-    if !maps::take_relay_token(relay) {
-        maps::count_relay(relay.slot, RelayEvent::RateLimited);
+    if !maps::take_relay_token(relay, RelayDirection::Up) {
+        maps::count_relay(relay.slot, RelayEvent::RateLimited(RelayDirection::Up));
         return Err(Reason::RelayRateLimited);
     }
 

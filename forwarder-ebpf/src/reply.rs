@@ -1,18 +1,20 @@
-//! Downstream ingress. A forward target's reply, from the target port, on
-//! the interface that routes to the target, to a peer the rule allows, is
-//! SNATed to the uplink's address and listen port and redirected out of the
-//! uplink, so both directions bypass conntrack, which never sees half a flow.
+//! Downstream ingress. A forward target's packet, from the target port, on
+//! the interface that routes to the target, belonging to a flow the LAN
+//! started, is SNATed to the uplink's address and listen port and
+//! redirected out of the uplink, so both directions bypass conntrack, which
+//! never sees half a flow. Anything else from that port (a connection the
+//! VM opens itself) is the stack's, and so meets the VM's firewall.
 //! A relay target's datagram to its relay group is copied out of the uplink
 //! and continues.
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
-    maps::{ReverseKey, is_multicast},
+    maps::{FlowKey, ReverseKey, is_multicast},
     reason::Reason,
 };
 
 use crate::{
-    Verdict, fib,
+    Verdict, fib, flow, kernel,
     maps::{self, Direction},
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF, PROTO_ICMP},
@@ -55,19 +57,34 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     };
     let key = maps::reverse_rule(&reverse).ok_or(Reason::NoRule)?;
     let rule = maps::forward_rule(&key).ok_or(Reason::NoRule)?;
+    let now = kernel::now();
+    if rule.expired(now) {
+        return Err(Reason::RuleExpired);
+    }
 
     let uplink = maps::usable_uplink()?;
-    if fib::is_martian(ip.daddr) || !rule.allows(ip.daddr, &uplink) {
+    if fib::is_martian(ip.daddr) || !rule.allow.allows(ip.daddr, &uplink) {
         return Err(Reason::PeerNotAllowed);
     }
+    flow::from_target(
+        &FlowKey {
+            peer_addr: ip.daddr,
+            peer_port: l4.dport,
+            listen_port: key.port,
+            proto: ip.proto,
+            pad: 0,
+            pad2: 0,
+        },
+        rule.id,
+        l4.tcp_flags,
+        now,
+    )?;
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if !fib::reverse_path_ok(ctx, ifindex, ip.saddr, ip.daddr, ip.proto) {
-        return Err(Reason::ReversePathFailed);
-    }
+    fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
     let route = fib::lookup(
         ctx,
         ifindex,
