@@ -1,6 +1,14 @@
 //! Compiles forwarder-ebpf for the BPF target (nightly, bpf-linker) so the
-//! object can be embedded in the `forwarder` binary.
+//! object can be embedded in the `forwarder` binary, and derives the layout
+//! identity of its pinned maps from the compiled definitions.
+use std::path::PathBuf;
+
 use anyhow::{Context as _, anyhow};
+use aya_obj::maps::PinningType;
+use forwarder_common::{
+    layout::{MapShape, identity},
+    maps::MAP_LAYOUTS,
+};
 
 fn main() -> anyhow::Result<()> {
     let metadata = cargo_metadata::MetadataCommand::new()
@@ -23,5 +31,42 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::default(),
-    )
+    )?;
+    write_layout_id()
+}
+
+/// OUT_DIR/layout_id: the identity of every pinned map of the object.
+fn write_layout_id() -> anyhow::Result<()> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let bytes = std::fs::read(out_dir.join("forwarder-ebpf")).context("reading the eBPF object")?;
+    let object =
+        aya_obj::Object::parse(&bytes).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
+    let mut maps: Vec<(&str, MapShape, u64)> = object
+        .maps
+        .iter()
+        .filter(|(_, map)| map.pinning() == PinningType::ByName)
+        .map(|(name, map)| {
+            let layout = MAP_LAYOUTS
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, l)| *l)
+                .ok_or_else(|| {
+                    anyhow!("map {name} has no entry in forwarder_common::maps::MAP_LAYOUTS")
+                })?;
+            let shape = MapShape {
+                map_type: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries: map.max_entries(),
+                flags: map.map_flags(),
+            };
+            Ok((name.as_str(), shape, layout))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    maps.sort_by(|a, b| a.0.cmp(b.0));
+    std::fs::write(
+        out_dir.join("layout_id"),
+        format!("{:#018x}", identity(maps)),
+    )?;
+    Ok(())
 }

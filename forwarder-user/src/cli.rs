@@ -16,6 +16,9 @@ pub const DEFAULT_DOWNSTREAM: &str = r"^vif[0-9]+\.[0-9]+$";
 /// discovery protocols announce, far below what would eat a WLAN's airtime
 /// at the basic rate multicast goes out at.
 pub const DEFAULT_RELAY_RATE: u32 = 25;
+/// Copies per second one relay may send toward the VMs: room for a busy
+/// LAN's discovery traffic, far below line rate.
+pub const DEFAULT_RELAY_RATE_DOWN: u32 = 100;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +41,9 @@ pub enum Command {
     /// Change or list the forward rules of a running instance.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// List the forwarded flows the datapath tracks, like `conntrack -L`,
+    /// read from the pinned maps.
+    Flows(FlowsArgs),
     /// Validate a configuration file without loading anything.
     CheckConfig {
         /// The TOML file `run --config` would read.
@@ -94,6 +100,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "TARGET_IP")]
     pub localsend: Option<Ipv4Addr>,
 
+    /// Per-relay limit of copies sent toward the VMs, in packets per second
+    /// [default: 100].
+    #[arg(long, value_name = "PKTS/S", value_parser = parse_rate)]
+    pub relay_rate_down: Option<u32>,
+
+    /// Forwarded flows the datapath tracks at once; the least recently used
+    /// is forgotten when full (its peer's next packet brings it back)
+    /// [default: 65536].
+    #[arg(long, value_name = "N", value_parser = parse_flow_table_size)]
+    pub flow_table_size: Option<u32>,
+
     /// bpffs directory for this instance's pinned maps and links
     /// [default: /sys/fs/bpf/forwarder].
     #[arg(long, value_name = "DIR")]
@@ -117,6 +134,17 @@ pub struct InspectArgs {
     /// Refresh interval for --watch.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     pub interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Pin directory of the instance.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +191,16 @@ pub enum RulesCommand {
 
 pub fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| format!("not a valid regular expression: {e}"))
+}
+
+/// `--flow-table-size`: 1,024 to 16,777,216 entries.
+pub fn parse_flow_table_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ 1024..=16_777_216) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a flow table size: expected 1024 to 16777216 entries"
+        )),
+    }
 }
 
 /// Durations as humans write them: 90s, 30m, 2h, 1h30m.
@@ -258,6 +296,16 @@ mod tests {
                 "GROUP:PORT=TARGET_IP",
             ),
             (vec!["run", "--relay-rate", "0"], "--relay-rate", "PKTS/s"),
+            (
+                vec!["run", "--relay-rate-down", "x"],
+                "--relay-rate-down",
+                "PKTS/s",
+            ),
+            (
+                vec!["run", "--flow-table-size", "12"],
+                "--flow-table-size",
+                "1024 to 16777216",
+            ),
             (vec!["run", "--relay-ttl", "300"], "--relay-ttl", "1 to 255"),
             (
                 vec!["run", "--localsend", "sys-firewall"],

@@ -5,28 +5,23 @@ use anyhow::{Result, bail};
 
 use crate::{
     cli::RulesCommand,
-    control::{self, Request, Response, RuleView},
+    control::{self, Request, Response},
     inspect::human_bytes,
+    rule_view::{RuleView, expires_text},
 };
-
-fn expires_text(secs: Option<u64>) -> String {
-    match secs {
-        None => "never".into(),
-        Some(s) => humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
-    }
-}
 
 pub fn render(rules: &[RuleView]) -> String {
     if rules.is_empty() {
         return "no forward rules\n".into();
     }
     let mut out = format!(
-        "{:<12} {:<22} {:<20} {:<10} {:<8} {:>9} {:>10} {:>9} {:>10}  {}\n",
+        "{:<12} {:<22} {:<20} {:<10} {:<8} {:>6} {:>9} {:>10} {:>9} {:>10}  {}\n",
         "RULE",
         "TARGET",
         "ALLOW FROM",
         "EXPIRES IN",
         "FROM",
+        "FLOWS",
         "IN PKTS",
         "IN BYTES",
         "OUT PKTS",
@@ -35,12 +30,13 @@ pub fn render(rules: &[RuleView]) -> String {
     );
     for r in rules {
         out += &format!(
-            "{:<12} {:<22} {:<20} {:<10} {:<8} {:>9} {:>10} {:>9} {:>10}  {}\n",
-            format!("{}:{}", r.proto, r.port),
+            "{:<12} {:<22} {:<20} {:<10} {:<8} {:>6} {:>9} {:>10} {:>9} {:>10}  {}\n",
+            r.name(),
             format!("{}:{}", r.target, r.target_port),
             r.allow_from,
             expires_text(r.expires_in_secs),
-            r.origin.name(),
+            r.origin.map_or("?", |o| o.name()),
+            r.flows,
             r.packets_in,
             human_bytes(r.bytes_in as f64),
             r.packets_out,

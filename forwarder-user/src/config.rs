@@ -1,6 +1,13 @@
-//! The configuration of `forwarder run`: flags, a TOML file, or both (flags
-//! win). Everything is validated before anything is loaded; an error names
-//! the flag, or the file and key, and the accepted form.
+//! The configuration of `forwarder run`: flags, a TOML file, or both.
+//! Everything is validated before anything is loaded; an error names the
+//! flag, or the file and key, and the accepted form.
+//!
+//! How the two combine:
+//! - a setting (uplink, defaults, rates, sizes) comes from its flag if
+//!   given, else from the file's key, else from its default;
+//! - forward rules and relays add up: the file's, the flags' and the
+//!   presets' all apply, and a port or group given twice is an error naming
+//!   both places. Nothing given as a flag is ever written to the file.
 
 use std::{
     fmt::Display,
@@ -15,26 +22,26 @@ use serde::Deserialize;
 
 use crate::{
     cli::{
-        DEFAULT_DOWNSTREAM, DEFAULT_PIN_DIR, DEFAULT_RELAY_RATE, RunArgs, parse_ifname, parse_regex,
+        DEFAULT_DOWNSTREAM, DEFAULT_PIN_DIR, DEFAULT_RELAY_RATE, DEFAULT_RELAY_RATE_DOWN, RunArgs,
+        parse_flow_table_size, parse_ifname, parse_regex,
     },
+    presets::{self, Preset},
     rules::{self, Origin, Relay, Rule},
-    spec::{AllowFrom, ForwardSpec, Proto, RelaySpec, parse_rate, parse_ttl},
+    spec::{AllowFrom, ForwardSpec, RelaySpec, parse_ipv4, parse_rate, parse_ttl},
 };
-
-/// LocalSend's port and discovery group (protocol v2).
-pub const LOCALSEND_PORT: u16 = 53317;
-pub const LOCALSEND_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 167);
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub uplink: String,
     pub downstream: Vec<Regex>,
-    /// Default allow-from of rules that name none (also `rules add`'s).
+    /// Default allow-from of rules and relays that name none (also
+    /// `rules add`'s).
     pub allow_from: AllowFrom,
     /// Default target of rules that name none (also `rules add`'s).
     pub target: Option<Ipv4Addr>,
     pub rules: Vec<Rule>,
     pub relays: Vec<Relay>,
+    pub flow_table_size: u32,
     pub pin_dir: PathBuf,
     /// The file `rules add/del --save` writes to.
     pub config_file: Option<PathBuf>,
@@ -52,6 +59,8 @@ pub struct FileConfig {
     localsend: Option<String>,
     relay_ttl: Option<i64>,
     relay_rate: Option<i64>,
+    relay_rate_down: Option<i64>,
+    flow_table_size: Option<i64>,
     pin_dir: Option<PathBuf>,
     #[serde(default)]
     forward: Vec<ForwardTable>,
@@ -75,6 +84,8 @@ struct RelayTable {
     spec: String,
     ttl: Option<i64>,
     rate: Option<i64>,
+    rate_down: Option<i64>,
+    allow_from: Option<String>,
 }
 
 pub fn read_file(path: &Path) -> Result<FileConfig, String> {
@@ -82,12 +93,13 @@ pub fn read_file(path: &Path) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Where a value came from, for error messages.
+/// Where values come from, for error messages.
 struct Source<'a> {
     file: Option<&'a Path>,
 }
 
 impl Source<'_> {
+    /// Parses the file's `key`, naming the file and key on error.
     fn key<T, E: Display>(
         &self,
         key: &str,
@@ -100,13 +112,28 @@ impl Source<'_> {
         })
     }
 
-    fn number<T>(
+    /// A setting: its flag if given (already parsed by clap), else the
+    /// file's `key` parsed, else nothing (the caller's default).
+    fn layer<T, V: ToString>(
         &self,
         key: &str,
-        value: i64,
+        flag: Option<T>,
+        file: Option<&V>,
         parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<T, String> {
-        self.key(key, &value.to_string(), parse)
+    ) -> Result<Option<T>, String> {
+        match flag {
+            Some(value) => Ok(Some(value)),
+            None => file
+                .map(|value| self.key(key, &value.to_string(), &parse))
+                .transpose(),
+        }
+    }
+
+    /// "FILE: " or nothing, to start a message about the whole config.
+    fn prefix(&self) -> String {
+        self.file
+            .map(|f| format!("{}: ", f.display()))
+            .unwrap_or_default()
     }
 }
 
@@ -114,9 +141,8 @@ fn parse_str<T: FromStr<Err = String>>(s: &str) -> Result<T, String> {
     s.parse()
 }
 
-fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an IPv4 address"))
+fn parse_address(s: &str) -> Result<Ipv4Addr, String> {
+    parse_ipv4(s, "address")
 }
 
 fn parse_expiry(s: &str) -> Result<SystemTime, String> {
@@ -124,8 +150,31 @@ fn parse_expiry(s: &str) -> Result<SystemTime, String> {
         .map_err(|_| format!("{s:?} is not an RFC 3339 time, e.g. 2026-11-22T18:00:00Z"))
 }
 
+/// Relay options every relay gets unless its own table says otherwise.
+struct RelayDefaults {
+    ttl: Option<u8>,
+    rate: u32,
+    rate_down: u32,
+    allow: AllowFrom,
+}
+
+impl RelayDefaults {
+    fn relay(&self, spec: RelaySpec) -> Relay {
+        Relay {
+            group: spec.group,
+            port: spec.port,
+            targets: spec.targets,
+            ttl: self.ttl,
+            rate: self.rate,
+            rate_down: self.rate_down,
+            allow: self.allow.clone(),
+        }
+    }
+}
+
 impl RunConfig {
-    /// Flags over file over defaults, every value validated.
+    /// Flags and file layered (see the module's documentation), every value
+    /// validated.
     pub fn from_args(args: RunArgs) -> Result<Self, String> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
@@ -134,12 +183,9 @@ impl RunConfig {
         let src = Source {
             file: args.config.as_deref(),
         };
-        let required = "--uplink is required (or `uplink` in the --config file)";
-        let uplink = match (args.uplink, &file.uplink) {
-            (Some(uplink), _) => uplink,
-            (None, Some(uplink)) => src.key("uplink", uplink, parse_ifname)?,
-            (None, None) => return Err(required.into()),
-        };
+        let uplink = src
+            .layer("uplink", args.uplink, file.uplink.as_ref(), parse_ifname)?
+            .ok_or("--uplink is required (or `uplink` in the --config file)")?;
         let downstream = if !args.downstream.is_empty() {
             args.downstream
         } else if let Some(list) = &file.downstream {
@@ -150,31 +196,48 @@ impl RunConfig {
         } else {
             vec![Regex::new(DEFAULT_DOWNSTREAM).expect("the default pattern is valid")]
         };
-        let allow_from = match (args.allow_from, &file.allow_from) {
-            (Some(a), _) => a,
-            (None, Some(a)) => src.key("allow_from", a, parse_str::<AllowFrom>)?,
-            (None, None) => AllowFrom::Auto,
+        let allow_from = src
+            .layer(
+                "allow_from",
+                args.allow_from,
+                file.allow_from.as_ref(),
+                parse_str,
+            )?
+            .unwrap_or_default();
+        let target = src.layer("target", args.target, file.target.as_ref(), parse_address)?;
+        let relay_defaults = RelayDefaults {
+            ttl: src.layer(
+                "relay_ttl",
+                args.relay_ttl,
+                file.relay_ttl.as_ref(),
+                parse_ttl,
+            )?,
+            rate: src
+                .layer(
+                    "relay_rate",
+                    args.relay_rate,
+                    file.relay_rate.as_ref(),
+                    parse_rate,
+                )?
+                .unwrap_or(DEFAULT_RELAY_RATE),
+            rate_down: src
+                .layer(
+                    "relay_rate_down",
+                    args.relay_rate_down,
+                    file.relay_rate_down.as_ref(),
+                    parse_rate,
+                )?
+                .unwrap_or(DEFAULT_RELAY_RATE_DOWN),
+            allow: allow_from.clone(),
         };
-        let target = match (args.target, &file.target) {
-            (Some(t), _) => Some(t),
-            (None, Some(t)) => Some(src.key("target", t, parse_ipv4)?),
-            (None, None) => None,
-        };
-        let localsend = match (args.localsend, &file.localsend) {
-            (Some(t), _) => Some(t),
-            (None, Some(t)) => Some(src.key("localsend", t, parse_ipv4)?),
-            (None, None) => None,
-        };
-        let relay_ttl = match (args.relay_ttl, file.relay_ttl) {
-            (Some(t), _) => Some(t),
-            (None, Some(t)) => Some(src.number("relay_ttl", t, parse_ttl)?),
-            (None, None) => None,
-        };
-        let relay_rate = match (args.relay_rate, file.relay_rate) {
-            (Some(r), _) => r,
-            (None, Some(r)) => src.number("relay_rate", r, parse_rate)?,
-            (None, None) => DEFAULT_RELAY_RATE,
-        };
+        let flow_table_size = src
+            .layer(
+                "flow_table_size",
+                args.flow_table_size,
+                file.flow_table_size.as_ref(),
+                parse_flow_table_size,
+            )?
+            .unwrap_or(forwarder_common::maps::DEFAULT_FLOW_TABLE_SIZE);
         let pin_dir = args
             .pin_dir
             .or(file.pin_dir.clone())
@@ -188,85 +251,77 @@ impl RunConfig {
             })
         };
         let mut rules = Vec::new();
-        if !args.forward.is_empty() {
-            for spec in &args.forward {
-                let target = resolve(spec).map_err(|e| format!("--forward {e}"))?;
-                rules.push(Rule::from_spec(
-                    spec,
-                    target,
-                    allow_from.clone(),
-                    Origin::Flag,
-                ));
+        for (i, table) in file.forward.iter().enumerate() {
+            let key = |k: &str| format!("forward[{i}].{k}");
+            let spec: ForwardSpec = src.key(&key("spec"), &table.spec, parse_str)?;
+            let target = src.key(&key("spec"), &table.spec, |_| resolve(&spec))?;
+            let mut rule = Rule::from_spec(&spec, target, allow_from.clone(), Origin::File);
+            if let Some(a) = &table.allow_from {
+                rule.allow = src.key(&key("allow_from"), a, parse_str::<AllowFrom>)?;
             }
-        } else {
-            for (i, table) in file.forward.iter().enumerate() {
-                let key = |k: &str| format!("forward[{i}].{k}");
-                let spec: ForwardSpec = src.key(&key("spec"), &table.spec, parse_str)?;
-                let target = src.key(&key("spec"), &table.spec, |_| resolve(&spec))?;
-                let mut rule = Rule::from_spec(&spec, target, allow_from.clone(), Origin::File);
-                if let Some(a) = &table.allow_from {
-                    rule.allow = src.key(&key("allow_from"), a, parse_str::<AllowFrom>)?;
-                }
-                rule.comment = table.comment.clone();
-                if let Some(e) = &table.expires {
-                    rule.expires = Some(src.key(&key("expires"), e, parse_expiry)?);
-                }
-                rules.push(rule);
+            rule.comment = table.comment.clone();
+            if let Some(e) = &table.expires {
+                rule.expires = Some(src.key(&key("expires"), e, parse_expiry)?);
             }
+            rules.push(rule);
+        }
+        for spec in &args.forward {
+            let target = resolve(spec).map_err(|e| format!("--forward {e}"))?;
+            rules.push(Rule::from_spec(
+                spec,
+                target,
+                allow_from.clone(),
+                Origin::Flag,
+            ));
         }
 
         let mut relays = Vec::new();
-        if !args.relay.is_empty() {
-            for spec in args.relay {
-                relays.push(relay_from(spec, relay_ttl, relay_rate));
+        for (i, table) in file.relay.iter().enumerate() {
+            let key = |k: &str| format!("relay[{i}].{k}");
+            let spec: RelaySpec = src.key(&key("spec"), &table.spec, parse_str)?;
+            let mut relay = relay_defaults.relay(spec);
+            if let Some(t) = table.ttl {
+                relay.ttl = Some(src.key(&key("ttl"), &t.to_string(), parse_ttl)?);
             }
-        } else {
-            for (i, table) in file.relay.iter().enumerate() {
-                let key = |k: &str| format!("relay[{i}].{k}");
-                let spec: RelaySpec = src.key(&key("spec"), &table.spec, parse_str)?;
-                let ttl = match table.ttl {
-                    Some(t) => Some(src.number(&key("ttl"), t, parse_ttl)?),
-                    None => relay_ttl,
-                };
-                let rate = match table.rate {
-                    Some(r) => src.number(&key("rate"), r, parse_rate)?,
-                    None => relay_rate,
-                };
-                relays.push(relay_from(spec, ttl, rate));
+            if let Some(r) = table.rate {
+                relay.rate = src.key(&key("rate"), &r.to_string(), parse_rate)?;
+            }
+            if let Some(r) = table.rate_down {
+                relay.rate_down = src.key(&key("rate_down"), &r.to_string(), parse_rate)?;
+            }
+            if let Some(a) = &table.allow_from {
+                relay.allow = src.key(&key("allow_from"), a, parse_str::<AllowFrom>)?;
+            }
+            relays.push(relay);
+        }
+        for spec in args.relay {
+            relays.push(relay_defaults.relay(spec));
+        }
+
+        let preset_targets = [(
+            &presets::LOCALSEND,
+            src.layer(
+                "localsend",
+                args.localsend,
+                file.localsend.as_ref(),
+                parse_address,
+            )?,
+        )];
+        for (preset, target) in preset_targets {
+            if let Some(target) = target {
+                expand(
+                    preset,
+                    target,
+                    &allow_from,
+                    &relay_defaults,
+                    &mut rules,
+                    &mut relays,
+                );
             }
         }
 
-        if let Some(target) = localsend {
-            for proto in [Proto::Tcp, Proto::Udp] {
-                rules.push(Rule::new(
-                    proto,
-                    LOCALSEND_PORT,
-                    target,
-                    LOCALSEND_PORT,
-                    allow_from.clone(),
-                    Origin::Preset,
-                ));
-            }
-            relays.push(relay_from(
-                RelaySpec {
-                    group: LOCALSEND_GROUP,
-                    port: LOCALSEND_PORT,
-                    targets: vec![target],
-                },
-                relay_ttl,
-                relay_rate,
-            ));
-        }
-        let origin = if args.config.is_some() {
-            format!("{}: ", src_name(&src))
-        } else {
-            String::new()
-        };
-        rules::check(&rules).map_err(|e| {
-            format!("{origin}forward rules (--forward, `forward`, --localsend): {e}")
-        })?;
-        rules::check_relays(&relays)
-            .map_err(|e| format!("{origin}relays (--relay, `relay`, --localsend): {e}"))?;
+        rules::check(&rules).map_err(|e| format!("{}forward rules: {e}", src.prefix()))?;
+        rules::check_relays(&relays).map_err(|e| format!("{}relays: {e}", src.prefix()))?;
         Ok(RunConfig {
             uplink,
             downstream,
@@ -274,6 +329,7 @@ impl RunConfig {
             target,
             rules,
             relays,
+            flow_table_size,
             pin_dir,
             config_file: args.config,
         })
@@ -289,19 +345,33 @@ impl RunConfig {
     }
 }
 
-fn src_name(src: &Source<'_>) -> String {
-    src.file
-        .map(|f| f.display().to_string())
-        .unwrap_or_default()
-}
-
-fn relay_from(spec: RelaySpec, ttl: Option<u8>, rate: u32) -> Relay {
-    Relay {
-        group: spec.group,
-        port: spec.port,
-        targets: spec.targets,
-        ttl,
-        rate,
+/// The rules and relays of `preset` pointed at `target`.
+fn expand(
+    preset: &Preset,
+    target: Ipv4Addr,
+    allow_from: &AllowFrom,
+    relay_defaults: &RelayDefaults,
+    rules: &mut Vec<Rule>,
+    relays: &mut Vec<Relay>,
+) {
+    for (proto, port) in preset.forwards {
+        let mut rule = Rule::new(
+            *proto,
+            *port,
+            target,
+            *port,
+            allow_from.clone(),
+            Origin::Preset,
+        );
+        rule.comment = Some(format!("{} preset", preset.name));
+        rules.push(rule);
+    }
+    for (group, port) in preset.relays {
+        relays.push(relay_defaults.relay(RelaySpec {
+            group: *group,
+            port: *port,
+            targets: vec![target],
+        }));
     }
 }
 
@@ -414,8 +484,9 @@ mod tests {
         assert!(c.rules.iter().all(|r| r.origin == Origin::Preset));
         assert_eq!(
             (c.relays[0].group, c.relays[0].ttl, c.relays[0].rate),
-            (LOCALSEND_GROUP, Some(2), 25)
+            (Ipv4Addr::new(224, 0, 0, 167), Some(2), 25)
         );
+        assert_eq!(c.rules[0].comment.as_deref(), Some("localsend preset"));
         let err = config(&[
             "--uplink",
             "eth0",
@@ -426,7 +497,7 @@ mod tests {
         ])
         .unwrap_err();
         assert!(
-            err.contains("--localsend") && err.contains("forwarded twice"),
+            err.contains("localsend preset") && err.contains("--forward"),
             "{err}"
         );
         let err = config(&[
@@ -487,7 +558,7 @@ rate = 5
     }
 
     #[test]
-    fn flags_override_the_file() {
+    fn flags_override_settings_and_add_to_lists() {
         let (_f, path) = file(FULL);
         let c = config(&[
             "--config",
@@ -501,13 +572,40 @@ rate = 5
         ])
         .unwrap();
         assert_eq!(c.uplink, "eth1");
-        assert_eq!(c.rules.len(), 1, "flags replace the file's list");
-        assert_eq!(c.rules[0].origin, Origin::Flag);
+        let rules: Vec<(u16, Origin)> = c.rules.iter().map(|r| (r.port, r.origin)).collect();
+        assert_eq!(
+            rules,
+            [
+                (8080, Origin::File),
+                (5000, Origin::File),
+                (1, Origin::Flag)
+            ],
+            "the file's rules and the flags' rules both apply"
+        );
         assert_eq!(
             c.relays[0].rate, 5,
             "a relay's own rate beats the global one"
         );
         assert_eq!(c.allow_from.to_string(), "192.168.1.0/24");
+        let err = config(&["--config", &path, "--forward", "tcp:8080=10.0.0.1"]).unwrap_err();
+        assert!(
+            err.contains("tcp:8080") && err.contains("--forward") && err.contains("file"),
+            "a port in both is an error naming both: {err}"
+        );
+    }
+
+    #[test]
+    fn relays_take_their_own_allow_from_and_rates() {
+        let (_f, path) = file(
+            "uplink = \"eth0\"\nrelay_rate_down = 40\n[[relay]]\nspec = \"239.1.1.1:9=10.0.0.2\"\nallow_from = \"192.168.1.7\"\nrate_down = 3\n[[relay]]\nspec = \"239.1.1.2:9=10.0.0.2\"\n",
+        );
+        let c = config(&["--config", &path]).unwrap();
+        assert_eq!(c.relays[0].allow.to_string(), "192.168.1.7/32");
+        assert_eq!((c.relays[0].rate_down, c.relays[1].rate_down), (3, 40));
+        assert_eq!(c.relays[1].allow, AllowFrom::Auto);
+        assert_eq!(c.flow_table_size, 65_536);
+        let c = config(&["--config", &path, "--flow-table-size", "4096"]).unwrap();
+        assert_eq!(c.flow_table_size, 4096);
     }
 
     #[test]
@@ -536,6 +634,14 @@ rate = 5
             (
                 "uplink = \"eth0\"\nrelay_rate = \"fast\"\n",
                 vec!["relay_rate", "invalid type"],
+            ),
+            (
+                "uplink = \"eth0\"\nflow_table_size = 10\n",
+                vec!["key `flow_table_size`", "1024"],
+            ),
+            (
+                "uplink = \"eth0\"\n[[relay]]\nspec = \"239.1.1.1:9=10.0.0.2\"\nallow_from = \"x\"\n",
+                vec!["key `relay[0].allow_from`", "auto, any"],
             ),
             (
                 "uplink = \"eth0\"\ndownstream = [\"(\"]\n",
@@ -579,98 +685,5 @@ rate = 5
             err.contains("/nonexistent/forwarder.toml") && err.contains("No such file"),
             "{err}"
         );
-    }
-}
-
-/// Rewrites the `[[forward]]` tables of the config file to hold `rules`,
-/// keeping every other key, comment and the layout (toml_edit), through a
-/// temporary file and a rename so a crash never leaves half a file. Rules
-/// implied by the localsend preset are not written: the preset key implies
-/// them.
-pub fn save_rules(path: &Path, rules: &[Rule]) -> Result<(), String> {
-    let fail = |e: &dyn Display| format!("saving to {}: {e}", path.display());
-    let text = std::fs::read_to_string(path).map_err(|e| fail(&e))?;
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| fail(&e))?;
-    let mut tables = toml_edit::ArrayOfTables::new();
-    for rule in rules.iter().filter(|r| r.origin != Origin::Preset) {
-        let mut table = toml_edit::Table::new();
-        let spec = ForwardSpec {
-            proto: rule.proto,
-            port: rule.port,
-            target: Some(rule.target),
-            target_port: (rule.target_port != rule.port).then_some(rule.target_port),
-        };
-        table["spec"] = toml_edit::value(spec.to_string());
-        table["allow_from"] = toml_edit::value(rule.allow.to_string());
-        if let Some(comment) = &rule.comment {
-            table["comment"] = toml_edit::value(comment.as_str());
-        }
-        if let Some(expires) = rule.expires {
-            table["expires"] =
-                toml_edit::value(humantime::format_rfc3339_seconds(expires).to_string());
-        }
-        tables.push(table);
-    }
-    doc.remove("forward");
-    if !tables.is_empty() {
-        doc.insert("forward", toml_edit::Item::ArrayOfTables(tables));
-    }
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, doc.to_string()).map_err(|e| fail(&e))?;
-    std::fs::rename(&tmp, path).map_err(|e| fail(&e))
-}
-
-#[cfg(test)]
-mod save_tests {
-    use super::*;
-
-    #[test]
-    fn saving_keeps_the_rest_of_the_file_and_round_trips() {
-        let path =
-            std::env::temp_dir().join(format!("forwarder-save-test-{}.toml", std::process::id()));
-        let original = "# sys-net\nuplink = \"wls6f0\" # the Wi-Fi\nlocalsend = \"10.137.0.5\"\n\n[[forward]]\nspec = \"tcp:22=10.137.0.5\"\n";
-        std::fs::write(&path, original).unwrap();
-        let config = RunConfig::check_file(&path).unwrap();
-        let mut rules = config.rules.clone();
-        let mut web = Rule::new(
-            Proto::Tcp,
-            8080,
-            Ipv4Addr::new(10, 137, 0, 5),
-            80,
-            AllowFrom::Any,
-            Origin::Live,
-        );
-        web.comment = Some("web server".into());
-        web.expires = Some(humantime::parse_rfc3339("2031-05-06T07:08:09Z").unwrap());
-        rules.push(web);
-        rules.retain(|r| r.port != 22);
-        save_rules(&path, &rules).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            text.starts_with("# sys-net\nuplink = \"wls6f0\" # the Wi-Fi\n"),
-            "{text}"
-        );
-        assert!(!text.contains("tcp:22"), "{text}");
-        assert!(
-            !text.contains("tcp:53317"),
-            "preset rules stay implied: {text}"
-        );
-        let reloaded = RunConfig::check_file(&path).unwrap();
-        let web = reloaded.rules.iter().find(|r| r.port == 8080).unwrap();
-        assert_eq!(
-            web.to_string(),
-            "tcp:8080 -> 10.137.0.5:80 (allow-from any)"
-        );
-        assert_eq!(web.comment.as_deref(), Some("web server"));
-        assert_eq!(
-            humantime::format_rfc3339_seconds(web.expires.unwrap()).to_string(),
-            "2031-05-06T07:08:09Z"
-        );
-        assert_eq!(
-            reloaded.rules.len(),
-            3,
-            "two preset rules and the saved one"
-        );
-        let _ = std::fs::remove_file(&path);
     }
 }

@@ -6,7 +6,6 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::Ipv4Addr,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -15,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::rules::Origin;
+use crate::rule_view::RuleView;
 
 pub const SOCKET_DIR: &str = "/run/forwarder";
 
@@ -54,24 +53,6 @@ pub enum Request {
         rule: String,
         save: bool,
     },
-}
-
-/// One rule as `rules list` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleView {
-    pub proto: String,
-    pub port: u16,
-    pub target: Ipv4Addr,
-    pub target_port: u16,
-    pub allow_from: String,
-    pub comment: Option<String>,
-    /// Seconds until the daemon removes the rule.
-    pub expires_in_secs: Option<u64>,
-    pub origin: Origin,
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    pub packets_out: u64,
-    pub bytes_out: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

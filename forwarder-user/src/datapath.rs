@@ -1,21 +1,29 @@
 //! Loading the eBPF object, attaching its programs, and adopting what a
-//! predecessor left pinned so forwarding never stops for a restart.
+//! predecessor left (pinned TCX links, or clsact filters in our slot) so
+//! forwarding never stops for a restart.
 
-use std::{collections::BTreeMap, fs, io, path::PathBuf};
+use std::{collections::BTreeMap, fs, io, path::Path, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData},
     programs::{
         SchedClassifier, TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{self, SchedClassifierLink, TcError},
+        links::{FdLink, LinkError, LinkOrder, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
     sys::SyscallError,
 };
-use forwarder_common::maps::programs;
+use forwarder_common::maps::{globals, names, programs};
 
-use crate::{EBPF_OBJECT, pin::PinLayout, tables::Tables};
+use crate::{
+    EBPF_OBJECT,
+    adopt::{self, Replaced},
+    pin::PinLayout,
+    selftest::{Kernel, Support},
+    tables::Tables,
+};
 
 /// Which program an interface runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -38,13 +46,65 @@ impl Role {
             Role::Downstream => programs::DOWNSTREAM_INGRESS,
         }
     }
+
+    fn from_name(name: &str) -> Option<Role> {
+        [Role::Uplink, Role::Downstream]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
 }
+
+/// How programs are attached on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookKind {
+    /// A TCX link (6.6+), pinned so it outlives this process.
+    Tcx,
+    /// A clsact filter (older kernels), at a fixed priority and handle so a
+    /// successor replaces it in place instead of adding a second one.
+    Clsact,
+}
+
+impl HookKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            HookKind::Tcx => "tcx",
+            HookKind::Clsact => "clsact",
+        }
+    }
+
+    pub fn for_kernel(kernel: &Kernel) -> Self {
+        if kernel.version >= (6, 6) {
+            HookKind::Tcx
+        } else {
+            HookKind::Clsact
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(HookKind::Tcx),
+            1 => Some(HookKind::Clsact),
+            _ => None,
+        }
+    }
+
+    const fn code(self) -> u8 {
+        match self {
+            HookKind::Tcx => 0,
+            HookKind::Clsact => 1,
+        }
+    }
+}
+
+/// The clsact filter slot the forwarder owns on every interface. Priority
+/// 1 runs it before filters added without one (the kernel numbers those
+/// from 49152 down); unclaimed packets continue to them.
+const CLSACT_PRIORITY: u16 = 1;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0xf0);
 
 /// How a program is attached to one interface.
 enum Hook {
-    /// A TCX link (kernel >= 6.6), pinned so it outlives this process.
     Tcx { link: FdLink, pin: PathBuf },
-    /// A clsact filter (older kernels); it cannot be pinned or adopted.
     Clsact(SchedClassifierLink),
 }
 
@@ -55,48 +115,111 @@ pub struct Attachment {
 }
 
 impl Attachment {
-    pub fn adopted_or_pinned(&self) -> bool {
-        matches!(self.hook, Hook::Tcx { .. })
+    pub fn kind(&self) -> HookKind {
+        match self.hook {
+            Hook::Tcx { .. } => HookKind::Tcx,
+            Hook::Clsact(_) => HookKind::Clsact,
+        }
     }
+}
+
+/// What a load needs besides the pin directory.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub support: Support,
+    pub flow_table_size: u32,
+}
+
+/// Loads and verifies both programs, with maps pinned in (or adopted from)
+/// `maps_dir` and the globals the self-test chose.
+pub fn load_object(maps_dir: &Path, options: &LoadOptions) -> Result<Ebpf> {
+    let skip_neigh = u8::from(options.support.fib_skip_neigh);
+    let mtu_result = u8::from(options.support.fib_mtu_result);
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .map_max_entries(names::FLOWS, options.flow_table_size)
+        .override_global(globals::FIB_SKIP_NEIGH, &skip_neigh, true)
+        .override_global(globals::FIB_MTU_RESULT, &mtu_result, true)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object (are you root, with BPF and BTF support?)")?;
+    for role in [Role::Uplink, Role::Downstream] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(role.program())
+            .ok_or_else(|| anyhow!("the eBPF object has no program {}", role.program()))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifying {}", role.program()))?;
+    }
+    Ok(ebpf)
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     pub tables: Tables,
     layout: PinLayout,
+    hook_kind: HookKind,
     attached: BTreeMap<u32, Attachment>,
+    attachments: HashMap<MapData, u32, u32>,
 }
 
 fn not_found(err: &LinkError) -> bool {
     matches!(err, LinkError::SyscallError(SyscallError { io_error, .. }) if io_error.kind() == io::ErrorKind::NotFound)
 }
 
-impl Datapath {
-    /// Loads the programs; maps already pinned under the layout are reused
-    /// with their contents, new ones are created and pinned.
-    pub fn load(layout: &PinLayout) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&layout.maps)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object (are you root, with BPF and BTF support?)")?;
-        if let Err(err) = aya_log::EbpfLogger::init(&mut ebpf) {
-            log::debug!("eBPF logging unavailable: {err}");
-        }
-        for role in [Role::Uplink, Role::Downstream] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(role.program())
-                .ok_or_else(|| anyhow!("the eBPF object has no program {}", role.program()))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifying {}", role.program()))?;
-        }
-        let tables = Tables::from_ebpf(&mut ebpf)?;
-        Ok(Datapath {
-            ebpf,
-            tables,
-            layout: layout.clone(),
-            attached: BTreeMap::new(),
+/// Name of the record of attachments in `<pin-dir>/meta`, which `inspect`
+/// reads: clsact filters cannot be pinned, so the pins alone do not say.
+const ATTACHMENTS: &str = "ATTACHMENTS";
+
+fn attachment_value(role: Role, kind: HookKind) -> u32 {
+    u32::from(role == Role::Downstream) | (u32::from(kind.code()) << 8)
+}
+
+/// The attachments an instance recorded, by interface index.
+pub fn recorded_attachments(layout: &PinLayout) -> Result<BTreeMap<u32, (Role, HookKind)>> {
+    let path = layout.meta.join(ATTACHMENTS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = HashMap::<MapData, u32, u32>::try_from(Map::HashMap(data))?;
+    Ok(map
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|(ifindex, value)| {
+            let role = if value & 0xff == 0 {
+                Role::Uplink
+            } else {
+                Role::Downstream
+            };
+            Some((ifindex, (role, HookKind::from_code((value >> 8) as u8)?)))
         })
+        .collect())
+}
+
+impl Datapath {
+    /// Loads the programs. Pinned maps that match this build are adopted
+    /// with their contents; the others are replaced (see `adopt`), and the
+    /// replacements are returned for the log.
+    pub fn load(
+        layout: &PinLayout,
+        options: &LoadOptions,
+        hook_kind: HookKind,
+    ) -> Result<(Self, Vec<Replaced>)> {
+        let defs = adopt::definitions(&[(names::FLOWS, options.flow_table_size)])?;
+        let mut replaced = adopt::set_aside(layout, &defs)?;
+        let mut ebpf = load_object(&layout.maps, options)?;
+        adopt::carry_over(layout, &mut replaced)?;
+        adopt::record(layout, &defs)?;
+        let tables = Tables::from_ebpf(&mut ebpf)?;
+        let attachments = open_or_create(&layout.meta.join(ATTACHMENTS))?;
+        Ok((
+            Datapath {
+                ebpf,
+                tables,
+                layout: layout.clone(),
+                hook_kind,
+                attached: BTreeMap::new(),
+                attachments,
+            },
+            replaced,
+        ))
     }
 
     /// The loaded program of a role, for BPF_PROG_TEST_RUN.
@@ -112,54 +235,29 @@ impl Datapath {
         &self.attached
     }
 
-    /// Attaches `role`'s program to the interface, or, when a predecessor
-    /// left a pinned link there, swaps the program inside that link in one
-    /// atomic update. Returns whether an existing link was adopted.
+    /// Attaches `role`'s program to the interface. Where a predecessor left
+    /// one (a pinned TCX link, or a filter in our clsact slot), the program
+    /// inside it is swapped in one atomic update. Returns whether one was.
     pub fn attach(&mut self, ifindex: u32, ifname: &str, role: Role) -> Result<bool> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(role.program())
             .ok_or_else(|| anyhow!("no program {}", role.program()))?
             .try_into()?;
-        let pin = self.layout.link_pin(role.name(), ifindex);
-        let (link_id, adopted) = match PinnedLink::from_pin(&pin) {
-            Ok(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .with_context(|| format!("{} is not a TCX link", pin.display()))?;
-                (prog.attach_to_link(link)?, true)
+        let (hook, adopted) = match self.hook_kind {
+            HookKind::Tcx => {
+                let pin = self.layout.link_pin(role.name(), ifindex);
+                let (link, adopted) = attach_tcx(prog, ifname, &pin)?;
+                (Hook::Tcx { link, pin }, adopted)
             }
-            Err(err) if not_found(&err) => {
-                if let Err(err) = tc::qdisc_add_clsact(ifname) {
-                    // TCX needs no qdisc; older kernels need clsact, and
-                    // "already there" is fine.
-                    if !matches!(err, TcError::AlreadyAttached) {
-                        log::debug!("clsact on {ifname}: {err}");
-                    }
-                }
-                let id = prog
-                    .attach(ifname, TcAttachType::Ingress)
-                    .with_context(|| format!("attaching {} to {ifname}", role.program()))?;
-                (id, false)
+            HookKind::Clsact => {
+                let (link, adopted) = attach_clsact(prog, ifname, role)?;
+                (Hook::Clsact(link), adopted)
             }
-            Err(err) => return Err(err).with_context(|| format!("opening {}", pin.display())),
         };
-        let link = prog.take_link(link_id)?;
-        let hook = if <&FdLink>::try_from(&link).is_ok() {
-            let fd_link = FdLink::try_from(link)?;
-            if adopted {
-                Hook::Tcx { link: fd_link, pin }
-            } else {
-                let pinned = fd_link
-                    .pin(&pin)
-                    .with_context(|| format!("pinning {}", pin.display()))?;
-                Hook::Tcx {
-                    link: FdLink::from(pinned),
-                    pin,
-                }
-            }
-        } else {
-            Hook::Clsact(link)
-        };
+        self.attachments
+            .insert(ifindex, attachment_value(role, self.hook_kind), 0)
+            .context("recording the attachment")?;
         self.attached.insert(
             ifindex,
             Attachment {
@@ -176,13 +274,17 @@ impl Datapath {
         if let Some(attachment) = self.attached.remove(&ifindex) {
             release(attachment.hook)?;
         }
-        Ok(())
+        match self.attachments.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(err).context("forgetting the attachment"),
+        }
     }
 
-    /// Pinned links of interfaces this instance does not attach to (a
-    /// predecessor's, for interfaces gone or no longer matching): unpinned,
-    /// which detaches them.
-    pub fn remove_stale_link_pins(&self) -> Result<Vec<PathBuf>> {
+    /// What a predecessor left that this instance does not attach to (links
+    /// and records of interfaces gone or no longer matching), and the maps
+    /// set aside for replacements, now that the links run the new programs.
+    /// Returns the link pins removed.
+    pub fn remove_stale(&mut self) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         let ours: Vec<PathBuf> = self
             .attached
@@ -196,6 +298,13 @@ impl Datapath {
                 removed.push(path);
             }
         }
+        let recorded: Vec<u32> = self.attachments.keys().filter_map(Result::ok).collect();
+        for ifindex in recorded {
+            if !self.attached.contains_key(&ifindex) {
+                let _ = self.attachments.remove(&ifindex);
+            }
+        }
+        adopt::remove_set_aside(&self.layout)?;
         Ok(removed)
     }
 
@@ -208,12 +317,95 @@ impl Datapath {
             }
         }
         drop(self.tables);
+        drop(self.attachments);
         drop(self.ebpf);
         if let Err(err) = self.layout.remove() {
             first_error.get_or_insert(anyhow!(err).context("removing pins"));
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+fn open_or_create(path: &Path) -> Result<HashMap<MapData, u32, u32>> {
+    if MapData::from_pin(path).is_err() {
+        HashMap::<MapData, u32, u32>::create(forwarder_common::maps::MAX_IFACES, 0)?
+            .pin(path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+    }
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(HashMap::try_from(Map::HashMap(data))?)
+}
+
+/// TCX: adopt the pinned link by updating its program, or create and pin one.
+fn attach_tcx(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<(FdLink, bool)> {
+    let (link_id, adopted) = match PinnedLink::from_pin(pin) {
+        Ok(pinned) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .with_context(|| format!("{} is not a TCX link", pin.display()))?;
+            (prog.attach_to_link(link)?, true)
+        }
+        Err(err) if not_found(&err) => {
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching to {ifname} with TCX"))?;
+            (id, false)
+        }
+        Err(err) => return Err(err).with_context(|| format!("opening {}", pin.display())),
+    };
+    let link = FdLink::try_from(prog.take_link(link_id)?)?;
+    if adopted {
+        return Ok((link, true));
+    }
+    let pinned = link
+        .pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok((FdLink::from(pinned), false))
+}
+
+/// clsact: replace the filter in our slot, or create it there. A filter of
+/// the same program elsewhere (left by an older release, which let the
+/// kernel pick the slot) is removed first, so there is never a second set.
+fn attach_clsact(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    role: Role,
+) -> Result<(SchedClassifierLink, bool)> {
+    if let Err(err) = tc::qdisc_add_clsact(ifname)
+        && !matches!(err, TcError::AlreadyAttached)
+    {
+        log::debug!("clsact on {ifname}: {err}");
+    }
+    let ours = SchedClassifierLink::attached(
+        ifname,
+        TcAttachType::Ingress,
+        CLSACT_PRIORITY,
+        CLSACT_HANDLE,
+        None,
+    )
+    .with_context(|| format!("looking up {ifname}"))?;
+    let (id, adopted) = match prog.attach_to_link(ours) {
+        Ok(id) => (id, true),
+        Err(_) => {
+            let _ = tc::qdisc_detach_program(ifname, TcAttachType::Ingress, role.program());
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: CLSACT_PRIORITY,
+                        handle: CLSACT_HANDLE,
+                        classid: None,
+                    }),
+                )
+                .with_context(|| format!("attaching to {ifname} with clsact"))?;
+            (id, false)
+        }
+    };
+    Ok((prog.take_link(id)?, adopted))
 }
 
 fn release(hook: Hook) -> Result<()> {
@@ -228,7 +420,14 @@ fn release(hook: Hook) -> Result<()> {
             // Closing the last reference detaches the link.
             drop(link);
         }
+        // Dropping a netlink link removes the filter.
         Hook::Clsact(link) => drop(link),
     }
     Ok(())
+}
+
+/// `Role::from_name` for readers of link pin names.
+pub fn role_of_pin(name: &str) -> Option<(Role, u32)> {
+    let (role, index) = name.rsplit_once('-')?;
+    Some((Role::from_name(role)?, index.parse().ok()?))
 }

@@ -12,28 +12,33 @@ use std::{
 
 use anyhow::{Result, bail};
 use forwarder_common::{
-    maps::{ALLOW_ANY, ALLOW_AUTO, ForwardRule, LAYOUT_VERSION, UPLINK_UP},
+    maps::{UPLINK_UP, names},
     reason::Disposition,
 };
 use serde::Serialize;
 
 use crate::{
+    adopt,
     cli::InspectArgs,
+    datapath,
     interfaces::{address_text, mac_text},
-    pin::PinLayout,
-    spec::Proto,
+    pin::{LEGACY_DIRS, PinLayout},
+    rule_view::{RuleView, allow_text, expires_text},
     tables::Tables,
 };
 
 /// Schema version of the JSON output; bumped on incompatible changes.
-pub const JSON_VERSION: u32 = 1;
+pub const JSON_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
     pub version: u32,
     pub pin_dir: PathBuf,
+    /// The map layout identity the pins were written with.
+    pub layout: String,
     pub uplink: UplinkView,
     pub interfaces: Vec<InterfaceView>,
+    pub flows: FlowTableView,
     pub rules: Vec<RuleStats>,
     pub relays: Vec<RelayStats>,
     pub reasons: Vec<ReasonView>,
@@ -54,19 +59,21 @@ pub struct InterfaceView {
     pub ifindex: u32,
     pub name: Option<String>,
     pub role: String,
+    /// "tcx" or "clsact".
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowTableView {
+    /// Entries, timed-out ones included until the daemon sweeps them.
+    pub entries: u64,
+    pub capacity: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RuleStats {
-    pub proto: String,
-    pub port: u16,
-    pub target: Ipv4Addr,
-    pub target_port: u16,
-    pub allow_from: String,
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    pub packets_out: u64,
-    pub bytes_out: u64,
+    #[serde(flatten)]
+    pub rule: RuleView,
     /// Per second since the previous sample (`--watch` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
@@ -79,11 +86,14 @@ pub struct RelayStats {
     pub targets: Vec<Ipv4Addr>,
     pub ttl: Option<u8>,
     pub rate_limit: u64,
+    pub rate_limit_down: u64,
+    pub allow_from: String,
     pub packets_up: u64,
     pub bytes_up: u64,
     pub packets_down: u64,
     pub bytes_down: u64,
     pub rate_limited: u64,
+    pub rate_limited_down: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
 }
@@ -120,42 +130,32 @@ fn ifname(ifindex: u32) -> Option<String> {
     )
 }
 
-fn allow_text(rule: &ForwardRule) -> String {
-    match rule.allow {
-        ALLOW_ANY => "any".into(),
-        ALLOW_AUTO => "auto".into(),
-        _ => rule
-            .cidrs
-            .iter()
-            .take(usize::from(rule.n_cidrs))
-            .map(|c| {
-                let prefix = u32::from_be(c.mask).leading_ones();
-                format!("{}/{prefix}", Ipv4Addr::from(c.addr.to_ne_bytes()))
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-    }
-}
+/// The maps `inspect` reads; their layouts must be this build's.
+const READ_MAPS: &[&str] = &[
+    names::UPLINK,
+    names::FORWARD_RULES,
+    names::RULE_COUNTERS,
+    names::REASON_COUNTERS,
+    names::RELAYS,
+    names::RELAY_COUNTERS,
+    names::FLOWS,
+];
 
 /// Reads everything the instance at `pin_dir` pinned.
 pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
     let layout = PinLayout::new(pin_dir);
     if !layout.maps.is_dir() {
-        let others: Vec<String> = std::fs::read_dir(pin_dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with('v'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let hint = if others.is_empty() {
+        let legacy: Vec<&str> = LEGACY_DIRS
+            .iter()
+            .copied()
+            .filter(|d| pin_dir.join(d).is_dir())
+            .collect();
+        let hint = if legacy.is_empty() {
             String::new()
         } else {
             format!(
-                " (found layout {}; this binary reads v{LAYOUT_VERSION})",
-                others.join(", ")
+                " (found {} of an older release: start this release's daemon to take it over)",
+                legacy.join(", ")
             )
         };
         bail!(
@@ -166,6 +166,7 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
             pin_dir.display()
         );
     }
+    adopt::check_readable(&layout, READ_MAPS)?;
     let tables = Tables::open_pinned(&layout.maps)?;
     let state = tables.uplink()?;
     let uplink = UplinkView {
@@ -179,39 +180,27 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
         usable: state.usable(),
     };
 
-    let mut interfaces = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&layout.links) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some((role, index)) = name.rsplit_once('-')
-                && let Ok(ifindex) = index.parse::<u32>()
-            {
-                interfaces.push(InterfaceView {
-                    ifindex,
-                    name: ifname(ifindex),
-                    role: role.into(),
-                });
-            }
-        }
-    }
+    let mut interfaces: Vec<InterfaceView> = datapath::recorded_attachments(&layout)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(ifindex, (role, hook))| InterfaceView {
+            ifindex,
+            name: ifname(ifindex),
+            role: role.name().into(),
+            hook: hook.name().into(),
+        })
+        .collect();
     interfaces.sort_by_key(|i| (i.role != "uplink", i.ifindex));
 
-    let mut rules = Vec::new();
-    for ((proto, port), (_, value)) in tables.installed()? {
-        let c = tables.rule_counters(value.slot)?;
-        rules.push(RuleStats {
-            proto: Proto::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string()),
-            port,
-            target: Ipv4Addr::from(value.target_addr.to_ne_bytes()),
-            target_port: u16::from_be(value.target_port),
-            allow_from: allow_text(&value),
-            packets_in: c.packets_in,
-            bytes_in: c.bytes_in,
-            packets_out: c.packets_out,
-            bytes_out: c.bytes_out,
-            rates: None,
-        });
-    }
+    let rules = tables
+        .rule_views()?
+        .into_iter()
+        .map(|rule| RuleStats { rule, rates: None })
+        .collect();
+    let flows = FlowTableView {
+        entries: tables.flows()?.len() as u64,
+        capacity: tables.flow_capacity()?,
+    };
 
     let mut relays = Vec::new();
     for ((group, port), value) in tables.installed_relays()? {
@@ -226,12 +215,15 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
                 .map(|t| Ipv4Addr::from(t.to_ne_bytes()))
                 .collect(),
             ttl: (value.ttl != 0).then_some(value.ttl),
-            rate_limit: 1_000_000_000 / value.interval_ns.max(1),
+            rate_limit: value.up.rate(),
+            rate_limit_down: value.down.rate(),
+            allow_from: allow_text(&value.allow),
             packets_up: c.packets_up,
             bytes_up: c.bytes_up,
             packets_down: c.packets_down,
             bytes_down: c.bytes_down,
             rate_limited: c.rate_limited,
+            rate_limited_down: c.rate_limited_down,
             rates: None,
         });
     }
@@ -253,8 +245,10 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
     Ok(Snapshot {
         version: JSON_VERSION,
         pin_dir: pin_dir.to_path_buf(),
+        layout: format!("{:016x}", adopt::LAYOUT_ID),
         uplink,
         interfaces,
+        flows,
         rules,
         relays,
         reasons,
@@ -267,14 +261,15 @@ fn per_second(now: u64, before: u64, elapsed: Duration) -> f64 {
 
 /// Fills in rates from the previous sample.
 pub fn add_rates(current: &mut Snapshot, previous: &Snapshot, elapsed: Duration) {
-    let before: BTreeMap<(String, u16), &RuleStats> = previous
+    let before: BTreeMap<String, &RuleView> = previous
         .rules
         .iter()
-        .map(|r| ((r.proto.clone(), r.port), r))
+        .map(|r| (r.rule.name(), &r.rule))
         .collect();
-    for rule in &mut current.rules {
-        if let Some(b) = before.get(&(rule.proto.clone(), rule.port)) {
-            rule.rates = Some(Rates {
+    for stats in &mut current.rules {
+        let rule = &stats.rule;
+        if let Some(b) = before.get(&rule.name()) {
+            stats.rates = Some(Rates {
                 packets_in: per_second(rule.packets_in, b.packets_in, elapsed),
                 bytes_in: per_second(rule.bytes_in, b.bytes_in, elapsed),
                 packets_out: per_second(rule.packets_out, b.packets_out, elapsed),
@@ -349,10 +344,11 @@ pub fn render(s: &Snapshot) -> String {
         .iter()
         .map(|i| {
             format!(
-                "{} {} ({})",
+                "{} {} ({}, {})",
                 i.role,
                 i.name.as_deref().unwrap_or("?"),
-                i.ifindex
+                i.ifindex,
+                i.hook
             )
         })
         .collect();
@@ -365,33 +361,42 @@ pub fn render(s: &Snapshot) -> String {
         }
     );
 
+    out += &format!(
+        "flows       {} of {} entries (see `forwarder flows`)\n",
+        s.flows.entries, s.flows.capacity
+    );
+
     out += "\nforward rules\n";
     if s.rules.is_empty() {
         out += "  none\n";
     } else {
         out += &format!(
-            "  {:<12} {:<22} {:<20} {:>10} {:>11} {:>10} {:>11}  {}\n",
+            "  {:<12} {:<22} {:<20} {:<10} {:>6} {:>10} {:>11} {:>10} {:>11}  {}\n",
             "RULE",
             "TARGET",
             "ALLOW FROM",
+            "EXPIRES IN",
+            "FLOWS",
             "IN PKTS",
             "IN BYTES",
             "OUT PKTS",
             "OUT BYTES",
             "RATE IN / OUT"
         );
-        for r in &s.rules {
-            let rate = rate_column(r.rates);
+        for stats in &s.rules {
+            let r = &stats.rule;
             out += &format!(
-                "  {:<12} {:<22} {:<20} {:>10} {:>11} {:>10} {:>11}  {}\n",
-                format!("{}:{}", r.proto, r.port),
+                "  {:<12} {:<22} {:<20} {:<10} {:>6} {:>10} {:>11} {:>10} {:>11}  {}\n",
+                r.name(),
                 format!("{}:{}", r.target, r.target_port),
                 r.allow_from,
+                expires_text(r.expires_in_secs),
+                r.flows,
                 r.packets_in,
                 human_bytes(r.bytes_in as f64),
                 r.packets_out,
                 human_bytes(r.bytes_out as f64),
-                rate
+                rate_column(stats.rates)
             );
         }
     }
@@ -401,11 +406,12 @@ pub fn render(s: &Snapshot) -> String {
         out += "  none\n";
     } else {
         out += &format!(
-            "  {:<22} {:<18} {:>5} {:>6} {:>9} {:>11} {:>9} {:>11} {:>8}  {}\n",
+            "  {:<22} {:<18} {:>5} {:>13} {:<16} {:>9} {:>11} {:>9} {:>11} {:>9}  {}\n",
             "GROUP",
             "TARGETS",
             "TTL",
-            "LIMIT",
+            "LIMIT UP/DOWN",
+            "DOWN FROM",
             "UP PKTS",
             "UP BYTES",
             "DOWN PKTS",
@@ -417,16 +423,17 @@ pub fn render(s: &Snapshot) -> String {
             let targets: Vec<String> = r.targets.iter().map(ToString::to_string).collect();
             let rate = rate_column(r.rates);
             out += &format!(
-                "  {:<22} {:<18} {:>5} {:>4}/s {:>9} {:>11} {:>9} {:>11} {:>8}  {}\n",
+                "  {:<22} {:<18} {:>5} {:>13} {:<16} {:>9} {:>11} {:>9} {:>11} {:>9}  {}\n",
                 format!("{}:{}", r.group, r.port),
                 targets.join(","),
                 r.ttl.map_or("kept".into(), |t| t.to_string()),
-                r.rate_limit,
+                format!("{}/{}/s", r.rate_limit, r.rate_limit_down),
+                r.allow_from,
                 r.packets_up,
                 human_bytes(r.bytes_up as f64),
                 r.packets_down,
                 human_bytes(r.bytes_down as f64),
-                r.rate_limited,
+                format!("{}/{}", r.rate_limited, r.rate_limited_down),
                 rate
             );
         }
@@ -487,20 +494,27 @@ mod tests {
     #[test]
     fn rates_are_deltas_per_second() {
         let rule = |packets: u64, bytes: u64| RuleStats {
-            proto: "tcp".into(),
-            port: 1,
-            target: Ipv4Addr::LOCALHOST,
-            target_port: 1,
-            allow_from: "any".into(),
-            packets_in: packets,
-            bytes_in: bytes,
-            packets_out: 0,
-            bytes_out: 0,
+            rule: RuleView {
+                proto: "tcp".into(),
+                port: 1,
+                target: Ipv4Addr::LOCALHOST,
+                target_port: 1,
+                allow_from: "any".into(),
+                expires_in_secs: None,
+                packets_in: packets,
+                bytes_in: bytes,
+                packets_out: 0,
+                bytes_out: 0,
+                flows: 3,
+                comment: None,
+                origin: None,
+            },
             rates: None,
         };
         let snapshot = |r| Snapshot {
             version: JSON_VERSION,
             pin_dir: PathBuf::new(),
+            layout: String::new(),
             uplink: UplinkView {
                 ifindex: 0,
                 name: None,
@@ -510,6 +524,10 @@ mod tests {
                 usable: false,
             },
             interfaces: vec![],
+            flows: FlowTableView {
+                entries: 3,
+                capacity: 65_536,
+            },
             rules: vec![r],
             relays: vec![],
             reasons: vec![],

@@ -1,19 +1,28 @@
 //! The forwarder's userspace: configuration, loading and attaching the
 //! datapath, keeping its maps current from rtnetlink, and the operator CLI.
 
+pub mod adopt;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod flows;
 pub mod inspect;
 pub mod interfaces;
 pub mod multicast;
 pub mod netlink;
 pub mod nft;
+pub mod notify;
 pub mod pin;
+pub mod presets;
+pub mod raw_map;
+pub mod rule_view;
 pub mod rules;
+pub mod selftest;
 pub mod spec;
 pub mod tables;
 

@@ -5,7 +5,7 @@ use forwarder::{
     cli::{Cli, Command},
     client,
     config::RunConfig,
-    daemon, inspect,
+    daemon, flows, inspect,
 };
 
 fn main() -> ExitCode {
@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Inspect(args) => inspect::run(&args),
+        Command::Flows(args) => flows::run(&args),
         Command::Rules(command) => client::run(command),
     };
     match result {

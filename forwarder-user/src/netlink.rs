@@ -1,5 +1,7 @@
 //! rtnetlink: the links and IPv4 addresses of this network namespace, as a
-//! dump and as a stream of changes. A stream that overflowed (the kernel
+//! dump and as a stream of changes, and every other change that can change
+//! a FIB lookup's answer (routes, neighbours, policy rules, nexthop objects,
+//! netconf such as forwarding). A stream that overflowed (the kernel
 //! dropped messages) is reported so the caller can dump again.
 
 use std::{
@@ -18,10 +20,25 @@ use netlink_packet_route::{
 };
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
 
-const RTMGRP_LINK: u32 = 1;
-const RTMGRP_NEIGH: u32 = 0x4;
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+/// The rtnetlink groups (RTNLGRP_*) followed.
+const GROUPS: &[u32] = &[
+    1,  // RTNLGRP_LINK
+    3,  // RTNLGRP_NEIGH
+    5,  // RTNLGRP_IPV4_IFADDR
+    7,  // RTNLGRP_IPV4_ROUTE
+    8,  // RTNLGRP_IPV4_RULE
+    24, // RTNLGRP_IPV4_NETCONF
+    32, // RTNLGRP_NEXTHOP
+];
+
+/// Message types (RTM_*) whose only meaning here is "FIB answers may have
+/// changed": routes, neighbours, rules, netconf, nexthops.
+const ROUTING_TYPES: &[u16] = &[24, 25, 28, 29, 32, 33, 80, 81, 104, 105];
+const RTM_NEWLINK: u16 = 16;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_DELLINK: u16 = 17;
+const NLMSG_OVERRUN: u16 = 4;
 /// Large enough that a burst of VM starts does not overflow it; overflow is
 /// still handled by a resync.
 const RECV_BUFFER: usize = 4 << 20;
@@ -51,7 +68,8 @@ pub enum Event {
     DelLink(u32),
     NewAddress(Address),
     DelAddress(Address),
-    /// A route or neighbour changed: cached FIB results may be stale.
+    /// A route, neighbour, policy rule, nexthop or netconf setting changed:
+    /// cached FIB results may be stale.
     RoutingChanged,
     /// Messages were lost; the caller's view is stale until it dumps again.
     Overflow,
@@ -106,10 +124,6 @@ pub fn parse_event(msg: &RouteNetlinkMessage) -> Option<Event> {
         RouteNetlinkMessage::DelLink(m) => Some(Event::DelLink(m.header.index)),
         RouteNetlinkMessage::NewAddress(m) => parse_address(m).map(Event::NewAddress),
         RouteNetlinkMessage::DelAddress(m) => parse_address(m).map(Event::DelAddress),
-        RouteNetlinkMessage::NewRoute(_)
-        | RouteNetlinkMessage::DelRoute(_)
-        | RouteNetlinkMessage::NewNeighbour(_)
-        | RouteNetlinkMessage::DelNeighbour(_) => Some(Event::RoutingChanged),
         _ => None,
     }
 }
@@ -130,6 +144,42 @@ fn split(datagram: &[u8]) -> io::Result<Vec<NetlinkMessage<RouteNetlinkMessage>>
         messages.push(msg);
     }
     Ok(messages)
+}
+
+/// The events of one datagram of the change stream. Messages are told
+/// apart by their header's type first: only links and addresses are
+/// decoded, so a message the decoder does not know (a nexthop, a netconf
+/// change) cannot break the stream. One that should decode and does not is
+/// reported as an overflow, which makes the caller dump afresh.
+pub fn events(datagram: &[u8]) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut offset = 0;
+    while offset + 16 <= datagram.len() {
+        let header = &datagram[offset..];
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        if len < 16 || offset + len > datagram.len() {
+            events.push(Event::Overflow);
+            break;
+        }
+        let message = &datagram[offset..offset + len];
+        match kind {
+            RTM_NEWLINK | RTM_DELLINK | RTM_NEWADDR | RTM_DELADDR => {
+                match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
+                    Ok(NetlinkMessage {
+                        payload: NetlinkPayload::InnerMessage(inner),
+                        ..
+                    }) => events.extend(parse_event(&inner)),
+                    _ => events.push(Event::Overflow),
+                }
+            }
+            NLMSG_OVERRUN => events.push(Event::Overflow),
+            kind if ROUTING_TYPES.contains(&kind) => events.push(Event::RoutingChanged),
+            _ => {}
+        }
+        offset += (len + 3) & !3;
+    }
+    events
 }
 
 /// SO_RCVBUFFORCE (root) can exceed net.core.rmem_max, which is far too
@@ -158,8 +208,8 @@ fn is_overflow(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::ENOBUFS)
 }
 
-/// Changes to links, IPv4 addresses, routes and neighbours, as the kernel
-/// announces them.
+/// Changes to links, IPv4 addresses and everything else FIB lookups
+/// depend on, as the kernel announces them.
 pub struct Monitor {
     socket: TokioSocket,
 }
@@ -173,10 +223,10 @@ impl Monitor {
     /// messages (and the next read reports an overflow) once it is full.
     pub fn with_buffer(bytes: usize) -> io::Result<Self> {
         let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
-        socket.socket_mut().bind(&SocketAddr::new(
-            0,
-            RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH,
-        ))?;
+        socket.socket_mut().bind(&SocketAddr::new(0, 0))?;
+        for group in GROUPS {
+            socket.socket_mut().add_membership(*group)?;
+        }
         set_receive_buffer(socket.as_raw_fd(), bytes)?;
         Ok(Monitor { socket })
     }
@@ -185,14 +235,7 @@ impl Monitor {
     /// error: the caller resyncs and carries on.
     pub async fn next(&mut self) -> io::Result<Vec<Event>> {
         match self.socket.recv_from_full().await {
-            Ok((datagram, _)) => Ok(split(&datagram)?
-                .iter()
-                .filter_map(|m| match &m.payload {
-                    NetlinkPayload::InnerMessage(inner) => parse_event(inner),
-                    NetlinkPayload::Overrun(_) => Some(Event::Overflow),
-                    _ => None,
-                })
-                .collect()),
+            Ok((datagram, _)) => Ok(events(&datagram)),
             Err(err) if is_overflow(&err) => Ok(vec![Event::Overflow]),
             Err(err) => Err(err),
         }
@@ -268,14 +311,43 @@ mod tests {
         // Two messages in one datagram, as the kernel batches them.
         let mut datagram = buf.clone();
         datagram.extend_from_slice(&buf);
-        split(&datagram)
-            .unwrap()
-            .iter()
-            .filter_map(|m| match &m.payload {
-                NetlinkPayload::InnerMessage(inner) => parse_event(inner),
-                _ => None,
-            })
-            .collect()
+        events(&datagram)
+    }
+
+    /// A message of `kind` with a body this module never decodes.
+    fn raw(kind: u16, body: &[u8]) -> Vec<u8> {
+        let len = 16 + body.len();
+        let mut out = Vec::new();
+        out.extend_from_slice(&(len as u32).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(&[0; 10]);
+        out.extend_from_slice(body);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn rules_nexthops_and_netconf_invalidate_routes_without_being_decoded() {
+        let mut datagram = Vec::new();
+        for kind in [32, 33, 104, 105, 80, 24, 28] {
+            datagram.extend(raw(kind, &[0xff; 7]));
+        }
+        datagram.extend(raw(3, &[]));
+        let events = events(&datagram);
+        assert_eq!(
+            events,
+            vec![Event::RoutingChanged; 7],
+            "NLMSG_DONE is ignored"
+        );
+        let mut truncated = raw(104, &[0; 8]);
+        truncated.truncate(20);
+        assert_eq!(super::events(&truncated), vec![Event::Overflow]);
+        let mut garbage_link = raw(16, &[0xff; 3]);
+        garbage_link.truncate(19);
+        garbage_link[0] = 19;
+        assert_eq!(super::events(&garbage_link), vec![Event::Overflow]);
     }
 
     #[test]

@@ -94,12 +94,17 @@ fn nft(input: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn install(uplink: &str, rules: &[Rule]) -> Result<()> {
-    nft(&script(uplink, rules))
+/// Installs the table on a blocking thread: `nft` takes milliseconds the
+/// daemon's event loop must not wait through.
+pub async fn install_off_thread(uplink: &str, rules: &[Rule]) -> Result<()> {
+    let script = script(uplink, rules);
+    tokio::task::spawn_blocking(move || nft(&script)).await?
 }
 
-pub fn remove() -> Result<()> {
-    nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+/// Removes the table, on a blocking thread.
+pub async fn remove_off_thread() -> Result<()> {
+    tokio::task::spawn_blocking(|| nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n")))
+        .await?
 }
 
 #[cfg(test)]

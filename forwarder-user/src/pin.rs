@@ -9,28 +9,32 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use forwarder_common::maps::LAYOUT_VERSION;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// `<pin-dir>/v<LAYOUT_VERSION>/{maps,links}`: the version in the path means
-/// an upgraded binary never adopts maps laid out for an older one.
+/// `<pin-dir>/maps` holds the programs' maps by name, `<pin-dir>/links`
+/// the TCX links by role and interface, and `<pin-dir>/meta` the daemon's
+/// own records (map layouts, attachments). Which build may adopt a pinned
+/// map is decided by its recorded layout, not by its path (see `adopt`).
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     pub root: PathBuf,
-    pub dir: PathBuf,
     pub maps: PathBuf,
     pub links: PathBuf,
+    pub meta: PathBuf,
 }
+
+/// Directories of the releases that kept a layout version in the path
+/// (`<pin-dir>/v1/{maps,links}`); their pins are taken over at start.
+pub const LEGACY_DIRS: &[&str] = &["v1"];
 
 impl PinLayout {
     pub fn new(root: &Path) -> Self {
-        let dir = root.join(format!("v{LAYOUT_VERSION}"));
         PinLayout {
             root: root.to_path_buf(),
-            maps: dir.join("maps"),
-            links: dir.join("links"),
-            dir,
+            maps: root.join("maps"),
+            links: root.join("links"),
+            meta: root.join("meta"),
         }
     }
 
@@ -41,28 +45,42 @@ impl PinLayout {
     /// Removes every pin of an instance and its directories; `root` too when
     /// nothing else is left in it.
     pub fn remove(&self) -> io::Result<()> {
-        for dir in [&self.links, &self.maps] {
-            match fs::read_dir(dir) {
-                Ok(entries) => {
-                    for entry in entries {
-                        fs::remove_file(entry?.path())?;
-                    }
-                    fs::remove_dir(dir)?;
+        let legacy = LEGACY_DIRS.iter().map(|d| self.root.join(d));
+        for dir in [&self.links, &self.maps, &self.meta]
+            .into_iter()
+            .cloned()
+            .chain(legacy)
+        {
+            remove_tree(&dir)?;
+        }
+        match fs::remove_dir(&self.root) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            // Something else lives there, or it is a mount point.
+            Err(err) => {
+                log::debug!("keeping {}: {err}", self.root.display());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Removes a directory of pins (and directories of pins) if it exists.
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    remove_tree(&entry.path())?;
+                } else {
+                    fs::remove_file(entry.path())?;
                 }
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(err),
             }
+            fs::remove_dir(dir)
         }
-        for dir in [&self.dir, &self.root] {
-            match fs::remove_dir(dir) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                // Another instance's layout version, or a mount point.
-                Err(err) if dir == &self.root => log::debug!("keeping {}: {err}", dir.display()),
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(())
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
     }
 }
 
@@ -117,7 +135,7 @@ pub fn prepare(layout: &PinLayout) -> Result<Bpffs> {
         mount_bpffs(&at)?;
         Bpffs::Mounted(at)
     };
-    for dir in [&layout.root, &layout.dir, &layout.maps, &layout.links] {
+    for dir in [&layout.root, &layout.maps, &layout.links, &layout.meta] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     // Whoever can open a pinned map can rewrite forwarding: the kernel makes

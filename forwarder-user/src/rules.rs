@@ -4,11 +4,14 @@
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr, time::SystemTime};
 
 use forwarder_common::maps::{
-    ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Cidr, ForwardRule, MAX_RELAYS, MAX_RULES,
+    ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Allow, ForwardRule, MAX_RELAYS, MAX_RULES, RateLimit,
     Relay as RelayValue, RelayKey, ReverseKey, RuleKey,
 };
 
-use crate::spec::{AllowFrom, ForwardSpec, Proto, is_unicast};
+use crate::{
+    clock::Now,
+    spec::{AllowFrom, ForwardSpec, Proto, is_unicast},
+};
 
 /// Where a rule came from, which decides whether `--save` writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -90,6 +93,20 @@ impl Rule {
         )
     }
 
+    /// Where the rule was given, for messages: "a --forward flag", "the
+    /// config file", "the localsend preset", "`rules add`".
+    pub fn source(&self) -> String {
+        match self.origin {
+            Origin::Flag => "a --forward flag".into(),
+            Origin::File => "the config file".into(),
+            Origin::Preset => match &self.comment {
+                Some(preset) => format!("the {preset}"),
+                None => "a preset".into(),
+            },
+            Origin::Live => "`rules add`".into(),
+        }
+    }
+
     /// Whether the rule's time is up at `now`.
     pub fn expired(&self, now: SystemTime) -> bool {
         self.expires.is_some_and(|t| t <= now)
@@ -112,30 +129,36 @@ impl Rule {
         }
     }
 
-    /// The map value for this rule, counting into `slot`.
-    pub fn encode(&self, slot: u32) -> ForwardRule {
-        let mut value = ForwardRule {
+    /// The map value for this rule, counting into `slot`, owning the flows
+    /// marked `id`, with its expiry as a deadline on the datapath's clock.
+    pub fn encode(&self, slot: u32, id: u32, now: &Now) -> ForwardRule {
+        ForwardRule {
             target_addr: u32::from_ne_bytes(self.target.octets()),
             target_port: self.target_port.to_be(),
             slot,
+            id,
+            deadline_ns: self.expires.map_or(0, |t| now.deadline_ns(t)),
+            allow: encode_allow(&self.allow),
             ..Default::default()
-        };
-        match &self.allow {
-            AllowFrom::Any => value.allow = ALLOW_ANY,
-            AllowFrom::Auto => value.allow = ALLOW_AUTO,
-            AllowFrom::List(cidrs) => {
-                value.allow = ALLOW_LIST;
-                value.n_cidrs = cidrs.len() as u8;
-                for (slot, cidr) in value.cidrs.iter_mut().zip(cidrs) {
-                    *slot = Cidr {
-                        addr: u32::from_ne_bytes(cidr.addr.octets()),
-                        mask: cidr.mask_wire(),
-                    };
-                }
+        }
+    }
+}
+
+/// The datapath's form of an allow-from setting.
+pub fn encode_allow(allow: &AllowFrom) -> Allow {
+    let mut value = Allow::default();
+    match allow {
+        AllowFrom::Any => value.kind = ALLOW_ANY,
+        AllowFrom::Auto => value.kind = ALLOW_AUTO,
+        AllowFrom::List(cidrs) => {
+            value.kind = ALLOW_LIST;
+            value.n_cidrs = cidrs.len() as u8;
+            for (slot, cidr) in value.cidrs.iter_mut().zip(cidrs) {
+                *slot = cidr.wire();
             }
         }
-        value
     }
+    value
 }
 
 impl fmt::Display for Rule {
@@ -157,16 +180,28 @@ pub fn check(rules: &[Rule]) -> Result<(), String> {
             rules.len()
         ));
     }
-    let mut listen = BTreeSet::new();
-    let mut targets = BTreeSet::new();
+    let mut listen = std::collections::BTreeMap::new();
+    let mut targets = std::collections::BTreeMap::new();
     for rule in rules {
-        if !listen.insert((rule.proto, rule.port)) {
-            return Err(format!("{}:{} is forwarded twice", rule.proto, rule.port));
-        }
-        if !targets.insert((rule.proto, rule.target, rule.target_port)) {
+        if let Some(first) = listen.insert((rule.proto, rule.port), rule) {
             return Err(format!(
-                "{} target {}:{} is used by two rules; replies could not be told apart",
-                rule.proto, rule.target, rule.target_port
+                "{}:{} is forwarded twice: by {} and by {}",
+                rule.proto,
+                rule.port,
+                first.source(),
+                rule.source()
+            ));
+        }
+        if let Some(first) = targets.insert((rule.proto, rule.target, rule.target_port), rule) {
+            return Err(format!(
+                "{} target {}:{} is used by two rules ({} from {}, {} from {}); replies could not be told apart",
+                rule.proto,
+                rule.target,
+                rule.target_port,
+                rule_name(first),
+                first.source(),
+                rule_name(rule),
+                rule.source()
             ));
         }
         if !is_unicast(rule.target) {
@@ -190,6 +225,11 @@ pub struct Relay {
     pub ttl: Option<u8>,
     /// Copies per second toward the LAN; a burst of one second's worth.
     pub rate: u32,
+    /// Copies per second toward the VMs (all targets of one datagram count
+    /// once); a burst of one second's worth.
+    pub rate_down: u32,
+    /// LAN peers whose datagrams are copied toward the VMs.
+    pub allow: AllowFrom,
 }
 
 impl Relay {
@@ -206,10 +246,11 @@ impl Relay {
             n_targets: self.targets.len() as u8,
             ttl: self.ttl.unwrap_or(0),
             slot,
-            interval_ns: 1_000_000_000 / u64::from(self.rate.max(1)),
+            up: RateLimit::per_second(self.rate),
+            down: RateLimit::per_second(self.rate_down),
+            allow: encode_allow(&self.allow),
             ..Default::default()
         };
-        value.burst_ns = value.interval_ns * u64::from(self.rate.max(1) - 1);
         for (slot, target) in value.targets.iter_mut().zip(&self.targets) {
             *slot = u32::from_ne_bytes(target.octets());
         }
@@ -231,7 +272,11 @@ impl fmt::Display for Relay {
             Some(ttl) => write!(f, "TTL {ttl}, ")?,
             None => write!(f, "TTL kept, ")?,
         }
-        write!(f, "{}/s to the LAN)", self.rate)
+        write!(
+            f,
+            "{}/s to the LAN, {}/s to the VMs from allow-from {})",
+            self.rate, self.rate_down, self.allow
+        )
     }
 }
 
@@ -287,15 +332,30 @@ mod tests {
         let key = r.key();
         assert_eq!(key.port.to_ne_bytes(), 53317u16.to_be_bytes());
         assert_eq!(key.proto, 6);
-        let value = r.encode(9);
+        let now = Now::read();
+        let value = r.encode(9, 4, &now);
         assert_eq!(value.target_addr.to_ne_bytes(), [10, 137, 0, 17]);
         assert_eq!(value.target_port.to_ne_bytes(), 8080u16.to_be_bytes());
-        assert_eq!(value.slot, 9);
-        assert_eq!((value.allow, value.n_cidrs), (ALLOW_LIST, 1));
-        assert_eq!(value.cidrs[0].mask, prefix_to_mask(24));
+        assert_eq!((value.slot, value.id, value.deadline_ns), (9, 4, 0));
+        assert_eq!((value.allow.kind, value.allow.n_cidrs), (ALLOW_LIST, 1));
+        assert_eq!(value.allow.cidrs[0].mask, prefix_to_mask(24));
         let uplink = UplinkState::default();
-        assert!(value.allows(u32::from_ne_bytes([192, 168, 1, 9]), &uplink));
-        assert!(!value.allows(u32::from_ne_bytes([192, 168, 9, 9]), &uplink));
+        assert!(
+            value
+                .allow
+                .allows(u32::from_ne_bytes([192, 168, 1, 9]), &uplink)
+        );
+        assert!(
+            !value
+                .allow
+                .allows(u32::from_ne_bytes([192, 168, 9, 9]), &uplink)
+        );
+        r.expires = Some(now.wall + std::time::Duration::from_secs(6));
+        assert_eq!(
+            r.encode(9, 4, &now).deadline_ns,
+            now.boot_ns + 6_000_000_000,
+            "the expiry becomes a deadline on the datapath's clock"
+        );
         let rev = r.reverse_key();
         assert_eq!(rev.addr, value.target_addr);
         assert_eq!(rev.port, value.target_port);
@@ -324,16 +384,16 @@ mod tests {
             targets: vec![Ipv4Addr::new(10, 137, 0, 17), Ipv4Addr::new(10, 137, 0, 18)],
             ttl: Some(2),
             rate: 4,
+            rate_down: 10,
+            allow: "192.168.1.0/24".parse().unwrap(),
         };
         let value = relay.encode(3);
         assert_eq!(value.n_targets, 2);
         assert_eq!(value.targets[1].to_ne_bytes(), [10, 137, 0, 18]);
         assert_eq!((value.ttl, value.slot), (2, 3));
-        assert_eq!(value.interval_ns, 250_000_000);
-        assert_eq!(
-            value.burst_ns, 750_000_000,
-            "a burst of one second's worth: 4 copies"
-        );
+        assert_eq!(value.up, RateLimit::per_second(4));
+        assert_eq!(value.down, RateLimit::per_second(10));
+        assert_eq!((value.allow.kind, value.allow.n_cidrs), (ALLOW_LIST, 1));
         assert_eq!(relay.key().port.to_ne_bytes(), 53317u16.to_be_bytes());
         assert!(
             check_relays(&[relay.clone(), relay])

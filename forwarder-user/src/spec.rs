@@ -5,7 +5,7 @@
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use forwarder_common::maps::{
-    MAX_ALLOW_CIDRS, MAX_RELAY_TARGETS, PROTO_TCP, PROTO_UDP, prefix_to_mask,
+    Cidr, MAX_ALLOW_CIDRS, MAX_RELAY_TARGETS, PROTO_TCP, PROTO_UDP, prefix_to_mask,
 };
 
 pub const FORWARD_FORM: &str = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]], PROTO tcp or udp, ports 1-65535 (e.g. tcp:53317=10.137.0.17 or udp:5000=10.137.0.17:6000)";
@@ -67,7 +67,8 @@ fn parse_port(s: &str, what: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
+/// An IPv4 address; `what` names it in the error ("target", "group").
+pub fn parse_ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
     s.parse::<Ipv4Addr>()
         .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
 }
@@ -242,14 +243,16 @@ pub struct Ipv4Cidr {
 }
 
 impl Ipv4Cidr {
-    pub fn mask_wire(&self) -> u32 {
-        prefix_to_mask(self.prefix_len)
+    /// The datapath's form, address and mask in wire order.
+    pub fn wire(&self) -> Cidr {
+        Cidr {
+            addr: u32::from_ne_bytes(self.addr.octets()),
+            mask: prefix_to_mask(self.prefix_len),
+        }
     }
 
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        (u32::from_ne_bytes(addr.octets()) ^ u32::from_ne_bytes(self.addr.octets()))
-            & self.mask_wire()
-            == 0
+        self.wire().contains(u32::from_ne_bytes(addr.octets()))
     }
 }
 
@@ -269,8 +272,8 @@ impl FromStr for Ipv4Cidr {
         };
         let addr = parse_ipv4(addr, "network")?;
         let cidr = Ipv4Cidr { addr, prefix_len };
-        let network =
-            Ipv4Addr::from((u32::from_ne_bytes(addr.octets()) & cidr.mask_wire()).to_ne_bytes());
+        let wire = cidr.wire();
+        let network = Ipv4Addr::from((wire.addr & wire.mask).to_ne_bytes());
         if network != addr {
             return Err(format!(
                 "{s:?} has host bits set; the network is {network}/{prefix_len}"

@@ -9,18 +9,21 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use forwarder_common::{
     maps::{
-        ForwardRule, MAX_RELAYS, MAX_RULES, Relay as RelayValue, RelayCounters, RelayKey,
-        ReverseKey, RuleCounters, RuleKey, UplinkState, names,
+        FlowEntry, FlowKey, ForwardRule, MAX_RELAYS, MAX_RULES, Relay as RelayValue, RelayCounters,
+        RelayKey, ReverseKey, RuleCounters, RuleKey, UplinkState, names,
     },
     reason::Reason,
 };
 
-use crate::rules::{Relay, Rule};
+use crate::{
+    clock::Now,
+    rules::{Relay, Rule},
+};
 
 pub struct Tables {
     uplink: Array<MapData, UplinkState>,
@@ -33,6 +36,7 @@ pub struct Tables {
     relay_buckets: Array<MapData, u64>,
     downstream_macs: HashMap<MapData, u32, [u8; 6]>,
     fib_generation: Array<MapData, u32>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -70,6 +74,7 @@ impl Tables {
             relay_buckets: get(names::RELAY_BUCKETS)?.try_into()?,
             downstream_macs: get(names::DOWNSTREAM_MACS)?.try_into()?,
             fib_generation: get(names::FIB_GENERATION)?.try_into()?,
+            flows: get(names::FLOWS)?.try_into()?,
         })
     }
 
@@ -102,8 +107,10 @@ impl Tables {
     }
 
     /// Makes the rule maps hold exactly `rules`. A rule already installed
-    /// keeps its counter slot, so counters survive a restart or a reload;
-    /// a new rule gets a free slot with its counters zeroed.
+    /// keeps its counter slot, so counters survive a restart or a reload,
+    /// and, while its target stays the same, its id and so its flows; a new
+    /// rule gets a free slot with its counters zeroed and a new id. Flows of
+    /// rules that are gone or retargeted are removed.
     pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<()> {
         let installed = self.installed()?;
         let kept: Vec<Option<u32>> = rules
@@ -121,13 +128,31 @@ impl Tables {
                 .set(fresh, zero, 0)
                 .context("zeroing rule counters")
         })?;
+        let mut next_id = installed.values().map(|(_, v)| v.id).max().unwrap_or(0);
+        let now = Now::read();
+        let mut live_ids = BTreeSet::new();
         for (rule, slot) in rules.iter().zip(slots) {
+            let same_target = installed
+                .get(&(rule.proto.number(), rule.port))
+                .map(|(_, v)| v)
+                .filter(|v| {
+                    let fresh = rule.encode(0, 0, &now);
+                    v.target_addr == fresh.target_addr && v.target_port == fresh.target_port
+                });
+            let id = match same_target {
+                Some(value) => value.id,
+                None => {
+                    next_id += 1;
+                    next_id
+                }
+            };
+            live_ids.insert(id);
             // Reverse first: a reply can only follow a forwarded packet.
             self.reverse
                 .insert(rule.reverse_key(), rule.key(), 0)
                 .with_context(|| format!("installing the reply entry of {rule}"))?;
             self.forward
-                .insert(rule.key(), rule.encode(slot), 0)
+                .insert(rule.key(), rule.encode(slot, id, &now), 0)
                 .with_context(|| format!("installing {rule}"))?;
         }
 
@@ -155,7 +180,105 @@ impl Tables {
                 .remove(&key)
                 .context("removing a stale reply entry")?;
         }
+        self.remove_flows(|_, entry| !live_ids.contains(&entry.rule_id))?;
         Ok(())
+    }
+
+    /// Every flow the datapath holds, expired ones included.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>> {
+        let mut out = Vec::new();
+        for entry in self.flows.iter() {
+            match entry {
+                Ok(pair) => out.push(pair),
+                // An entry evicted or removed between the key walk and its
+                // lookup.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => return Err(err).context("reading the flow table"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a flow of the installed rule `proto:listen_port` with `peer`,
+    /// as the uplink program would on the peer's first packet, answered.
+    pub fn open_flow(
+        &mut self,
+        proto: crate::spec::Proto,
+        peer: std::net::Ipv4Addr,
+        peer_port: u16,
+        listen_port: u16,
+    ) -> Result<()> {
+        let (_, rule) = self
+            .installed()?
+            .remove(&(proto.number(), listen_port))
+            .ok_or_else(|| anyhow!("no rule {proto}:{listen_port}"))?;
+        let now = crate::clock::boot_ns();
+        let key = FlowKey {
+            peer_addr: u32::from_ne_bytes(peer.octets()),
+            peer_port: peer_port.to_be(),
+            listen_port: listen_port.to_be(),
+            proto: proto.number(),
+            ..Default::default()
+        };
+        let entry = FlowEntry {
+            rule_id: rule.id,
+            state: forwarder_common::flow::FLOW_REPLIED,
+            created_ns: now,
+            seen_ns: now,
+            ..Default::default()
+        };
+        self.set_flow(&key, &entry)
+    }
+
+    /// Writes one flow entry as given.
+    pub fn set_flow(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<()> {
+        self.flows
+            .insert(key, entry, 0)
+            .context("writing the flow table")
+    }
+
+    /// Removes the flows `doomed` picks; returns how many went.
+    pub fn remove_flows(&mut self, doomed: impl Fn(&FlowKey, &FlowEntry) -> bool) -> Result<usize> {
+        let keys: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|(key, entry)| doomed(key, entry))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &keys {
+            match self.flows.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => return Err(err).context("removing a flow"),
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// Every installed rule as people see it, with its counters and the
+    /// number of its flows that have not timed out.
+    pub fn rule_views(&self) -> Result<Vec<crate::rule_view::RuleView>> {
+        let now = crate::clock::boot_ns();
+        let mut live: BTreeMap<u32, u64> = BTreeMap::new();
+        for (key, entry) in self.flows()? {
+            if !forwarder_common::flow::expired(&entry, key.proto, now) {
+                *live.entry(entry.rule_id).or_default() += 1;
+            }
+        }
+        self.installed()?
+            .into_iter()
+            .map(|((proto, port), (_, rule))| {
+                let counters = self.rule_counters(rule.slot)?;
+                let flows = live.get(&rule.id).copied().unwrap_or(0);
+                Ok(crate::rule_view::RuleView::new(
+                    proto, port, &rule, &counters, flows, now,
+                ))
+            })
+            .collect()
+    }
+
+    /// The capacity of the flow table.
+    pub fn flow_capacity(&self) -> Result<u32> {
+        Ok(self.flows.map().info()?.max_entries())
     }
 
     /// The relays the datapath holds now, by group and port.
@@ -186,9 +309,12 @@ impl Tables {
             self.relay_counters
                 .set(fresh, zero, 0)
                 .context("zeroing relay counters")?;
-            self.relay_buckets
-                .set(fresh, 0, 0)
-                .context("resetting a relay bucket")
+            for bucket in [2 * fresh, 2 * fresh + 1] {
+                self.relay_buckets
+                    .set(bucket, 0, 0)
+                    .context("resetting a relay bucket")?;
+            }
+            Ok(())
         })?;
         for (relay, slot) in relays.iter().zip(slots) {
             self.relays
@@ -224,6 +350,7 @@ impl Tables {
                 packets_down: acc.packets_down + c.packets_down,
                 bytes_down: acc.bytes_down + c.bytes_down,
                 rate_limited: acc.rate_limited + c.rate_limited,
+                rate_limited_down: acc.rate_limited_down + c.rate_limited_down,
             }))
     }
 

@@ -1,0 +1,133 @@
+//! The reconcile loop: the datapath brought in line with the interfaces
+//! rtnetlink reports (uplink state, group memberships, one attachment per
+//! uplink or downstream interface, downstream MACs).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use forwarder_common::maps::UPLINK_UP;
+use log::{info, warn};
+
+use super::Daemon;
+use crate::{
+    datapath::Role,
+    interfaces::{self, Interfaces},
+    netlink,
+};
+
+impl Daemon {
+    /// Brings the datapath in line with the interfaces: the uplink state map,
+    /// and one attachment per uplink/downstream interface.
+    pub(super) fn reconcile(&mut self) -> Result<()> {
+        let state = self.interfaces.uplink_state(&self.config.uplink);
+        if state != self.uplink || self.first_reconcile {
+            self.datapath.tables.set_uplink(state)?;
+            if state.ifindex == 0 {
+                warn!(
+                    "uplink {} is absent; waiting for it to appear",
+                    self.config.uplink
+                );
+            } else {
+                info!(
+                    "uplink {}: {}",
+                    self.config.uplink,
+                    interfaces::describe(&state)
+                );
+            }
+            self.uplink = state;
+        }
+        let uplink_ifindex = if state.flags & UPLINK_UP != 0 {
+            state.ifindex
+        } else {
+            0
+        };
+        for group in self.memberships.follow(uplink_ifindex)? {
+            info!("joined {group} on {}", self.config.uplink);
+        }
+
+        let mut wanted: BTreeMap<u32, (Role, String)> = BTreeMap::new();
+        if let Some(link) = self.interfaces.link_by_name(&self.config.uplink) {
+            wanted.insert(link.index, (Role::Uplink, link.name.clone()));
+        }
+        for link in self
+            .interfaces
+            .downstream(&self.config.downstream, &self.config.uplink)
+        {
+            wanted.insert(link.index, (Role::Downstream, link.name.clone()));
+        }
+
+        let stale: Vec<u32> = self
+            .datapath
+            .attached()
+            .iter()
+            .filter(|(ifindex, a)| wanted.get(ifindex).is_none_or(|(role, _)| *role != a.role))
+            .map(|(ifindex, _)| *ifindex)
+            .collect();
+        for ifindex in stale {
+            let name = self.datapath.attached()[&ifindex].ifname.clone();
+            self.datapath.detach(ifindex)?;
+            info!("detached from {name} (ifindex {ifindex})");
+        }
+        for (ifindex, (role, name)) in wanted {
+            if self.datapath.attached().contains_key(&ifindex) {
+                continue;
+            }
+            match self.datapath.attach(ifindex, &name, role) {
+                Ok(true) => info!(
+                    "adopted the {} program's attachment on {name} (ifindex {ifindex})",
+                    role.name()
+                ),
+                Ok(false) => info!(
+                    "attached {} program to {name} (ifindex {ifindex})",
+                    role.name()
+                ),
+                // The interface can vanish between the event and the attach;
+                // its removal event follows and settles the state.
+                Err(err) => warn!("cannot attach to {name} (ifindex {ifindex}): {err:#}"),
+            }
+        }
+        self.sync_downstream_macs()?;
+        if self.first_reconcile {
+            self.first_reconcile = false;
+            for path in self.datapath.remove_stale()? {
+                info!("removed stale pinned link {}", path.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps DOWNSTREAM_MACS equal to the MACs of the attached downstream
+    /// interfaces, which relay copies toward VMs use as source.
+    fn sync_downstream_macs(&mut self) -> Result<()> {
+        let wanted: BTreeMap<u32, [u8; 6]> = self
+            .datapath
+            .attached()
+            .iter()
+            .filter(|(_, a)| a.role == Role::Downstream)
+            .filter_map(|(ifindex, _)| Some((*ifindex, self.interfaces.link(*ifindex)?.mac?)))
+            .collect();
+        for ifindex in self.downstream_macs.keys() {
+            if !wanted.contains_key(ifindex) {
+                self.datapath.tables.remove_downstream_mac(*ifindex)?;
+            }
+        }
+        for (ifindex, mac) in &wanted {
+            if self.downstream_macs.get(ifindex) != Some(mac) {
+                self.datapath.tables.set_downstream_mac(*ifindex, *mac)?;
+            }
+        }
+        self.downstream_macs = wanted;
+        Ok(())
+    }
+
+    /// Dumps links and addresses afresh (at start, and after the event
+    /// stream overflowed) and forgets every FIB result the datapath cached.
+    pub(super) async fn resync(&mut self) -> Result<()> {
+        let (links, addresses) = netlink::dump()
+            .await
+            .context("dumping links and addresses")?;
+        self.interfaces = Interfaces::new(links, addresses);
+        self.reconcile()?;
+        self.datapath.tables.bump_fib_generation()
+    }
+}

@@ -1,0 +1,152 @@
+//! Rule management: the running set of forward rules, changed by `rules
+//! add/del` and by expiry, and the config file changed on `--save` (only
+//! the one rule's table, see `config_file`).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Result;
+use log::info;
+
+use super::Daemon;
+use crate::{
+    config_file, nft,
+    rules::{self, Origin, Rule},
+    spec::{AllowFrom, ForwardSpec, RuleRef},
+};
+
+impl Daemon {
+    /// Makes the datapath and the nftables guard hold the current rules.
+    pub(super) async fn apply_rules(&mut self) -> Result<()> {
+        self.datapath.tables.sync_rules(&self.config.rules)?;
+        nft::install_off_thread(&self.config.uplink, &self.config.rules).await
+    }
+
+    /// Removes rules whose time is up. The datapath stopped applying them
+    /// at their deadline already, daemon or not.
+    pub(super) async fn expire_rules(&mut self) -> Result<()> {
+        let now = SystemTime::now();
+        let (expired, kept): (Vec<Rule>, Vec<Rule>) =
+            self.config.rules.drain(..).partition(|r| r.expired(now));
+        self.config.rules = kept;
+        if !expired.is_empty() {
+            self.apply_rules().await?;
+            for rule in expired {
+                info!("rule {rule} expired and was removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// When the next rule expires, on the runtime's clock.
+    pub(super) fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        let next = self.config.rules.iter().filter_map(|r| r.expires).min()?;
+        let wait = next
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Some(tokio::time::Instant::now() + wait)
+    }
+
+    /// The file `--save` edits; asked before anything changes, so a
+    /// refused save changes nothing.
+    fn config_file(&self) -> Result<PathBuf, String> {
+        self.config.config_file.clone().ok_or_else(|| {
+            "this instance was started without --config: there is no file to save to".into()
+        })
+    }
+
+    pub(super) async fn add_rule(
+        &mut self,
+        spec: &str,
+        allow_from: Option<&str>,
+        expire_secs: Option<u64>,
+        comment: Option<String>,
+        save: bool,
+    ) -> Result<String, String> {
+        let file = save.then(|| self.config_file()).transpose()?;
+        let spec: ForwardSpec = spec.parse()?;
+        let target = spec.target.or(self.config.target).ok_or_else(|| {
+            format!("{spec}: no target address and the instance has no default target")
+        })?;
+        let allow = match allow_from {
+            Some(a) => a.parse::<AllowFrom>()?,
+            None => self.config.allow_from.clone(),
+        };
+        let mut rule = Rule::from_spec(&spec, target, allow, Origin::Live);
+        rule.comment = comment;
+        rule.expires = expire_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
+        let mut candidate = self.config.rules.clone();
+        candidate.push(rule.clone());
+        rules::check(&candidate)?;
+        let previous = std::mem::replace(&mut self.config.rules, candidate);
+        if let Err(err) = self.apply_rules().await {
+            self.config.rules = previous;
+            let _ = self.apply_rules().await;
+            return Err(format!("{err:#}"));
+        }
+        info!("added rule {rule} over the control socket");
+        let Some(file) = file else {
+            return Ok(format!("added {rule}"));
+        };
+        config_file::save_rule(&file, &rule)
+            .map_err(|e| format!("added {rule}, but not saved: {e}"))?;
+        if let Some(saved) = self.config.rules.last_mut() {
+            saved.origin = Origin::File;
+        }
+        info!("saved rule {rule} to {}", file.display());
+        Ok(format!("added {rule} and saved it to {}", file.display()))
+    }
+
+    pub(super) async fn del_rule(&mut self, rule: &str, save: bool) -> Result<String, String> {
+        let file = save.then(|| self.config_file()).transpose()?;
+        let target: RuleRef = rule.parse()?;
+        let index = self
+            .config
+            .rules
+            .iter()
+            .position(|r| r.proto == target.proto && r.port == target.port)
+            .ok_or_else(|| format!("no rule {target}"))?;
+        let origin = self.config.rules[index].origin;
+        if save {
+            match origin {
+                Origin::Preset => {
+                    return Err(format!(
+                        "{target} comes from {}; remove the preset from the config file or the command line to drop it for good, or delete it without --save",
+                        self.config.rules[index].source()
+                    ));
+                }
+                Origin::Flag => {
+                    return Err(format!(
+                        "{target} comes from a --forward flag on the daemon's command line, not from the file; delete it without --save, and drop the flag to drop it for good"
+                    ));
+                }
+                Origin::File | Origin::Live => {}
+            }
+        }
+        let removed = self.config.rules.remove(index);
+        self.apply_rules().await.map_err(|e| format!("{e:#}"))?;
+        info!("deleted rule {removed} over the control socket");
+        let Some(file) = file else {
+            return Ok(match origin {
+                Origin::File => format!(
+                    "deleted {removed}; the config file still holds it, so it returns at the next start (--save removes it there)"
+                ),
+                Origin::Flag | Origin::Preset => format!(
+                    "deleted {removed}; {} gives it again at the next start",
+                    removed.source()
+                ),
+                Origin::Live => format!("deleted {removed}"),
+            });
+        };
+        let was_there = config_file::remove_rule(&file, removed.proto, removed.port)
+            .map_err(|e| format!("deleted {removed}, but not from the file: {e}"))?;
+        Ok(if was_there {
+            info!("removed rule {removed} from {}", file.display());
+            format!("deleted {removed} and removed it from {}", file.display())
+        } else {
+            format!("deleted {removed}; {} held no rule for it", file.display())
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! The start-up self-test. Before anything is attached, both programs are
+//! loaded (the verifier checks every helper they call exists) and run once
+//! through BPF_PROG_TEST_RUN, in a throwaway instance of the maps, on a
+//! packet that takes them to their FIB lookups. A lookup flag the kernel
+//! refuses selects the fallback compiled in for it; a kernel that cannot
+//! run the datapath at all stops the start, named with what it lacks.
+
+use std::{fmt, net::Ipv4Addr, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use forwarder_common::{
+    maps::{UPLINK_HAS_ADDR, UPLINK_UP, UplinkState, programs},
+    reason::Reason,
+};
+
+use crate::{
+    datapath::{self, LoadOptions},
+    pin,
+    rules::{Origin, Rule},
+    spec::{AllowFrom, Proto},
+    tables::Tables,
+};
+
+/// The oldest kernel the datapath is built for: `bpf_redirect_neigh` with a
+/// next hop arrived in 5.10.
+pub const FLOOR: (u32, u32) = (5, 10);
+/// `bpf_fib_lookup` reports the route MTU from 5.12 on.
+const MTU_RESULT_SINCE: (u32, u32) = (5, 12);
+
+/// The running kernel, as uname reports it.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    pub release: String,
+    pub version: (u32, u32),
+}
+
+impl Kernel {
+    pub fn running() -> Self {
+        // SAFETY: utsname is plain data; uname fills it.
+        let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: uts is valid for writing.
+        unsafe { libc::uname(&mut uts) };
+        // SAFETY: uname NUL-terminates release.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let version = parse_version(&release).unwrap_or((0, 0));
+        Kernel { release, version }
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Linux {}", self.release)
+    }
+}
+
+/// "6.1.0-28-amd64" -> (6, 1).
+pub fn parse_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// What the self-test found the kernel to support.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Support {
+    /// BPF_FIB_LOOKUP_SKIP_NEIGH (6.3+; some stable kernels have it).
+    pub fib_skip_neigh: bool,
+    /// The route MTU in the lookup's answer (5.12+).
+    pub fib_mtu_result: bool,
+}
+
+impl Support {
+    /// What the newest kernels support; what the object is compiled for.
+    pub const NEWEST: Support = Support {
+        fib_skip_neigh: true,
+        fib_mtu_result: true,
+    };
+
+    /// The fallbacks in use, for the log.
+    pub fn fallbacks(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !self.fib_skip_neigh {
+            out.push("lookups resolve neighbours (no BPF_FIB_LOOKUP_SKIP_NEIGH)");
+        }
+        if !self.fib_mtu_result {
+            out.push("every lookup checks the packet length itself (no route MTU in the answer), so forwarded routes are not cached");
+        }
+        out
+    }
+}
+
+const PEER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const UPLINK_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const TARGET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
+const PORT: u16 = 9;
+const PEER_PORT: u16 = 40000;
+const LOOPBACK: u32 = 1;
+
+/// Finds what this kernel supports, or fails naming the kernel and what it
+/// lacks. `scratch` is a directory on a bpffs for the throwaway maps.
+pub fn run(scratch: &Path, flow_table_size: u32) -> Result<Support> {
+    let kernel = Kernel::running();
+    if kernel.version < FLOOR {
+        bail!(
+            "{kernel} is older than the forwarder's floor, Linux {}.{}: its datapath needs \
+             bpf_redirect_neigh with a next hop (5.10)",
+            FLOOR.0,
+            FLOOR.1
+        );
+    }
+    let fib_mtu_result = kernel.version >= MTU_RESULT_SINCE;
+    let mut last = None;
+    for fib_skip_neigh in [true, false] {
+        let support = Support {
+            fib_skip_neigh,
+            fib_mtu_result,
+        };
+        let rejected = attempt(scratch, support, flow_table_size)
+            .map_err(|err| anyhow!("{kernel} cannot run the forwarder's datapath: {err:#}"))?;
+        if rejected == 0 {
+            return Ok(support);
+        }
+        last = Some(rejected);
+    }
+    bail!(
+        "{kernel}: bpf_fib_lookup refused the datapath's lookups {} times even without \
+         BPF_FIB_LOOKUP_SKIP_NEIGH; the forwarder needs Linux {}.{} or later",
+        last.unwrap_or(0),
+        FLOOR.0,
+        FLOOR.1
+    )
+}
+
+/// Loads an instance with `support`'s fallbacks into `scratch`, runs both
+/// programs, and returns how often a FIB lookup was refused.
+fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64> {
+    pin::remove_tree(scratch).with_context(|| format!("clearing {}", scratch.display()))?;
+    std::fs::create_dir_all(scratch)?;
+    let result = (|| {
+        let mut ebpf = datapath::load_object(
+            scratch,
+            &LoadOptions {
+                support,
+                flow_table_size,
+            },
+        )?;
+        let mut tables = Tables::from_ebpf(&mut ebpf)?;
+        prepare(&mut tables)?;
+        // Neither packet can pass the reverse-path check on the loopback
+        // device, so each ends at its first FIB lookup: refused, or
+        // answered with some route.
+        let lookups = |tables: &Tables| -> Result<u64> {
+            Ok(tables.reason_count(Reason::ReversePathFailed)?
+                + tables.reason_count(Reason::FibLookupRejected)?)
+        };
+        for (name, frame) in [
+            (programs::UPLINK_INGRESS, from_peer()),
+            (programs::DOWNSTREAM_INGRESS, from_target()),
+        ] {
+            let before = lookups(&tables)?;
+            exercise(&ebpf, name, &frame)?;
+            if lookups(&tables)? == before {
+                bail!("the self-test packet never reached {name}'s FIB lookup");
+            }
+        }
+        tables.reason_count(Reason::FibLookupRejected)
+    })();
+    pin::remove_tree(scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    result
+}
+
+/// A rule, a flow of it and a usable uplink on the loopback device, where
+/// BPF_PROG_TEST_RUN delivers its packets.
+fn prepare(tables: &mut Tables) -> Result<()> {
+    tables.set_uplink(UplinkState {
+        ifindex: LOOPBACK,
+        addr: u32::from_ne_bytes(UPLINK_ADDR.octets()),
+        prefix_len: 24,
+        flags: UPLINK_UP | UPLINK_HAS_ADDR,
+        mac: [2, 0, 0, 0, 0, 1],
+    })?;
+    let rule = Rule::new(Proto::Tcp, PORT, TARGET, PORT, AllowFrom::Any, Origin::Flag);
+    tables.sync_rules(std::slice::from_ref(&rule))?;
+    tables.open_flow(Proto::Tcp, PEER, PEER_PORT, PORT)
+}
+
+fn exercise(ebpf: &Ebpf, name: &str, frame: &[u8]) -> Result<()> {
+    let program: &SchedClassifier = ebpf
+        .program(name)
+        .ok_or_else(|| anyhow!("no program {name}"))?
+        .try_into()?;
+    let mut out = vec![0u8; frame.len() + 256];
+    program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+    Ok(())
+}
+
+/// Ethernet, IPv4 and a TCP SYN, checksums left zero: the programs only
+/// parse it, and every rewrite path fixes checksums incrementally.
+fn tcp_frame(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut frame = vec![0u8; 14 + 20 + 20];
+    frame[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut frame[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&saddr.octets());
+    ip[16..20].copy_from_slice(&daddr.octets());
+    let tcp = &mut frame[34..54];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    frame
+}
+
+fn from_peer() -> Vec<u8> {
+    tcp_frame(PEER, PEER_PORT, UPLINK_ADDR, PORT)
+}
+
+fn from_target() -> Vec<u8> {
+    tcp_frame(TARGET, PORT, PEER, PEER_PORT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(parse_version("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(parse_version("5.10.0-35-cloud-amd64"), Some((5, 10)));
+        assert_eq!(parse_version("6.18.2"), Some((6, 18)));
+        assert_eq!(parse_version("garbage"), None);
+        assert!((5, 10) < (6, 1) && (5, 9) < FLOOR && (6, 12) >= MTU_RESULT_SINCE);
+    }
+}
