@@ -97,6 +97,8 @@ pub fn relays() -> Vec<Relay> {
         targets: vec![TARGET, OTHER_VM],
         ttl: None,
         rate: 1_000_000,
+        rate_down: 1_000_000,
+        allow: forwarder::spec::AllowFrom::Auto,
     }]
 }
 

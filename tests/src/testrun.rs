@@ -7,13 +7,14 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
 use forwarder::{
-    datapath::{Datapath, Role},
+    datapath::{Datapath, HookKind, LoadOptions, Role},
     interfaces::mac_text,
     pin::{self, PinLayout},
     rules::{Relay, Rule},
+    selftest::Support,
 };
 use forwarder_common::{
-    maps::{UPLINK_HAS_ADDR, UPLINK_UP, UplinkState},
+    maps::{DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, UPLINK_HAS_ADDR, UPLINK_UP, UplinkState},
     reason::Reason,
 };
 
@@ -46,6 +47,17 @@ pub const OTHER_VM: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 6);
 /// Behind vif1.0, without a neighbour entry.
 pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
 
+/// The flow table key of a peer of the rule `proto:listen_port`.
+pub fn flow_key(proto: u8, peer: Ipv4Addr, peer_port: u16, listen_port: u16) -> FlowKey {
+    FlowKey {
+        peer_addr: u32::from_ne_bytes(peer.octets()),
+        peer_port: peer_port.to_be(),
+        listen_port: listen_port.to_be(),
+        proto,
+        ..Default::default()
+    }
+}
+
 pub struct Harness {
     pub datapath: Datapath,
     pub ns: Netns,
@@ -61,6 +73,12 @@ impl Harness {
     }
 
     pub fn with_relays(rules: &[Rule], relays: &[Relay]) -> Result<Self> {
+        Self::with_support(rules, relays, Support::NEWEST)
+    }
+
+    /// As `with_relays`, with the datapath loaded for a kernel that lacks
+    /// what `support` says it lacks (the fallbacks the self-test picks).
+    pub fn with_support(rules: &[Rule], relays: &[Relay], support: Support) -> Result<Self> {
         let ns = Netns::new("testrun")?;
         ns.sysctl("net.ipv4.ip_forward=1")?;
         for (a, b) in [("up0", "lan0"), ("vif1.0", "vm1"), ("vif2.0", "vm2")] {
@@ -92,7 +110,11 @@ impl Harness {
         let pins = PinDir::new("testrun")?;
         let layout = PinLayout::new(pins.path());
         pin::prepare(&layout)?;
-        let mut datapath = Datapath::load(&layout)?;
+        let options = LoadOptions {
+            support,
+            flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+        };
+        let (mut datapath, _) = Datapath::load(&layout, &options, HookKind::Tcx)?;
         datapath.tables.sync_rules(rules)?;
         datapath.tables.sync_relays(relays)?;
         let mut harness = Harness {
@@ -181,6 +203,47 @@ impl Harness {
             })
             .context("BPF_PROG_TEST_RUN")?;
         Ok((result, out))
+    }
+
+    /// The flow table's entry for a peer of the rule `proto:listen_port`.
+    pub fn flow(
+        &self,
+        proto: u8,
+        peer: Ipv4Addr,
+        peer_port: u16,
+        listen_port: u16,
+    ) -> Option<FlowEntry> {
+        let key = flow_key(proto, peer, peer_port, listen_port);
+        self.datapath
+            .tables
+            .flows()
+            .expect("reading the flow table")
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, e)| e)
+    }
+
+    /// Writes a flow entry as given, e.g. one last seen long ago.
+    pub fn set_flow(
+        &mut self,
+        proto: u8,
+        peer: Ipv4Addr,
+        peer_port: u16,
+        listen_port: u16,
+        entry: &FlowEntry,
+    ) {
+        let key = flow_key(proto, peer, peer_port, listen_port);
+        self.datapath
+            .tables
+            .set_flow(&key, entry)
+            .expect("writing the flow table");
+    }
+
+    /// The id of the installed rule `proto:listen_port`.
+    pub fn rule_id(&self, proto: u8, listen_port: u16) -> u32 {
+        self.datapath.tables.installed().expect("rules")[&(proto, listen_port)]
+            .1
+            .id
     }
 
     pub fn reason(&self, reason: Reason) -> u64 {

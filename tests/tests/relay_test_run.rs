@@ -24,6 +24,8 @@ fn relay(targets: &[Ipv4Addr], ttl: Option<u8>, rate: u32) -> Relay {
         targets: targets.to_vec(),
         ttl,
         rate,
+        rate_down: 1_000_000,
+        allow: forwarder::spec::AllowFrom::Auto,
     }
 }
 

@@ -107,9 +107,24 @@ fn udp_without_checksum_keeps_it_zero() {
     assert!(p.ip_checksum_ok);
 }
 
+/// The LAN peer's first packet on a listen port: opens the flow.
+fn open(h: &Harness, proto: u8, peer: Ipv4Addr, listen_port: u16) {
+    let frame = if proto == TCP {
+        Frame::tcp(peer, 40000, UPLINK_ADDR, listen_port)
+    } else {
+        Frame::udp(peer, 40000, UPLINK_ADDR, listen_port)
+    };
+    let (action, _) = h
+        .run(Role::Uplink, h.uplink.index, &from_lan(frame).build())
+        .unwrap();
+    assert_eq!(action, TC_ACT_REDIRECT, "opening {proto}:{listen_port}");
+}
+
 #[test]
 fn replies_are_translated_back_to_the_uplink() {
     let h = harness();
+    open(&h, TCP, LAN_PEER, 53317);
+    open(&h, TCP, LAN_PEER, 8080);
     let frame = Frame::tcp(TARGET, 53317, LAN_PEER, 40000)
         .with_payload(b"pong")
         .build();
@@ -225,6 +240,7 @@ fn spoofed_and_martian_sources_are_untouched() {
 #[test]
 fn spoofed_replies_are_untouched() {
     let h = harness();
+    open(&h, TCP, LAN_PEER, 53317);
     // Wrong address: another VM pretending to be the target's service.
     let wrong_addr = Frame::tcp(OTHER_VM, 53317, LAN_PEER, 40000).build();
     h.assert_untouched(Role::Downstream, h.vif2.index, &wrong_addr, Reason::NoRule);
@@ -244,7 +260,22 @@ fn spoofed_replies_are_untouched() {
         &far_peer,
         Reason::PeerNotAllowed,
     );
-    // Toward another VM: not out of the uplink, so the stack decides.
+    // Toward another VM: not out of the uplink, so the stack decides. The
+    // flow is planted: no LAN packet could have opened it.
+    let mut h = h;
+    let id = h.rule_id(UDP, 5000);
+    h.set_flow(
+        UDP,
+        OTHER_VM,
+        40000,
+        5000,
+        &forwarder_common::maps::FlowEntry {
+            rule_id: id,
+            created_ns: forwarder::clock::boot_ns(),
+            seen_ns: forwarder::clock::boot_ns(),
+            ..Default::default()
+        },
+    );
     let to_vm = Frame::udp(UNRESOLVED, 5000, OTHER_VM, 40000).build();
     h.assert_untouched(
         Role::Downstream,
@@ -265,6 +296,7 @@ fn ttl_that_would_expire_goes_to_the_stack() {
         &frame.build(),
         Reason::TtlExpired,
     );
+    open(&h, TCP, LAN_PEER, 53317);
     let mut reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000);
     reply.ttl = 1;
     h.assert_untouched(
@@ -469,8 +501,8 @@ fn random_packets_are_either_rewritten_correctly_or_untouched() {
         let (action, out) = h.run(Role::Uplink, h.uplink.index, &bytes).unwrap();
         let expected = rules().into_iter().find(|rule| {
             rule.proto.number() == proto && rule.port == dport && {
-                let value = rule.encode(0);
-                value.allows(u32::from_ne_bytes(src.octets()), &h.uplink_state())
+                forwarder::rules::encode_allow(&rule.allow)
+                    .allows(u32::from_ne_bytes(src.octets()), &h.uplink_state())
             }
         });
         match expected {

@@ -313,6 +313,8 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
         targets: vec![TARGET],
         ttl: None,
         rate: 1_000_000,
+        rate_down: 1_000_000,
+        allow: forwarder::spec::AllowFrom::Auto,
     }];
     let h = Harness::with_relays(&rules, &relays)?;
     let mut dnat = Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317);
