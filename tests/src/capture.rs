@@ -157,17 +157,38 @@ pub fn addresses(frame: &[u8]) -> Vec<Ipv4Addr> {
 
 /// Sends one raw frame out of `ifname` in `ns`, exactly as given.
 pub fn inject(ns: &Netns, ifname: &str, frame: &[u8]) -> Result<()> {
+    inject_all(ns, ifname, std::iter::once(frame.to_vec()))
+}
+
+/// Sends raw frames out of `ifname` in `ns`, as fast as the socket takes
+/// them (a full queue is waited out, not dropped).
+pub fn inject_all(
+    ns: &Netns,
+    ifname: &str,
+    frames: impl Iterator<Item = Vec<u8>> + Send,
+) -> Result<()> {
     ns.run(|| {
         let fd = open(ifname)?;
-        // SAFETY: fd is a bound AF_PACKET socket; frame is valid memory.
-        let sent = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
-        let err = std::io::Error::last_os_error();
+        let result = (|| {
+            for frame in frames {
+                loop {
+                    // SAFETY: fd is a bound AF_PACKET socket; frame is valid.
+                    let sent = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
+                    if sent == frame.len() as isize {
+                        break;
+                    }
+                    let err = std::io::Error::last_os_error();
+                    if err.raw_os_error() != Some(libc::ENOBUFS) {
+                        bail!("sending on {ifname}: {err}");
+                    }
+                    std::thread::yield_now();
+                }
+            }
+            Ok(())
+        })();
         // SAFETY: closing our own socket.
         unsafe { libc::close(fd) };
-        if sent != frame.len() as isize {
-            bail!("sending on {ifname}: {err}");
-        }
-        Ok(())
+        result
     })
 }
 

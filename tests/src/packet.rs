@@ -163,6 +163,8 @@ pub struct Parsed {
     pub ip_checksum_ok: bool,
     pub l4_checksum_ok: bool,
     pub udp_checksum_zero: bool,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
     pub payload: Vec<u8>,
 }
 
@@ -197,6 +199,7 @@ pub fn parse(frame: &[u8]) -> Option<Parsed> {
         ip_checksum_ok: csum::verifies(0, &ip[..ihl]),
         l4_checksum_ok: udp_zero || csum::verifies(pseudo, l4),
         udp_checksum_zero: udp_zero,
+        tcp_flags: if ip[9] == TCP { l4[13] } else { 0 },
         payload: l4.get(hlen..)?.to_vec(),
     })
 }

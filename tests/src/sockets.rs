@@ -88,6 +88,67 @@ impl Drop for EchoServer {
     }
 }
 
+/// Every UDP datagram that reaches a port of a namespace, with its source.
+pub struct UdpRecorder {
+    stop: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpRecorder {
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let socket = ns.run(|| -> Result<UdpSocket> {
+            let socket = UdpSocket::bind(("0.0.0.0", port)).context("binding UDP")?;
+            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+            Ok(socket)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                        seen.lock().unwrap().push((peer, buf[..n].to_vec()));
+                    }
+                }
+            })
+        };
+        Ok(UdpRecorder {
+            stop,
+            seen,
+            thread: Some(thread),
+        })
+    }
+
+    /// The source of the first datagram carrying `marker`, waiting up to
+    /// `timeout` for one.
+    pub fn wait_for(&self, marker: &str, timeout: Duration) -> Option<SocketAddr> {
+        let mut found = None;
+        crate::wait::wait_until(timeout, || {
+            found = self
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, data)| data.starts_with(marker.as_bytes()))
+                .map(|(peer, _)| *peer);
+            found.is_some()
+        });
+        found
+    }
+}
+
+impl Drop for UdpRecorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// What a client got back: the server's view of the client, and the reply's
 /// own source (for UDP).
 #[derive(Debug)]

@@ -5,9 +5,11 @@
 //!
 //! Routers carry Qubes 4.2's netvm tables (antispoofing, input policy drop,
 //! forward rules, masquerade) and sys-firewall also the qubes-firewall
-//! table; VMs have /32 addresses, vifs are in link group 2 with /32 routes
-//! and proxy ARP; the app runs a VM's own input table with the seed's accept
-//! rule. Every namespace is removed on drop.
+//! table with real qvm-firewall rules: the app may reach one LAN host on a
+//! few ports, app2 may reach nothing. VMs have /32 addresses, vifs are in
+//! link group 2 with /32 routes and proxy ARP; the app runs a VM's own
+//! input table with the seed's accept rule. Every namespace is removed on
+//! drop.
 
 use std::net::Ipv4Addr;
 
@@ -35,6 +37,12 @@ pub const LOCALSEND_PORT: u16 = 53317;
 /// forwards: reaching it from the LAN would be a leak.
 pub const UNFORWARDED_PORT: u16 = 8080;
 pub const LOCALSEND_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 167);
+/// A second LAN host, which no VM's firewall admits.
+pub const OTHER_LAN_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
+/// The LAN service the app's firewall admits (on LAN_PEER only).
+pub const LAN_SERVICE_PORT: u16 = 8000;
+/// The port app2 serves and its own firewall accepts.
+pub const APP2_PORT: u16 = 7000;
 
 /// Whether senders leave transport checksums to "hardware" (veth passes
 /// them on as CHECKSUM_PARTIAL, as Xen guests send) or compute them fully.
@@ -104,33 +112,43 @@ fn qubes_netvm_tables(downstream: &[(&str, Ipv4Addr)]) -> String {
     )
 }
 
-fn qubes_firewall_table(vms: &[Ipv4Addr]) -> String {
+/// sys-firewall's `qubes-firewall` table, with each VM's qvm-firewall
+/// rules (ending in drop) in its `qbs-*` chain.
+fn qubes_firewall_table(vms: &[(Ipv4Addr, String)]) -> String {
     let mut out = String::from(
         "table ip qubes-firewall {\n    chain forward {\n        type filter hook forward priority filter; policy drop;\n        ct state established,related accept\n        iifname != \"vif*\" accept\n",
     );
-    for vm in vms {
+    for (vm, _) in vms {
         out += &format!(
             "        ip saddr {vm} jump qbs-{}\n",
             vm.to_string().replace('.', "-")
         );
     }
     out += "    }\n    chain prerouting {\n        type filter hook prerouting priority raw; policy accept;\n";
-    for vm in vms {
+    for (vm, _) in vms {
         out += &format!("        iifname != \"vif*\" ip saddr {vm} drop\n");
     }
     out += "    }\n    chain postrouting {\n        type filter hook postrouting priority raw; policy accept;\n";
-    for vm in vms {
+    for (vm, _) in vms {
         out += &format!("        oifname != \"vif*\" ip daddr {vm} drop\n");
     }
     out += "    }\n";
-    for vm in vms {
+    for (vm, rules) in vms {
         out += &format!(
-            "    chain qbs-{} {{\n        accept\n    }}\n",
+            "    chain qbs-{} {{\n{rules}        counter drop\n    }}\n",
             vm.to_string().replace('.', "-")
         );
     }
     out += "}\n";
     out
+}
+
+/// What qvm-firewall writes for the app: an allow-list of one LAN host (the
+/// LAN service, LocalSend's port, ping) and nothing else.
+fn app_allow_list() -> String {
+    format!(
+        "        ip daddr {LAN_PEER} tcp dport {{ {LAN_SERVICE_PORT}, {LOCALSEND_PORT} }} accept\n        ip daddr {LAN_PEER} udp dport {{ {LAN_SERVICE_PORT}, {LOCALSEND_PORT} }} accept\n        ip daddr {LAN_PEER} meta l4proto icmp accept\n"
+    )
 }
 
 /// A VM's own input table: policy drop, plus the seed's accept rules for
@@ -216,10 +234,15 @@ impl Topology {
         t.sysnet.nft(&qubes_netvm_tables(&[("vif2.0", SYSFW)]))?;
         t.sysfw
             .nft(&qubes_netvm_tables(&[("vif3.0", APP), ("vif4.0", APP2)]))?;
-        t.sysfw.nft(&qubes_firewall_table(&[APP, APP2]))?;
+        // The app may reach one LAN host on a few ports; app2 nothing.
+        t.sysfw.nft(&qubes_firewall_table(&[
+            (APP, app_allow_list()),
+            (APP2, String::new()),
+        ]))?;
         t.app
             .nft(&vm_input_table(APP, &[LOCALSEND_PORT, UNFORWARDED_PORT]))?;
-        t.app2.nft(&vm_input_table(APP2, &[LOCALSEND_PORT]))?;
+        t.app2
+            .nft(&vm_input_table(APP2, &[LOCALSEND_PORT, APP2_PORT]))?;
 
         t.set_offload(offload)?;
         Ok(t)
@@ -335,11 +358,16 @@ ip monitor address dev {SYSNET_UPLINK} | while read -r _; do update; done"#
     }
 
     /// The seed's "Incoming TCP and UDP" recipe in both routers: nftables
-    /// DNAT hop by hop plus the forward accepts.
+    /// DNAT hop by hop plus the forward accepts, to the app.
     pub fn install_seed_forwarding(&self, port: u16) -> Result<()> {
+        self.install_seed_forwarding_to(port, APP)
+    }
+
+    /// As `install_seed_forwarding`, with sys-firewall forwarding to `vm`.
+    pub fn install_seed_forwarding_to(&self, port: u16, vm: Ipv4Addr) -> Result<()> {
         for (router, iface, target) in [
             (&self.sysnet, SYSNET_UPLINK, SYSFW),
-            (&self.sysfw, SYSFW_UPLINK, APP),
+            (&self.sysfw, SYSFW_UPLINK, vm),
         ] {
             let mut script = String::from(
                 "add chain ip qubes custom-dnat-localsend { type nat hook prerouting priority filter + 1; policy accept; }\n",

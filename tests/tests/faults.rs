@@ -74,8 +74,11 @@ fn a_killed_daemon_keeps_forwarding_and_its_successor_adopts_the_pins() {
     sysnet.respawn(&t.sysnet).unwrap();
     sysfw.respawn(&t.sysfw).unwrap();
     for fwd in [&sysnet, &sysfw] {
-        fwd.wait_log("adopted the pinned uplink link", Duration::from_secs(20))
-            .unwrap();
+        fwd.wait_log(
+            "adopted the uplink program's attachment",
+            Duration::from_secs(20),
+        )
+        .unwrap();
     }
     let restarted = Instant::now();
     // The successors replaced the programs in the pinned links: the old

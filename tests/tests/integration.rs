@@ -114,7 +114,7 @@ fn scenario(contender: Contender, offload: Offload) -> Checks {
     let capture = Capture::start(&t.lan, "eth0").expect("capturing on the LAN");
     let _app_server = EchoServer::start(&t.app, LOCALSEND_PORT).expect("app server");
     let _app_unforwarded = EchoServer::start(&t.app, UNFORWARDED_PORT).expect("app server");
-    let _lan_server = EchoServer::start(&t.lan, 8000).expect("LAN server");
+    let _lan_server = EchoServer::start(&t.lan, LAN_SERVICE_PORT).expect("LAN server");
     let timeout = Duration::from_secs(5);
 
     let mut check = |name, result: Result<()>| checks.add_ok(name, result);
@@ -157,18 +157,23 @@ fn scenario(contender: Contender, offload: Offload) -> Checks {
     check(
         "the app's outbound tcp works through masquerade",
         (|| {
-            let echo = tcp_echo(&t.app, SocketAddrV4::new(LAN_PEER, 8000), None, timeout)?;
+            let echo = tcp_echo(
+                &t.app,
+                SocketAddrV4::new(LAN_PEER, LAN_SERVICE_PORT),
+                None,
+                timeout,
+            )?;
             ensure!(echo.seen_as.ip() == SYSNET_LAN, "LAN saw {}", echo.seen_as);
             Ok(())
         })(),
     );
     check("the app can ping the LAN", ping(&t.app, LAN_PEER));
     check(
-        "a second VM's outbound flow from the listen port is not captured",
+        "sys-firewall's own connection from the port sys-net forwards to it is left to masquerade",
         (|| {
             let echo = tcp_echo(
-                &t.app2,
-                SocketAddrV4::new(LAN_PEER, 8000),
+                &t.sysfw,
+                SocketAddrV4::new(LAN_PEER, LAN_SERVICE_PORT),
                 Some(LOCALSEND_PORT),
                 timeout,
             )?;

@@ -68,7 +68,7 @@ fn inspect_reports_a_live_instance() {
         &t.sysnet,
         &["inspect", "--pin-dir", &pin(&sysnet), "--json"],
     );
-    assert_eq!(v["version"], 1);
+    assert_eq!(v["version"], 2);
     assert_eq!(v["uplink"]["name"], SYSNET_UPLINK);
     assert_eq!(v["uplink"]["address"], format!("{SYSNET_LAN}/24"));
     assert_eq!(v["uplink"]["usable"], true);
@@ -84,6 +84,11 @@ fn inspect_reports_a_live_instance() {
         "{tcp}"
     );
     assert!(tcp["bytes_in"].as_u64().unwrap() > 0);
+    assert!(
+        tcp["flows"].as_u64().unwrap() >= 1,
+        "the echo's flow: {tcp}"
+    );
+    assert!(v["flows"]["capacity"].as_u64().unwrap() >= 65_536);
     let relay = &v["relays"][0];
     assert_eq!(relay["group"], LOCALSEND_GROUP.to_string());
     assert_eq!(relay["targets"][0], SYSFW.to_string());
@@ -102,7 +107,7 @@ fn inspect_reports_a_live_instance() {
     assert!(
         ifaces
             .iter()
-            .any(|i| i["role"] == "uplink" && i["name"] == SYSNET_UPLINK),
+            .any(|i| i["role"] == "uplink" && i["name"] == SYSNET_UPLINK && i["hook"] == "tcx"),
         "{ifaces:?}"
     );
     assert!(
