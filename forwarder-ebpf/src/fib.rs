@@ -130,7 +130,8 @@ pub fn reverse_path(
     };
     match cached_fib(ctx, &key, 0) {
         Ok(route) if route.ifindex() == ifindex => Ok(()),
-        Err(Reason::FibLookupRejected) => Err(Reason::FibLookupRejected),
+        // Not about the source: the kernel would not forward at all.
+        Err(reason @ (Reason::FibLookupRejected | Reason::FibFwdDisabled)) => Err(reason),
         _ => Err(Reason::ReversePathFailed),
     }
 }

@@ -88,6 +88,11 @@ impl Tables {
             .context("updating the uplink state map")
     }
 
+    /// The generation cached FIB results are valid under.
+    pub fn fib_generation(&self) -> Result<u32> {
+        Ok(self.fib_generation.get(&0, 0)?)
+    }
+
     /// Invalidates every FIB result the datapath cached.
     pub fn bump_fib_generation(&mut self) -> Result<()> {
         let next = self.fib_generation.get(&0, 0)?.wrapping_add(1);
@@ -110,8 +115,9 @@ impl Tables {
     /// keeps its counter slot, so counters survive a restart or a reload,
     /// and, while its target stays the same, its id and so its flows; a new
     /// rule gets a free slot with its counters zeroed and a new id. Flows of
-    /// rules that are gone or retargeted are removed.
-    pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<()> {
+    /// rules that are gone or retargeted are removed. Returns the rules
+    /// removed, as `proto:port`.
+    pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<Vec<String>> {
         let installed = self.installed()?;
         let kept: Vec<Option<u32>> = rules
             .iter()
@@ -158,11 +164,14 @@ impl Tables {
 
         let wanted_forward: BTreeSet<(u8, u16)> =
             rules.iter().map(|r| (r.proto.number(), r.port)).collect();
+        let mut removed = Vec::new();
         for ((proto, port), (key, _)) in &installed {
             if !wanted_forward.contains(&(*proto, *port)) {
                 self.forward
                     .remove(key)
                     .context("removing a stale forward rule")?;
+                let name = crate::spec::Proto::from_number(*proto).map_or("?", |p| p.name());
+                removed.push(format!("{name}:{port}"));
             }
         }
         let wanted_reverse: BTreeSet<(u32, u16, u8)> = rules
@@ -181,7 +190,7 @@ impl Tables {
                 .context("removing a stale reply entry")?;
         }
         self.remove_flows(|_, entry| !live_ids.contains(&entry.rule_id))?;
-        Ok(())
+        Ok(removed)
     }
 
     /// Every flow the datapath holds, expired ones included.

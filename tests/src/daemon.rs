@@ -114,15 +114,35 @@ impl Forwarder {
         Ok(fwd)
     }
 
-    fn spawn_binary(binary: &Path, ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
-        let mut fwd = Forwarder {
+    /// As `start`, after `prepare` has put something in the pin directory
+    /// (what another build or a crashed predecessor would have left).
+    pub fn start_over(
+        ns: &Netns,
+        label: &str,
+        args: &[&str],
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
+        let mut fwd = Self::unstarted(&binary()?, ns, label, args)?;
+        std::fs::create_dir_all(fwd.pins.path())?;
+        prepare(fwd.pins.path())?;
+        fwd.child = Some(fwd.launch(ns)?);
+        fwd.wait_ready(Duration::from_secs(20))?;
+        Ok(fwd)
+    }
+
+    fn unstarted(binary: &Path, ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
+        Ok(Forwarder {
             child: None,
             pins: PinDir::new(label)?,
             log: std::env::temp_dir().join(format!("{}-{label}.log", ns.name())),
             label: label.into(),
             binary: binary.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
-        };
+        })
+    }
+
+    fn spawn_binary(binary: &Path, ns: &Netns, label: &str, args: &[&str]) -> Result<Self> {
+        let mut fwd = Self::unstarted(binary, ns, label, args)?;
         fwd.child = Some(fwd.launch(ns)?);
         Ok(fwd)
     }
@@ -163,6 +183,17 @@ impl Forwarder {
         }
         self.child = Some(self.launch(ns)?);
         Ok(())
+    }
+
+    /// As `respawn`, with other arguments from now on.
+    pub fn respawn_with(&mut self, ns: &Netns, args: &[&str]) -> Result<()> {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self.respawn(ns)
+    }
+
+    /// The pin directory, as the CLI takes it.
+    pub fn pin_arg(&self) -> String {
+        self.pins.path().display().to_string()
     }
 
     /// Waits until the log holds `needle`.

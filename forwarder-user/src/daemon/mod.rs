@@ -171,7 +171,7 @@ fn load(config: &RunConfig, layout: &PinLayout) -> Result<Datapath> {
     let (datapath, replaced) = Datapath::load(layout, &options, hook)?;
     for r in &replaced {
         warn!(
-            "replaced the pinned map {} ({}); {} entries carried over",
+            "replaced the pinned map {} ({}); entries carried over: {}",
             r.name, r.why, r.carried
         );
     }
@@ -199,7 +199,9 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
         !expired
     });
     let setup = async {
-        datapath.tables.sync_rules(&config.rules)?;
+        for gone in datapath.tables.sync_rules(&config.rules)? {
+            info!("removed rule {gone}, which a previous instance left and the configuration does not hold");
+        }
         for rule in &config.rules {
             info!("forwarding {rule}");
         }
