@@ -22,6 +22,8 @@ pub const MAX_RELAY_TARGETS: usize = 8;
 pub const MAX_IFACES: u32 = 4096;
 /// FIB results the datapath keeps (LRU).
 pub const MAX_CACHED_ROUTES: u32 = 65_536;
+/// Routes with an MTU of their own the datapath knows (LPM trie).
+pub const MAX_ROUTE_MTUS: u32 = 1024;
 /// Forwarded flows the datapath tracks unless told otherwise (LRU).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
 
@@ -42,6 +44,7 @@ pub mod names {
     pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
     pub const FIB_GENERATION: &str = "FIB_GENERATION";
     pub const FLOWS: &str = "FLOWS";
+    pub const ROUTE_MTUS: &str = "ROUTE_MTUS";
 }
 
 /// The key and value fingerprint of every map the programs define, by
@@ -60,6 +63,8 @@ pub const MAP_LAYOUTS: &[(&str, u64)] = &[
     (names::ROUTE_CACHE, map_layout::<RouteKey, RouteEntry>()),
     (names::FIB_GENERATION, map_layout::<u32, u32>()),
     (names::FLOWS, map_layout::<FlowKey, FlowEntry>()),
+    // An LPM key: prefix length, then the address.
+    (names::ROUTE_MTUS, map_layout::<[u32; 2], u32>()),
 ];
 
 /// Program names as the eBPF object defines them.

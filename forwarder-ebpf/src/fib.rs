@@ -141,11 +141,14 @@ pub fn reverse_path(
 /// rtnetlink change that can change an answer, so a cached result lives at
 /// most until the daemon has seen the change (well under a millisecond).
 ///
-/// Only complete answers are cached, and only with a route MTU: for a GSO
-/// packet the kernel reports the device's MTU instead, and a kernel older
-/// than 5.12 reports none, so those lookups check the length themselves and
-/// are not kept. Reverse-path keys carry no length and are looked up
-/// without resolving a neighbour.
+/// The MTU of a forwarded route is the smaller of the lookup's and the one
+/// the route itself sets (ROUTE_MTUS), which the kernel's forwarding honours
+/// and the lookup reports only when locked. Only complete answers are
+/// cached, and only with the route's MTU: for a GSO packet the kernel
+/// reports the device's MTU instead, and a kernel older than 5.12 reports
+/// none, so those lookups check the length themselves and are not kept.
+/// Reverse-path keys carry no length and are looked up without resolving a
+/// neighbour.
 #[inline(always)]
 fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Reason> {
     let generation = maps::fib_generation();
@@ -173,10 +176,15 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Re
     };
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            let reported = if mtu_result { mtu } else { 0 };
             let entry = RouteEntry {
                 generation,
                 ifindex: params.ifindex,
-                mtu: if mtu_result { mtu } else { 0 },
+                mtu: if reverse_path {
+                    0
+                } else {
+                    tighter_mtu(reported, maps::route_mtu(key.daddr))
+                },
                 smac: params.smac,
                 dmac: params.dmac,
                 pad: 0,
@@ -196,6 +204,17 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Re
         // broadcast destination), unsupported LWT and no source address:
         // none of them is a route to use.
         _ => Err(Reason::FibNoRoute),
+    }
+}
+
+/// The smaller of two MTUs, where 0 means "none known".
+#[inline(always)]
+fn tighter_mtu(reported: u16, route: u32) -> u16 {
+    let route = route.min(u32::from(u16::MAX)) as u16;
+    match (reported, route) {
+        (0, r) => r,
+        (m, 0) => m,
+        (m, r) => m.min(r),
     }
 }
 

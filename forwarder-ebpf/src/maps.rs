@@ -2,16 +2,16 @@
 //! them. Maps are pinned by name so a restarted daemon adopts them.
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC},
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use forwarder_common::{
     maps::{
         DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, ForwardRule, MAX_CACHED_ROUTES, MAX_IFACES,
-        MAX_RELAYS, MAX_RULES, RateLimit, Relay, RelayCounters, RelayKey, ReverseKey, RouteEntry,
-        RouteKey, RuleCounters, RuleKey, UplinkState,
+        MAX_RELAYS, MAX_ROUTE_MTUS, MAX_RULES, RateLimit, Relay, RelayCounters, RelayKey,
+        ReverseKey, RouteEntry, RouteKey, RuleCounters, RuleKey, UplinkState,
     },
     reason::Reason,
 };
@@ -83,6 +83,18 @@ pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) {
 #[inline(always)]
 pub fn remove_flow(key: &FlowKey) {
     let _ = FLOWS.remove(key);
+}
+
+/// The MTU of every route that has one of its own, by destination prefix.
+/// The kernel's forwarding honours it; `bpf_fib_lookup` reports it only
+/// when it is locked, so userspace copies them here from rtnetlink.
+#[map]
+static ROUTE_MTUS: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_ROUTE_MTUS, BPF_F_NO_PREALLOC);
+
+/// The MTU of the most specific route to `daddr` that has one, or 0.
+#[inline(always)]
+pub fn route_mtu(daddr: u32) -> u32 {
+    ROUTE_MTUS.get(Key::new(32, daddr)).copied().unwrap_or(0)
 }
 
 #[inline(always)]

@@ -47,7 +47,7 @@ impl Interfaces {
             Event::DelAddress(addr) => self
                 .addresses
                 .retain(|a| !(a.index == addr.index && a.addr == addr.addr)),
-            Event::RoutingChanged | Event::Overflow => {}
+            Event::RoutingChanged | Event::RoutesChanged | Event::Overflow => {}
         }
     }
 

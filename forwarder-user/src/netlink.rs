@@ -17,6 +17,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
     link::{LinkAttribute, LinkFlags, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType},
 };
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
 
@@ -32,8 +33,10 @@ const GROUPS: &[u32] = &[
 ];
 
 /// Message types (RTM_*) whose only meaning here is "FIB answers may have
-/// changed": routes, neighbours, rules, netconf, nexthops.
-const ROUTING_TYPES: &[u16] = &[24, 25, 28, 29, 32, 33, 80, 81, 104, 105];
+/// changed": neighbours, rules, netconf, nexthops.
+const ROUTING_TYPES: &[u16] = &[28, 29, 32, 33, 80, 81, 104, 105];
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
@@ -68,9 +71,11 @@ pub enum Event {
     DelLink(u32),
     NewAddress(Address),
     DelAddress(Address),
-    /// A route, neighbour, policy rule, nexthop or netconf setting changed:
-    /// cached FIB results may be stale.
+    /// A neighbour, policy rule, nexthop or netconf setting changed: cached
+    /// FIB results may be stale.
     RoutingChanged,
+    /// A route changed: cached FIB results and route MTUs may be stale.
+    RoutesChanged,
     /// Messages were lost; the caller's view is stale until it dumps again.
     Overflow,
 }
@@ -174,6 +179,7 @@ pub fn events(datagram: &[u8]) -> Vec<Event> {
                 }
             }
             NLMSG_OVERRUN => events.push(Event::Overflow),
+            RTM_NEWROUTE | RTM_DELROUTE => events.push(Event::RoutesChanged),
             kind if ROUTING_TYPES.contains(&kind) => events.push(Event::RoutingChanged),
             _ => {}
         }
@@ -242,6 +248,61 @@ impl Monitor {
     }
 }
 
+/// An IPv4 route that sets its own MTU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteMtu {
+    pub dst: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mtu: u32,
+}
+
+fn parse_route_mtu(msg: &RouteMessage) -> Option<RouteMtu> {
+    if msg.header.address_family != AddressFamily::Inet || msg.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut mtu = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Metrics(metrics) => {
+                mtu = metrics.iter().find_map(|m| match m {
+                    RouteMetric::Mtu(mtu) if *mtu > 0 => Some(*mtu),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+    }
+    Some(RouteMtu {
+        dst,
+        prefix_len: msg.header.destination_prefix_length,
+        mtu: mtu?,
+    })
+}
+
+/// Every IPv4 unicast route, of any table, that sets an MTU.
+pub async fn route_mtus() -> io::Result<Vec<RouteMtu>> {
+    let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+    socket.socket_mut().bind_auto()?;
+    socket.socket_mut().connect(&SocketAddr::new(0, 0))?;
+    let mut request = RouteMessage::default();
+    request.header.address_family = AddressFamily::Inet;
+    let mut mtus = Vec::new();
+    request_dump_with(
+        &socket,
+        RouteNetlinkMessage::GetRoute(request),
+        3,
+        |inner| {
+            if let RouteNetlinkMessage::NewRoute(route) = inner {
+                mtus.extend(parse_route_mtu(route));
+            }
+        },
+    )
+    .await?;
+    Ok(mtus)
+}
+
 /// Every link and IPv4 address, from a fresh dump.
 pub async fn dump() -> io::Result<(Vec<Link>, Vec<Address>)> {
     let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
@@ -271,6 +332,21 @@ async fn request_dump(
     request: RouteNetlinkMessage,
     sequence: u32,
 ) -> io::Result<Vec<Event>> {
+    let mut events = Vec::new();
+    request_dump_with(socket, request, sequence, |inner| {
+        events.extend(parse_event(inner))
+    })
+    .await?;
+    Ok(events)
+}
+
+/// Sends a dump request and hands every message of the answer to `each`.
+async fn request_dump_with(
+    socket: &TokioSocket,
+    request: RouteNetlinkMessage,
+    sequence: u32,
+    mut each: impl FnMut(&RouteNetlinkMessage),
+) -> io::Result<()> {
     let mut msg = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(request));
     msg.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
     msg.header.sequence_number = sequence;
@@ -278,7 +354,6 @@ async fn request_dump(
     let mut buf = vec![0; msg.buffer_len()];
     msg.serialize(&mut buf);
     socket.send(&buf).await?;
-    let mut events = Vec::new();
     loop {
         let (datagram, _) = socket.recv_from_full().await?;
         for reply in split(&datagram)? {
@@ -286,11 +361,11 @@ async fn request_dump(
                 continue;
             }
             match reply.payload {
-                NetlinkPayload::Done(_) => return Ok(events),
+                NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(err) => {
                     return Err(io::Error::other(format!("netlink dump failed: {err:?}")));
                 }
-                NetlinkPayload::InnerMessage(inner) => events.extend(parse_event(&inner)),
+                NetlinkPayload::InnerMessage(inner) => each(&inner),
                 _ => {}
             }
         }

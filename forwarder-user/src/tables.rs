@@ -9,7 +9,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::Key,
+    },
     util::nr_cpus,
 };
 use forwarder_common::{
@@ -37,6 +40,7 @@ pub struct Tables {
     downstream_macs: HashMap<MapData, u32, [u8; 6]>,
     fib_generation: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
+    route_mtus: LpmTrie<MapData, u32, u32>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -75,6 +79,7 @@ impl Tables {
             downstream_macs: get(names::DOWNSTREAM_MACS)?.try_into()?,
             fib_generation: get(names::FIB_GENERATION)?.try_into()?,
             flows: get(names::FLOWS)?.try_into()?,
+            route_mtus: get(names::ROUTE_MTUS)?.try_into()?,
         })
     }
 
@@ -86,6 +91,37 @@ impl Tables {
         self.uplink
             .set(0, state, 0)
             .context("updating the uplink state map")
+    }
+
+    /// Makes ROUTE_MTUS hold exactly these routes' MTUs (the smallest, when
+    /// two tables route one prefix).
+    pub fn sync_route_mtus(&mut self, routes: &[crate::netlink::RouteMtu]) -> Result<()> {
+        let mut wanted: BTreeMap<(u32, u32), u32> = BTreeMap::new();
+        for r in routes
+            .iter()
+            .take(forwarder_common::maps::MAX_ROUTE_MTUS as usize)
+        {
+            let key = (u32::from(r.prefix_len), u32::from_ne_bytes(r.dst.octets()));
+            let mtu = wanted.entry(key).or_insert(r.mtu);
+            *mtu = (*mtu).min(r.mtu);
+        }
+        let stale: Vec<Key<u32>> = self
+            .route_mtus
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            self.route_mtus
+                .remove(&key)
+                .context("removing a route MTU")?;
+        }
+        for ((prefix_len, dst), mtu) in wanted {
+            self.route_mtus
+                .insert(&Key::new(prefix_len, dst), mtu, 0)
+                .context("recording a route MTU")?;
+        }
+        Ok(())
     }
 
     /// The generation cached FIB results are valid under.

@@ -99,8 +99,14 @@ impl Daemon {
                     // Routing changes (neighbours churn all the time) leave
                     // links and addresses as they were: they only invalidate
                     // cached FIB results.
-                    if events.iter().any(|e| !matches!(e, Event::RoutingChanged)) {
+                    if events
+                        .iter()
+                        .any(|e| !matches!(e, Event::RoutingChanged | Event::RoutesChanged))
+                    {
                         self.reconcile()?;
+                    }
+                    if events.contains(&Event::RoutesChanged) {
+                        self.refresh_route_mtus().await?;
                     }
                     if !events.is_empty() {
                         self.datapath.tables.bump_fib_generation()?;

@@ -128,6 +128,14 @@ impl Daemon {
             .context("dumping links and addresses")?;
         self.interfaces = Interfaces::new(links, addresses);
         self.reconcile()?;
+        self.refresh_route_mtus().await?;
         self.datapath.tables.bump_fib_generation()
+    }
+
+    /// Copies the MTUs routes set into the datapath; the caller then bumps
+    /// the FIB generation, so no cached route keeps an old one.
+    pub(super) async fn refresh_route_mtus(&mut self) -> Result<()> {
+        let routes = netlink::route_mtus().await.context("dumping routes")?;
+        self.datapath.tables.sync_route_mtus(&routes)
     }
 }
