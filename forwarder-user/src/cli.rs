@@ -6,7 +6,10 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use regex::Regex;
 
-use crate::spec::{AllowFrom, ForwardSpec, RelaySpec, RuleRef, parse_rate, parse_ttl};
+use crate::{
+    datapath::HookKind,
+    spec::{AllowFrom, ForwardSpec, RelaySpec, RuleRef, parse_rate, parse_ttl},
+};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/forwarder";
 /// Qubes' own naming of the backend side of a VM's network interface; the
@@ -105,6 +108,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PKTS/S", value_parser = parse_rate)]
     pub relay_rate_down: Option<u32>,
 
+    /// How programs attach: tcx (kernel 6.6+), clsact (any kernel; the
+    /// filters sit in a fixed slot a restart replaces), or auto: tcx where
+    /// the kernel has it [default: auto].
+    #[arg(long, value_name = "auto|tcx|clsact", value_parser = parse_tc_hook)]
+    pub tc_hook: Option<TcHook>,
+
     /// Forwarded flows the datapath tracks at once; the least recently used
     /// is forgotten when full (its peer's next packet brings it back)
     /// [default: 65536].
@@ -191,6 +200,20 @@ pub enum RulesCommand {
 
 pub fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| format!("not a valid regular expression: {e}"))
+}
+
+/// `--tc-hook`: a hook kind, or auto.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    Auto,
+    Fixed(HookKind),
+}
+
+pub fn parse_tc_hook(s: &str) -> Result<TcHook, String> {
+    match s {
+        "auto" => Ok(TcHook::Auto),
+        other => other.parse().map(TcHook::Fixed),
+    }
 }
 
 /// `--flow-table-size`: 1,024 to 16,777,216 entries.
@@ -305,6 +328,11 @@ mod tests {
                 vec!["run", "--flow-table-size", "12"],
                 "--flow-table-size",
                 "1024 to 16777216",
+            ),
+            (
+                vec!["run", "--tc-hook", "xdp"],
+                "--tc-hook",
+                "auto, tcx or clsact",
             ),
             (vec!["run", "--relay-ttl", "300"], "--relay-ttl", "1 to 255"),
             (

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use crate::{
     cli::{
         DEFAULT_DOWNSTREAM, DEFAULT_PIN_DIR, DEFAULT_RELAY_RATE, DEFAULT_RELAY_RATE_DOWN, RunArgs,
-        parse_flow_table_size, parse_ifname, parse_regex,
+        TcHook, parse_flow_table_size, parse_ifname, parse_regex, parse_tc_hook,
     },
     presets::{self, Preset},
     rules::{self, Origin, Relay, Rule},
@@ -42,6 +42,7 @@ pub struct RunConfig {
     pub rules: Vec<Rule>,
     pub relays: Vec<Relay>,
     pub flow_table_size: u32,
+    pub tc_hook: TcHook,
     pub pin_dir: PathBuf,
     /// The file `rules add/del --save` writes to.
     pub config_file: Option<PathBuf>,
@@ -61,6 +62,7 @@ pub struct FileConfig {
     relay_rate: Option<i64>,
     relay_rate_down: Option<i64>,
     flow_table_size: Option<i64>,
+    tc_hook: Option<String>,
     pin_dir: Option<PathBuf>,
     #[serde(default)]
     forward: Vec<ForwardTable>,
@@ -238,6 +240,14 @@ impl RunConfig {
                 parse_flow_table_size,
             )?
             .unwrap_or(forwarder_common::maps::DEFAULT_FLOW_TABLE_SIZE);
+        let tc_hook = src
+            .layer(
+                "tc_hook",
+                args.tc_hook,
+                file.tc_hook.as_ref(),
+                parse_tc_hook,
+            )?
+            .unwrap_or(TcHook::Auto);
         let pin_dir = args
             .pin_dir
             .or(file.pin_dir.clone())
@@ -330,6 +340,7 @@ impl RunConfig {
             rules,
             relays,
             flow_table_size,
+            tc_hook,
             pin_dir,
             config_file: args.config,
         })

@@ -64,6 +64,20 @@ pub enum HookKind {
     Clsact,
 }
 
+impl std::str::FromStr for HookKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcx" => Ok(HookKind::Tcx),
+            "clsact" => Ok(HookKind::Clsact),
+            _ => Err(format!(
+                "{s:?} is not a TC hook: expected auto, tcx or clsact"
+            )),
+        }
+    }
+}
+
 impl HookKind {
     pub const fn name(self) -> &'static str {
         match self {

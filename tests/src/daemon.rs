@@ -212,9 +212,15 @@ impl Forwarder {
         PinLayout::new(self.pins.path())
     }
 
+    /// The uplink is usable and the uplink program attached to it (by TCX
+    /// or clsact, as the instance recorded).
     fn ready(&self) -> bool {
         let uplink = self.uplink();
-        uplink.usable() && self.link_pin(Role::Uplink, uplink.ifindex).exists()
+        uplink.usable()
+            && forwarder::datapath::recorded_attachments(&self.layout()).is_ok_and(|a| {
+                a.get(&uplink.ifindex)
+                    .is_some_and(|(role, _)| *role == Role::Uplink)
+            })
     }
 
     /// The uplink as the state map holds it; the default (no uplink) when

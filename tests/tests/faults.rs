@@ -502,3 +502,88 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
     drop((lan, seg, vm, routers));
     kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
 }
+
+/// The ingress filters on `dev` in `ns`, as `tc` lists them.
+fn tc_filters(ns: &Netns, dev: &str) -> Vec<String> {
+    ns.sh(&format!("tc filter show dev {dev} ingress"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn clsact_filters_are_replaced_in_place_by_a_restart_not_doubled() {
+    let t = Topology::build(Offload::On).unwrap();
+    let args = [
+        "--uplink",
+        SYSNET_UPLINK,
+        "--localsend",
+        &SYSFW.to_string(),
+        "--tc-hook",
+        "clsact",
+    ];
+    let mut sysnet = Forwarder::start(&t.sysnet, "sys-net", &args).unwrap();
+    let _sysfw = Forwarder::start(
+        &t.sysfw,
+        "sys-firewall",
+        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
+    )
+    .unwrap();
+    let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
+    let filters = tc_filters(&t.sysnet, SYSNET_UPLINK);
+    assert_eq!(filters.len(), 1, "{filters:?}");
+    assert!(filters[0].contains("uplink_ingress"), "{filters:?}");
+    let inspect = forwarder_tests::daemon::cli(
+        &t.sysnet,
+        &["inspect", "--json", "--pin-dir", &sysnet.pin_arg()],
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let ifaces = json["interfaces"].as_array().unwrap();
+    assert!(
+        ifaces
+            .iter()
+            .any(|i| i["name"] == SYSNET_UPLINK && i["hook"] == "clsact"),
+        "inspect shows the clsact attachment: {ifaces:?}"
+    );
+
+    let ticker =
+        TcpTicker::start(&t.lan, SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), TICK).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || ticker.echoed() >= 3));
+    sysnet.kill_hard().unwrap();
+    let echoed = ticker.echoed();
+    assert!(
+        wait_until(Duration::from_secs(3), || ticker.echoed() > echoed + 3),
+        "the filters forward with the daemon dead"
+    );
+    sysnet.respawn(&t.sysnet).unwrap();
+    sysnet
+        .wait_log(
+            "adopted the uplink program's attachment",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let filters = tc_filters(&t.sysnet, SYSNET_UPLINK);
+    assert_eq!(
+        filters.len(),
+        1,
+        "a second set after the restart: {filters:?}"
+    );
+    let echoed = ticker.echoed();
+    assert!(wait_until(Duration::from_secs(3), || ticker.echoed() > echoed + 3));
+    let ticks = ticker.finish().unwrap();
+    assert!(ticks.missing().is_empty(), "{:?}", ticks.missing());
+    assert!(
+        ticks.longest_gap() <= MAX_STALL,
+        "stalled {:?}",
+        ticks.longest_gap()
+    );
+    sysnet.stop().unwrap();
+    assert!(
+        tc_filters(&t.sysnet, SYSNET_UPLINK).is_empty(),
+        "a clean stop leaves no filter"
+    );
+    assert!(tc_filters(&t.sysnet, "vif2.0").is_empty());
+}

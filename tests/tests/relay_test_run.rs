@@ -216,3 +216,71 @@ fn the_token_bucket_limits_copies_to_the_lan() {
     let counters = h.datapath.tables.relay_counters(slot).unwrap();
     assert_eq!((counters.packets_up, counters.rate_limited), (3, 5));
 }
+
+#[test]
+fn the_token_bucket_limits_copies_toward_the_vms() {
+    let mut limited = relay(&[TARGET, OTHER_VM], None, 25);
+    limited.rate_down = 3;
+    let h = harness(&[limited]);
+    let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+    let vm2 = Capture::start(&h.ns, "vm2").unwrap();
+    let frame = lan_announcement(LAN_PEER).build();
+    let before = h.reason(Reason::RelayDownRateLimited);
+    for _ in 0..8 {
+        let (action, out) = h.run(Role::Uplink, h.uplink.index, &frame).unwrap();
+        assert_eq!(
+            (action, &out),
+            (TC_ACT_UNSPEC, &frame),
+            "the original continues"
+        );
+    }
+    // One token per datagram, however many targets it is copied to.
+    assert_eq!(
+        collect(vm1, 3).len(),
+        3,
+        "a burst of one second's worth at 3/s"
+    );
+    assert_eq!(collect(vm2, 3).len(), 3);
+    assert_eq!(h.reason(Reason::RelayDownRateLimited), before + 5);
+    let slot = h
+        .datapath
+        .tables
+        .installed_relays()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .slot;
+    let counters = h.datapath.tables.relay_counters(slot).unwrap();
+    assert_eq!((counters.packets_down, counters.rate_limited_down), (6, 5));
+}
+
+#[test]
+fn only_allowed_lan_peers_are_copied_toward_the_vms() {
+    let mut allow_one = relay(&[TARGET], None, 25);
+    allow_one.allow = format!("{LAN_PEER}/32").parse().unwrap();
+    let h = harness(&[allow_one]);
+    let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+    let other = Ipv4Addr::new(192, 168, 1, 77);
+    h.ns.ip(&format!(
+        "neigh replace {other} lladdr 02:00:00:00:01:4d dev up0 nud permanent"
+    ))
+    .unwrap();
+    h.assert_untouched(
+        Role::Uplink,
+        h.uplink.index,
+        &lan_announcement(other).build(),
+        Reason::SourceNotAllowed,
+    );
+    let (action, _) = h
+        .run(
+            Role::Uplink,
+            h.uplink.index,
+            &lan_announcement(LAN_PEER).build(),
+        )
+        .unwrap();
+    assert_eq!(action, TC_ACT_UNSPEC);
+    let copies = collect(vm1, 1);
+    assert_eq!(copies.len(), 1, "the allowed peer's copy, and only it");
+    assert_eq!(copies[0].saddr, LAN_PEER);
+}

@@ -113,6 +113,8 @@ pub fn run(filter: &[String]) -> Result<()> {
     let integration = [
         "integration",
         "firewall",
+        "failsafe",
+        "fib_cache",
         "relay",
         "state",
         "operator",

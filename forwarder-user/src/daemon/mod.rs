@@ -18,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    cli::TcHook,
     clock,
     config::RunConfig,
     control,
@@ -162,7 +163,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
 fn load(config: &RunConfig, layout: &PinLayout) -> Result<Datapath> {
     let kernel = Kernel::running();
     let support = selftest::run(&layout.root.join("selftest"), config.flow_table_size)?;
-    let hook = HookKind::for_kernel(&kernel);
+    let hook = match config.tc_hook {
+        TcHook::Auto => HookKind::for_kernel(&kernel),
+        TcHook::Fixed(hook) => hook,
+    };
     info!(
         "{kernel}: self-test passed; programs attach with {}",
         hook.name()
