@@ -30,6 +30,9 @@ pub enum Setup {
     NftPerPort(usize),
     /// nftables with a DNAT map and an accept verdict map, this many ports.
     NftMaps(usize),
+    /// The forwarder with a flow table of 131,072 entries, this many of
+    /// them live flows (of other peers) besides the measured one.
+    ForwarderFlows(usize),
 }
 
 impl Setup {
@@ -42,6 +45,7 @@ impl Setup {
             Setup::ForwarderRules(n) => format!("forwarder, {n} rules"),
             Setup::NftPerPort(n) => format!("nftables per-port rules, {n}"),
             Setup::NftMaps(n) => format!("nftables maps, {n}"),
+            Setup::ForwarderFlows(n) => format!("forwarder, {n} live flows"),
         }
     }
 }
@@ -85,6 +89,41 @@ fn forwarder_config(uplink: &str, target: std::net::Ipv4Addr, rules: usize) -> S
     text
 }
 
+/// `n` live UDP flows of the LocalSend rule, from peers in 198.18.0.0/15
+/// (never the benchmark's own), as if they had just been answered.
+fn plant_flows(fwd: &Forwarder, n: usize) -> Result<()> {
+    use forwarder_common::{
+        flow::FLOW_REPLIED,
+        maps::{FlowEntry, FlowKey, PROTO_UDP},
+    };
+    let mut tables = fwd.tables()?;
+    let rule_id = tables.installed()?[&(PROTO_UDP, LOCALSEND_PORT)].1.id;
+    let now = forwarder::clock::boot_ns();
+    for i in 0..n as u32 {
+        let key = FlowKey {
+            peer_addr: u32::from_ne_bytes([
+                198,
+                18 + (i >> 24) as u8,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+            ]),
+            peer_port: (1024 + (i & 0xff) as u16).to_be(),
+            listen_port: LOCALSEND_PORT.to_be(),
+            proto: PROTO_UDP,
+            ..Default::default()
+        };
+        let entry = FlowEntry {
+            rule_id,
+            state: FLOW_REPLIED,
+            created_ns: now,
+            seen_ns: now,
+            ..Default::default()
+        };
+        tables.set_flow(&key, &entry)?;
+    }
+    Ok(())
+}
+
 impl Env {
     pub fn build(setup: Setup) -> Result<Env> {
         let mut forwarders = Vec::new();
@@ -115,6 +154,26 @@ impl Env {
                 match setup {
                     Setup::SeedRecipe => {
                         recipe = Some(t.install_seed_recipe()?);
+                        (SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), dst_mac)
+                    }
+                    Setup::ForwarderFlows(n) => {
+                        for (ns, uplink, target) in routers(t) {
+                            let target = target.to_string();
+                            let fwd = Forwarder::start(
+                                ns,
+                                uplink,
+                                &[
+                                    "--uplink",
+                                    uplink,
+                                    "--localsend",
+                                    &target,
+                                    "--flow-table-size",
+                                    "131072",
+                                ],
+                            )?;
+                            plant_flows(&fwd, n)?;
+                            forwarders.push(fwd);
+                        }
                         (SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), dst_mac)
                     }
                     Setup::Forwarder => {

@@ -23,17 +23,17 @@ use crate::{
 const FRAME_LEN: usize = 64;
 
 /// A netdev-ingress nftables chain on the app's eth0 that counts and drops
-/// the benchmark's datagrams: the receiver costs next to nothing and cannot
-/// be the bottleneck. Everything else (ARP, above all) passes. Removed on
-/// drop.
+/// the benchmark's packets (those `matching`): the receiver costs next to
+/// nothing and cannot be the bottleneck. Everything else (ARP, above all)
+/// passes. Removed on drop.
 struct Sink<'a> {
     ns: &'a Netns,
 }
 
 impl<'a> Sink<'a> {
-    fn install(ns: &'a Netns, port: u16) -> Result<Self> {
+    fn install(ns: &'a Netns, matching: &str) -> Result<Self> {
         ns.nft(&format!(
-            "table netdev bench_sink {{\n chain in {{\n  type filter hook ingress device \"eth0\" priority -500; policy accept;\n  meta protocol ip ip protocol udp udp dport {port} counter drop\n }}\n}}\n"
+            "table netdev bench_sink {{\n chain in {{\n  type filter hook ingress device \"eth0\" priority -500; policy accept;\n  meta protocol ip {matching} counter drop\n }}\n}}\n"
         ))?;
         Ok(Sink { ns })
     }
@@ -91,15 +91,36 @@ struct Trafgen {
 }
 
 impl Trafgen {
-    fn start(env: &Env) -> Result<Self> {
+    /// The same 64-byte UDP frame, over and over.
+    fn udp(env: &Env) -> Result<Self> {
         let mut frame = Frame::udp(LAN_PEER, 40000, *env.dst.ip(), env.dst.port());
         frame.src_mac = env.src_mac;
         frame.dst_mac = env.dst_mac;
         frame.payload = vec![0x5a; FRAME_LEN - 42];
         let bytes = frame.build();
         let body: Vec<String> = bytes.iter().map(|b| format!("0x{b:02x}")).collect();
+        Self::start(env, &format!("{{ {} }}\n", body.join(", ")))
+    }
+
+    /// TCP SYNs, each from a new peer port (and, every time the ports wrap,
+    /// LAN address): every one opens a flow.
+    fn syns(env: &Env) -> Result<Self> {
+        let mac = forwarder::interfaces::mac_text;
+        Self::start(
+            env,
+            &format!(
+                "{{ eth(da={}, sa={}), ipv4(sa={LAN_PEER}, sa[3]=dinc(10, 250), da={}, ttl=64), tcp(sp=dinc(1024, 65535), dp={}, syn) }}\n",
+                mac(env.dst_mac),
+                mac(env.src_mac),
+                env.dst.ip(),
+                env.dst.port()
+            ),
+        )
+    }
+
+    fn start(env: &Env, packet: &str) -> Result<Self> {
         let config = std::env::temp_dir().join(format!("{}-trafgen.cfg", env.lan().name()));
-        std::fs::write(&config, format!("{{ {} }}\n", body.join(", ")))?;
+        std::fs::write(&config, packet)?;
         let child = env
             .lan()
             .command("trafgen")
@@ -151,8 +172,27 @@ pub struct RateSample {
 /// 64-byte UDP from the LAN peer toward the app through the contender, over
 /// `secs` of steady state.
 pub fn packet_rate(env: &Env, duration: Duration) -> Result<RateSample> {
-    let sink = Sink::install(env.app(), env.dst.port())?;
-    let _trafgen = Trafgen::start(env)?;
+    let sink = Sink::install(env.app(), &format!("udp dport {}", env.dst.port()))?;
+    let trafgen = Trafgen::udp(env)?;
+    rate(env, &sink, trafgen, duration)
+}
+
+/// TCP SYNs from ever new peer ports toward the app through the contender:
+/// new flows per second, each one a flow-table (or conntrack) insert in
+/// both routers.
+pub fn new_flow_rate(env: &Env, duration: Duration) -> Result<RateSample> {
+    let sink = Sink::install(
+        env.app(),
+        &format!("tcp dport {} tcp flags syn", env.dst.port()),
+    )?;
+    let trafgen = Trafgen::syns(env)?;
+    rate(env, &sink, trafgen, duration)
+}
+
+/// What reaches `sink` per second while `trafgen` runs, after it started
+/// arriving.
+fn rate(env: &Env, sink: &Sink<'_>, trafgen: Trafgen, duration: Duration) -> Result<RateSample> {
+    let _trafgen = trafgen;
     if !wait_until(Duration::from_secs(5), || {
         sink.packets().is_ok_and(|n| n > 1000)
     }) {
@@ -319,7 +359,10 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
     let h = Harness::with_relays(&rules, &relays)?;
     let mut dnat = Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317);
     dnat.src_mac = LAN_PEER_MAC;
+    // The reply's flow exists from here on.
+    h.run(Role::Uplink, h.uplink.index, &dnat.build())?;
     let reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000);
+    let unclaimed = Frame::tcp(TARGET, 53317, LAN_PEER, 40001);
     let mut announce = Frame::udp(TARGET, 41000, group, 53317).with_payload(&[0x7b; 200]);
     announce.dst_mac = group_mac(u32::from_ne_bytes(group.octets()));
     let mut pass = Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 22);
@@ -351,6 +394,12 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
             reply.build(),
         ),
         (
+            "target packet of no flow (left to the stack)",
+            Role::Downstream,
+            h.vif1.index,
+            unclaimed.build(),
+        ),
+        (
             "relay (VM announcement copied to the LAN)",
             Role::Downstream,
             h.vif1.index,
@@ -358,12 +407,30 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
         ),
         ("pass-through (no rule)", Role::Uplink, h.uplink.index, pass),
     ];
-    cases
+    let mut out: Vec<(&'static str, f64)> = cases
         .into_iter()
         .map(|(name, role, ifindex, frame)| {
             Ok((name, (single(role, ifindex, &frame)? - overhead).max(0.0)))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    // Every run from a new peer port: the flow table inserts each time.
+    let mut new_flow = (0..runs)
+        .map(|i| {
+            let mut f = Frame::tcp(LAN_PEER, 1024 + (i % 64000) as u16, UPLINK_ADDR, 53317);
+            f.src_mac = LAN_PEER_MAC;
+            Ok(h.cost(Role::Uplink, h.uplink.index, &f.build(), 1)?
+                .as_nanos() as f64)
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    new_flow.sort_by(f64::total_cmp);
+    out.insert(
+        1,
+        (
+            "DNAT opening a new flow",
+            (new_flow[new_flow.len() / 2] - overhead).max(0.0),
+        ),
+    );
+    Ok(out)
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -172,6 +172,57 @@ fn run(o: &Options) -> Result<Report> {
     }
     rule_scaling.sort_by(|a, b| a.variant.cmp(&b.variant).then(a.rules.cmp(&b.rules)));
 
+    let mut flow_scaling = Vec::new();
+    let flow_envs: Vec<(usize, Env)> = [1usize, 100_000]
+        .iter()
+        .map(|&n| {
+            progress(&format!("flow table, planting {n} live flows"));
+            Ok((n, Env::build(Setup::ForwarderFlows(n))?))
+        })
+        .collect::<Result<_>>()?;
+    let mut flow_samples = vec![Vec::new(); flow_envs.len()];
+    for rep in 0..reps {
+        for (i, (n, env)) in flow_envs.iter().enumerate() {
+            progress(&format!(
+                "packet rate with {n} live flows, round {}",
+                rep + 1
+            ));
+            flow_samples[i].push(measure::packet_rate(env, duration)?.received_pps);
+        }
+    }
+    for ((n, _), samples) in flow_envs.iter().zip(flow_samples) {
+        flow_scaling.push(FlowRow {
+            live_flows: *n,
+            pps: Spread::of(samples),
+        });
+    }
+    drop(flow_envs);
+
+    let syn_envs: Vec<Env> = [Setup::Forwarder, Setup::SeedRecipe]
+        .iter()
+        .map(|s| Env::build(*s))
+        .collect::<Result<_>>()?;
+    let mut syn_samples = vec![Vec::new(); syn_envs.len()];
+    for rep in 0..reps {
+        for (i, env) in syn_envs.iter().enumerate() {
+            progress(&format!(
+                "new flows, {}, round {}",
+                env.setup.label(),
+                rep + 1
+            ));
+            syn_samples[i].push(measure::new_flow_rate(env, duration)?.received_pps);
+        }
+    }
+    let new_flows = syn_envs
+        .iter()
+        .zip(syn_samples)
+        .map(|(env, samples)| NewFlowRow {
+            setup: env.setup.label(),
+            new_flows_per_sec: Spread::of(samples),
+        })
+        .collect();
+    drop(syn_envs);
+
     progress("program cost through BPF_PROG_TEST_RUN");
     let program_cost_ns = measure::program_cost(if o.quick { 3_000 } else { 20_000 })?
         .into_iter()
@@ -188,6 +239,8 @@ fn run(o: &Options) -> Result<Report> {
         tcp,
         latency,
         rule_scaling,
+        flow_scaling,
+        new_flows,
         program_cost_ns,
         reaction,
         targets: vec![],
