@@ -12,6 +12,8 @@
 //!   the fields the translation owns: one address, one port, the TTL (one
 //!   less), the two checksums (valid exactly when they were valid before)
 //!   and the MACs;
+//! - a target's packet is translated back only as part of a flow an earlier
+//!   LAN packet opened (the oracle keeps the flows it saw redirected);
 //! - nothing sent toward the uplink carries an internal address.
 
 use std::net::Ipv4Addr;
@@ -102,6 +104,10 @@ pub fn relays() -> Vec<Relay> {
     }]
 }
 
+/// The flows redirected LAN packets opened: peer address and port,
+/// protocol, listen port.
+pub type Flows = std::collections::HashSet<(Ipv4Addr, u16, u8, u16)>;
+
 /// A frame and where it is fed in.
 pub struct Case {
     pub role: Role,
@@ -140,8 +146,9 @@ fn port(rng: &mut Rng) -> u16 {
     }
 }
 
-/// One generated case: a template, then bent.
-pub fn generate(h: &Harness, rng: &mut Rng) -> Case {
+/// One generated case: a template, then bent. Half the targets' packets
+/// answer a flow in `flows`.
+pub fn generate(h: &Harness, rng: &mut Rng, flows: &[(Ipv4Addr, u16, u8, u16)]) -> Case {
     let payload: Vec<u8> = (0..rng.below(300)).map(|_| rng.next_u64() as u8).collect();
     let (role, ifindex, mut frame) = match rng.below(6) {
         // From the LAN toward the uplink's address.
@@ -160,6 +167,23 @@ pub fn generate(h: &Harness, rng: &mut Rng) -> Case {
             (Role::Uplink, h.uplink.index, f)
         }
         // A target's reply, or something posing as one.
+        2 if !flows.is_empty() && rng.chance(50) => {
+            let (peer, peer_port, proto, listen) = flows[rng.below(flows.len() as u64) as usize];
+            let rule = rules()
+                .into_iter()
+                .find(|r| r.proto.number() == proto && r.port == listen)
+                .expect("flows are of installed rules");
+            let f = if proto == TCP {
+                Frame::tcp(rule.target, rule.target_port, peer, peer_port)
+            } else {
+                Frame::udp(rule.target, rule.target_port, peer, peer_port)
+            };
+            (
+                Role::Downstream,
+                rng.pick(&[h.vif1.index, h.vif1.index, h.vif2.index]),
+                f,
+            )
+        }
         2 => {
             let src = rng.pick(&[TARGET, TARGET, OTHER_VM, UNRESOLVED, LAN_PEER]);
             let dst = if rng.chance(50) { LAN_PEER } else { addr(rng) };
@@ -386,8 +410,15 @@ pub enum Outcome {
     Dropped,
 }
 
-/// Checks one program run against the properties above.
-pub fn check(rules: &[Rule], case: &Case, action: i32, output: &[u8]) -> Result<Outcome> {
+/// Checks one program run against the properties above, and records the
+/// flow a redirected LAN packet opens.
+pub fn check(
+    rules: &[Rule],
+    flows: &mut Flows,
+    case: &Case,
+    action: i32,
+    output: &[u8],
+) -> Result<Outcome> {
     match action {
         TC_ACT_UNSPEC => {
             ensure!(output == case.frame, "passed but changed");
@@ -475,6 +506,7 @@ pub fn check(rules: &[Rule], case: &Case, action: i32, output: &[u8]) -> Result<
                         out.daddr,
                         out.dport
                     );
+                    flows.insert((inp.saddr, inp.sport, inp.proto, inp.dport));
                     only_owned_changed(&case.frame, output, &owned(inp.proto, false))
                 }
                 Role::Downstream => {
@@ -502,6 +534,12 @@ pub fn check(rules: &[Rule], case: &Case, action: i32, output: &[u8]) -> Result<
                         !internal(out.daddr),
                         "reply to an internal address {}",
                         out.daddr
+                    );
+                    ensure!(
+                        flows.contains(&(out.daddr, out.dport, inp.proto, rule.port)),
+                        "translated a target's packet to {}:{}, which opened no flow",
+                        out.daddr,
+                        out.dport
                     );
                     only_owned_changed(&case.frame, output, &owned(inp.proto, true))
                 }
@@ -549,8 +587,10 @@ pub fn run(count: u64, seed: u64, mut keep_going: impl FnMut(&Tally) -> bool) ->
     let lan = crate::capture::Capture::start(&h.ns, "lan0")?;
     let mut rng = Rng::new(seed);
     let mut tally = Tally::default();
+    let mut flows = Flows::new();
+    let mut open: Vec<(Ipv4Addr, u16, u8, u16)> = Vec::new();
     while tally.tried < count && keep_going(&tally) {
-        let case = generate(&h, &mut rng);
+        let case = generate(&h, &mut rng, &open);
         tally.tried += 1;
         let (action, output) = match h.run(case.role, case.ifindex, &case.frame) {
             Ok(result) => result,
@@ -560,7 +600,12 @@ pub fn run(count: u64, seed: u64, mut keep_going: impl FnMut(&Tally) -> bool) ->
             }
             Err(err) => return Err(err),
         };
-        match check(&rules, &case, action, &output) {
+        let known = flows.len();
+        let outcome = check(&rules, &mut flows, &case, action, &output);
+        if flows.len() > known {
+            open = flows.iter().copied().collect();
+        }
+        match outcome {
             Ok(Outcome::Passed) => tally.passed += 1,
             Ok(Outcome::Redirected) => tally.redirected += 1,
             Ok(Outcome::Dropped) => tally.dropped += 1,
