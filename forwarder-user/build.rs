@@ -7,7 +7,7 @@ use anyhow::{Context as _, anyhow};
 use aya_obj::maps::PinningType;
 use forwarder_common::{
     layout::{MapShape, identity},
-    maps::MAP_LAYOUTS,
+    maps::layout_named,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -46,13 +46,9 @@ fn write_layout_id() -> anyhow::Result<()> {
         .iter()
         .filter(|(_, map)| map.pinning() == PinningType::ByName)
         .map(|(name, map)| {
-            let layout = MAP_LAYOUTS
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, l)| *l)
-                .ok_or_else(|| {
-                    anyhow!("map {name} has no entry in forwarder_common::maps::MAP_LAYOUTS")
-                })?;
+            let layout = layout_named(name).ok_or_else(|| {
+                anyhow!("map {name} has no entry in forwarder_common::maps::MAP_LAYOUTS")
+            })?;
             let shape = MapShape {
                 map_type: map.map_type(),
                 key_size: map.key_size(),

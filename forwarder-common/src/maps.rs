@@ -67,6 +67,14 @@ pub const MAP_LAYOUTS: &[(&str, u64)] = &[
     (names::ROUTE_MTUS, map_layout::<[u32; 2], u32>()),
 ];
 
+/// The fingerprint MAP_LAYOUTS records for the map `name`.
+pub fn layout_named(name: &str) -> Option<u64> {
+    MAP_LAYOUTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, l)| *l)
+}
+
 /// Program names as the eBPF object defines them.
 pub mod programs {
     pub const UPLINK_INGRESS: &str = "uplink_ingress";
@@ -267,6 +275,20 @@ map_type! {
         pub proto: u8,
         pub pad: u8,
         pub pad2: u16,
+    }
+}
+
+impl FlowKey {
+    /// The key of a peer's flow on a rule's listen port (all wire order).
+    pub const fn new(peer_addr: u32, peer_port: u16, proto: u8, listen_port: u16) -> Self {
+        FlowKey {
+            peer_addr,
+            peer_port,
+            listen_port,
+            proto,
+            pad: 0,
+            pad2: 0,
+        }
     }
 }
 

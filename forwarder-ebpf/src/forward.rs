@@ -99,14 +99,7 @@ fn forward(
         return Err(Reason::TargetViaUplink);
     }
     flow::from_peer(
-        &FlowKey {
-            peer_addr: ip.saddr,
-            peer_port: l4.sport,
-            listen_port: l4.dport,
-            proto: ip.proto,
-            pad: 0,
-            pad2: 0,
-        },
+        &FlowKey::new(ip.saddr, l4.sport, ip.proto, l4.dport),
         rule.id,
         l4.tcp_flags,
         now,

@@ -67,14 +67,7 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
         return Err(Reason::PeerNotAllowed);
     }
     flow::from_target(
-        &FlowKey {
-            peer_addr: ip.daddr,
-            peer_port: l4.dport,
-            listen_port: key.port,
-            proto: ip.proto,
-            pad: 0,
-            pad2: 0,
-        },
+        &FlowKey::new(ip.daddr, l4.dport, ip.proto, key.port),
         rule.id,
         l4.tcp_flags,
         now,

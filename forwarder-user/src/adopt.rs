@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, Map, MapData, MapType};
 use aya_obj::maps::PinningType;
-use forwarder_common::{layout::MapShape as Shape, maps::MAP_LAYOUTS};
+use forwarder_common::{layout::MapShape as Shape, maps::layout_named};
 
 use crate::{
     EBPF_OBJECT,
@@ -53,10 +53,7 @@ pub fn definitions(sizes: &[(&str, u32)]) -> Result<Vec<MapDef>> {
         .iter()
         .filter(|(_, map)| map.pinning() == PinningType::ByName)
         .map(|(name, map)| {
-            let layout = MAP_LAYOUTS
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, l)| *l)
+            let layout = layout_named(name)
                 .ok_or_else(|| anyhow!("map {name} has no entry in MAP_LAYOUTS"))?;
             let max_entries = sizes
                 .iter()
@@ -324,7 +321,7 @@ pub fn check_readable(layout: &PinLayout, names: &[&str]) -> Result<()> {
         return Ok(());
     }
     for name in names {
-        let wanted = MAP_LAYOUTS.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
+        let wanted = layout_named(name);
         if recorded.get(*name).copied() != wanted {
             return Err(anyhow!(
                 "the pinned map {name} in {} was written by a forwarder build with another map \

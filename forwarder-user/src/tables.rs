@@ -258,13 +258,12 @@ impl Tables {
             .remove(&(proto.number(), listen_port))
             .ok_or_else(|| anyhow!("no rule {proto}:{listen_port}"))?;
         let now = crate::clock::boot_ns();
-        let key = FlowKey {
-            peer_addr: u32::from_ne_bytes(peer.octets()),
-            peer_port: peer_port.to_be(),
-            listen_port: listen_port.to_be(),
-            proto: proto.number(),
-            ..Default::default()
-        };
+        let key = FlowKey::new(
+            u32::from_ne_bytes(peer.octets()),
+            peer_port.to_be(),
+            proto.number(),
+            listen_port.to_be(),
+        );
         let entry = FlowEntry {
             rule_id: rule.id,
             state: forwarder_common::flow::FLOW_REPLIED,

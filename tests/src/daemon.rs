@@ -39,6 +39,13 @@ pub fn binary() -> Result<PathBuf> {
     }
 }
 
+/// The routers of the Qubes-like topology.
+#[derive(Clone, Copy, Debug)]
+pub enum Router {
+    SysNet,
+    SysFirewall,
+}
+
 pub struct Forwarder {
     child: Option<Child>,
     pub pins: PinDir,
@@ -59,20 +66,28 @@ impl Forwarder {
     /// pointing LocalSend at the next hop: sys-net to sys-firewall,
     /// sys-firewall to the app.
     pub fn start_localsend_routers(t: &crate::topology::Topology) -> Result<(Self, Self)> {
+        Ok((
+            Self::start_localsend(t, Router::SysNet, &[])?,
+            Self::start_localsend(t, Router::SysFirewall, &[])?,
+        ))
+    }
+
+    /// The forwarder in one router of the Qubes-like topology, pointing
+    /// LocalSend at the next hop, with `extra` arguments.
+    pub fn start_localsend(
+        t: &crate::topology::Topology,
+        router: Router,
+        extra: &[&str],
+    ) -> Result<Self> {
         use crate::topology::{APP, SYSFW, SYSFW_UPLINK, SYSNET_UPLINK};
-        let sysnet = Self::start(
-            &t.sysnet,
-            "sys-net",
-            &["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()],
-        )
-        .context("forwarder in sys-net")?;
-        let sysfw = Self::start(
-            &t.sysfw,
-            "sys-firewall",
-            &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-        )
-        .context("forwarder in sys-firewall")?;
-        Ok((sysnet, sysfw))
+        let (ns, label, uplink, target) = match router {
+            Router::SysNet => (&t.sysnet, "sys-net", SYSNET_UPLINK, SYSFW),
+            Router::SysFirewall => (&t.sysfw, "sys-firewall", SYSFW_UPLINK, APP),
+        };
+        let target = target.to_string();
+        let mut args = vec!["--uplink", uplink, "--localsend", &target];
+        args.extend_from_slice(extra);
+        Self::start(ns, label, &args).with_context(|| format!("forwarder in {label}"))
     }
 
     /// Waits until the uplink program is attached and the uplink usable.

@@ -88,10 +88,13 @@ impl Drop for EchoServer {
     }
 }
 
+/// Datagrams as received: source and payload.
+type Datagrams = Arc<std::sync::Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
 /// Every UDP datagram that reaches a port of a namespace, with its source.
 pub struct UdpRecorder {
     stop: Arc<AtomicBool>,
-    seen: Arc<std::sync::Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    seen: Datagrams,
     thread: Option<JoinHandle<()>>,
 }
 

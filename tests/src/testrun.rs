@@ -49,13 +49,12 @@ pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
 
 /// The flow table key of a peer of the rule `proto:listen_port`.
 pub fn flow_key(proto: u8, peer: Ipv4Addr, peer_port: u16, listen_port: u16) -> FlowKey {
-    FlowKey {
-        peer_addr: u32::from_ne_bytes(peer.octets()),
-        peer_port: peer_port.to_be(),
-        listen_port: listen_port.to_be(),
+    FlowKey::new(
+        u32::from_ne_bytes(peer.octets()),
+        peer_port.to_be(),
         proto,
-        ..Default::default()
-    }
+        listen_port.to_be(),
+    )
 }
 
 pub struct Harness {

@@ -343,6 +343,18 @@ ip monitor address dev {SYSNET_UPLINK} | while read -r _; do update; done"#
         Ok(SeedRecipe { dispatcher: child })
     }
 
+    /// Whether a TCP exchange from the LAN peer through sys-net's `port`
+    /// completes within a second.
+    pub fn reachable(&self, port: u16) -> bool {
+        crate::sockets::tcp_echo(
+            &self.lan,
+            std::net::SocketAddrV4::new(SYSNET_LAN, port),
+            None,
+            std::time::Duration::from_secs(1),
+        )
+        .is_ok()
+    }
+
     /// Deletes the app's vif and creates it anew under another name, as Qubes
     /// does when the VM restarts: same address, new interface and ifindex.
     /// Qubes' own antispoofing set learns the new name too.

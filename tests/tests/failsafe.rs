@@ -14,22 +14,12 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray};
 use forwarder_tests::{
-    daemon::{Forwarder, cli},
+    daemon::{Forwarder, Router, cli},
     netns::Netns,
-    sockets::{EchoServer, TcpTicker, tcp_echo},
+    sockets::{EchoServer, TcpTicker},
     topology::*,
     wait::wait_until,
 };
-
-fn reachable(t: &Topology, port: u16) -> bool {
-    tcp_echo(
-        &t.lan,
-        SocketAddrV4::new(SYSNET_LAN, port),
-        None,
-        Duration::from_secs(1),
-    )
-    .is_ok()
-}
 
 /// `forwarder <args>` in `ns`: its exit status and output.
 fn run(ns: &Netns, args: &[&str]) -> (bool, String) {
@@ -65,16 +55,16 @@ fn an_expiring_rule_stops_at_its_deadline_with_the_daemon_dead() {
         assert!(ok, "{text}");
     }
     let added = Instant::now();
-    assert!(reachable(&t, port), "the rule forwards before its deadline");
+    assert!(t.reachable(port), "the rule forwards before its deadline");
     sysnet.kill_hard().unwrap();
     sysfw.kill_hard().unwrap();
     assert!(
-        reachable(&t, port),
+        t.reachable(port),
         "the pinned datapath forwards with the daemons dead"
     );
     std::thread::sleep(Duration::from_secs(4).saturating_sub(added.elapsed()));
     assert!(
-        wait_until(Duration::from_secs(2), || !reachable(&t, port)),
+        wait_until(Duration::from_secs(2), || !t.reachable(port)),
         "the rule forwarded past its deadline with no daemon to remove it"
     );
     println!(
@@ -82,7 +72,7 @@ fn an_expiring_rule_stops_at_its_deadline_with_the_daemon_dead() {
         added.elapsed()
     );
     assert!(
-        reachable(&t, LOCALSEND_PORT),
+        t.reachable(LOCALSEND_PORT),
         "the rules without a deadline still forward"
     );
     for (fwd, ns) in [(&mut sysnet, &t.sysnet), (&mut sysfw, &t.sysfw)] {
@@ -257,7 +247,7 @@ fn a_pin_of_another_definition_is_migrated_not_adopted() {
     let before = sysnet
         .reason(forwarder_common::reason::Reason::NoRule)
         .unwrap();
-    assert!(!reachable(&t, UNFORWARDED_PORT));
+    assert!(!t.reachable(UNFORWARDED_PORT));
     assert!(
         wait_until(Duration::from_secs(2), || {
             sysnet
@@ -277,21 +267,9 @@ fn a_pin_of_another_definition_is_migrated_not_adopted() {
 #[test]
 fn a_resized_flow_table_keeps_its_flows_across_a_crash() {
     let t = Topology::build(Offload::On).unwrap();
-    let small = [
-        "--uplink",
-        SYSNET_UPLINK,
-        "--localsend",
-        &SYSFW.to_string(),
-        "--flow-table-size",
-        "4096",
-    ];
-    let mut sysnet = Forwarder::start(&t.sysnet, "sys-net", &small).unwrap();
-    let _sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-    )
-    .unwrap();
+    let mut sysnet =
+        Forwarder::start_localsend(&t, Router::SysNet, &["--flow-table-size", "4096"]).unwrap();
+    let _sysfw = Forwarder::start_localsend(&t, Router::SysFirewall, &[]).unwrap();
     let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
     let ticker = TcpTicker::start(
         &t.lan,

@@ -13,7 +13,7 @@ use std::{
 use forwarder::datapath::Role;
 use forwarder_common::maps::PROTO_TCP;
 use forwarder_tests::{
-    daemon::Forwarder,
+    daemon::{Forwarder, Router},
     kernel_objects::{self, Objects},
     netns::Netns,
     sockets::{EchoServer, TcpTicker},
@@ -516,21 +516,9 @@ fn tc_filters(ns: &Netns, dev: &str) -> Vec<String> {
 #[test]
 fn clsact_filters_are_replaced_in_place_by_a_restart_not_doubled() {
     let t = Topology::build(Offload::On).unwrap();
-    let args = [
-        "--uplink",
-        SYSNET_UPLINK,
-        "--localsend",
-        &SYSFW.to_string(),
-        "--tc-hook",
-        "clsact",
-    ];
-    let mut sysnet = Forwarder::start(&t.sysnet, "sys-net", &args).unwrap();
-    let _sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()],
-    )
-    .unwrap();
+    let mut sysnet =
+        Forwarder::start_localsend(&t, Router::SysNet, &["--tc-hook", "clsact"]).unwrap();
+    let _sysfw = Forwarder::start_localsend(&t, Router::SysFirewall, &[]).unwrap();
     let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
     let filters = tc_filters(&t.sysnet, SYSNET_UPLINK);
     assert_eq!(filters.len(), 1, "{filters:?}");

@@ -41,16 +41,6 @@ fn stderr_of(ns: &Netns, args: &[&str]) -> (i32, String) {
     )
 }
 
-fn reachable(t: &Topology, port: u16) -> bool {
-    tcp_echo(
-        &t.lan,
-        SocketAddrV4::new(SYSNET_LAN, port),
-        None,
-        Duration::from_secs(1),
-    )
-    .is_ok()
-}
-
 #[test]
 fn inspect_reports_a_live_instance() {
     let t = Topology::build(Offload::On).unwrap();
@@ -179,7 +169,7 @@ fn rules_are_added_listed_expired_and_deleted_live() {
     let (sysnet, sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
     let _server = EchoServer::start(&t.app, UNFORWARDED_PORT).unwrap();
     let port = UNFORWARDED_PORT.to_string();
-    assert!(!reachable(&t, UNFORWARDED_PORT));
+    assert!(!t.reachable(UNFORWARDED_PORT));
 
     for (ns, fwd, target) in [(&t.sysnet, &sysnet, SYSFW), (&t.sysfw, &sysfw, APP)] {
         let out = cli(
@@ -202,7 +192,7 @@ fn rules_are_added_listed_expired_and_deleted_live() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("added tcp:8080"));
     }
-    assert!(reachable(&t, UNFORWARDED_PORT), "the live rule forwards");
+    assert!(t.reachable(UNFORWARDED_PORT), "the live rule forwards");
 
     let list = json(
         &t.sysfw,
@@ -280,7 +270,7 @@ fn rules_are_added_listed_expired_and_deleted_live() {
     .unwrap();
     assert!(out.status.success());
     assert!(
-        !reachable(&t, UNFORWARDED_PORT),
+        !t.reachable(UNFORWARDED_PORT),
         "deleted rules stop forwarding at once"
     );
 
@@ -314,7 +304,7 @@ fn rules_are_added_listed_expired_and_deleted_live() {
         expiring["expires_in_secs"].as_u64().unwrap() <= 2,
         "{expiring}"
     );
-    assert!(reachable(&t, UNFORWARDED_PORT));
+    assert!(t.reachable(UNFORWARDED_PORT));
     assert!(
         wait_until(Duration::from_secs(6), || {
             let listed = json(
@@ -330,7 +320,7 @@ fn rules_are_added_listed_expired_and_deleted_live() {
         "the rule did not expire"
     );
     assert!(
-        !reachable(&t, UNFORWARDED_PORT),
+        !t.reachable(UNFORWARDED_PORT),
         "an expired rule no longer forwards"
     );
     assert!(sysnet.log_text().contains("expired and was removed"));

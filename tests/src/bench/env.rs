@@ -4,7 +4,11 @@ use std::{fmt::Write as _, net::SocketAddrV4};
 
 use anyhow::Result;
 
-use crate::{daemon::Forwarder, netns::Netns, topology::*};
+use crate::{
+    daemon::{Forwarder, Router},
+    netns::Netns,
+    topology::*,
+};
 
 /// First listen port of the rule-scaling configurations; the benchmark's
 /// packets go to the last rule's port, the worst case for a linear scan.
@@ -157,19 +161,11 @@ impl Env {
                         (SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), dst_mac)
                     }
                     Setup::ForwarderFlows(n) => {
-                        for (ns, uplink, target) in routers(t) {
-                            let target = target.to_string();
-                            let fwd = Forwarder::start(
-                                ns,
-                                uplink,
-                                &[
-                                    "--uplink",
-                                    uplink,
-                                    "--localsend",
-                                    &target,
-                                    "--flow-table-size",
-                                    "131072",
-                                ],
+                        for router in [Router::SysNet, Router::SysFirewall] {
+                            let fwd = Forwarder::start_localsend(
+                                t,
+                                router,
+                                &["--flow-table-size", "131072"],
                             )?;
                             plant_flows(&fwd, n)?;
                             forwarders.push(fwd);
@@ -177,21 +173,13 @@ impl Env {
                         (SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), dst_mac)
                     }
                     Setup::Forwarder => {
-                        for (ns, uplink, target) in routers(t) {
-                            let target = target.to_string();
+                        for router in [Router::SysNet, Router::SysFirewall] {
                             // No relay rate limit: the reaction measurement
                             // announces every 200 us and must see every copy.
-                            forwarders.push(Forwarder::start(
-                                ns,
-                                uplink,
-                                &[
-                                    "--uplink",
-                                    uplink,
-                                    "--localsend",
-                                    &target,
-                                    "--relay-rate",
-                                    "1000000",
-                                ],
+                            forwarders.push(Forwarder::start_localsend(
+                                t,
+                                router,
+                                &["--relay-rate", "1000000"],
                             )?);
                         }
                         (SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT), dst_mac)
