@@ -24,6 +24,8 @@ pub const MAX_IFACES: u32 = 4096;
 pub const MAX_CACHED_ROUTES: u32 = 65_536;
 /// Routes with an MTU of their own the datapath knows (LPM trie).
 pub const MAX_ROUTE_MTUS: u32 = 1024;
+/// Fragmented datagrams being relayed at once (LRU).
+pub const MAX_RELAYED_FRAGMENTS: u32 = 1024;
 /// Forwarded flows the datapath tracks unless told otherwise (LRU).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
 
@@ -45,6 +47,7 @@ pub mod names {
     pub const FIB_GENERATION: &str = "FIB_GENERATION";
     pub const FLOWS: &str = "FLOWS";
     pub const ROUTE_MTUS: &str = "ROUTE_MTUS";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// The key and value fingerprint of every map the programs define, by
@@ -65,6 +68,7 @@ pub const MAP_LAYOUTS: &[(&str, u64)] = &[
     (names::FLOWS, map_layout::<FlowKey, FlowEntry>()),
     // An LPM key: prefix length, then the address.
     (names::ROUTE_MTUS, map_layout::<[u32; 2], u32>()),
+    (names::FRAGMENTS, map_layout::<FragmentKey, FragmentTrain>()),
 ];
 
 /// The fingerprint MAP_LAYOUTS records for the map `name`.
@@ -331,7 +335,9 @@ map_type! {
         pub n_targets: u8,
         /// TTL of copies sent to the LAN; 0 keeps the sender's.
         pub ttl: u8,
-        pub pad: u16,
+        /// `RELAY_*` bits.
+        pub flags: u8,
+        pub pad: u8,
         /// Index into `RELAY_COUNTERS`; buckets are `2 * slot` (to the LAN)
         /// and `2 * slot + 1` (to the VMs) of `RELAY_BUCKETS`.
         pub slot: u32,
@@ -370,6 +376,46 @@ impl RateLimit {
             Some(rate) => rate,
             None => 0,
         }
+    }
+}
+
+/// `Relay::flags`: DNS (mDNS) traffic. Only queries go to the LAN: a VM's
+/// answers carry records with its internal address.
+pub const RELAY_DNS_QUERIES_UP: u8 = 1;
+
+/// The limited broadcast address, the group of broadcast relays.
+pub const BROADCAST: u32 = u32::MAX;
+
+map_type! {
+    /// A fragmented datagram in flight: its source, destination and IP id.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+    pub struct FragmentKey {
+        pub saddr: u32,
+        pub daddr: u32,
+        pub id: u16,
+        pub pad: u16,
+    }
+}
+
+map_type! {
+    /// The relay whose first fragment was copied, so the rest of the
+    /// datagram follows it until `until_ns` (ktime).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct FragmentTrain {
+        pub relay: RelayKey,
+        pub until_ns: u64,
+    }
+}
+
+/// The destination MAC of a copy to `daddr`: the group's multicast MAC, or
+/// the broadcast MAC.
+pub const fn relay_dst_mac(daddr: u32) -> [u8; 6] {
+    if daddr == BROADCAST {
+        [0xff; 6]
+    } else {
+        group_mac(daddr)
     }
 }
 
@@ -477,6 +523,8 @@ const _: () = {
     assert!(size_of::<RuleCounters>() == 32);
     assert!(size_of::<FlowKey>() == 12);
     assert!(size_of::<FlowEntry>() == 24);
+    assert!(size_of::<FragmentKey>() == 12);
+    assert!(size_of::<FragmentTrain>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -496,6 +544,8 @@ mod user {
     unsafe impl aya::Pod for RouteEntry {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentTrain {}
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ reasons! {
     BadIpHeader = "bad_ip_header", Passed, "IP version is not 4 or IHL is below 5";
     IpOptions = "ip_options", Passed, "IPv4 header carries options";
     BadLength = "bad_length", Passed, "IP total length disagrees with the packet";
-    Fragment = "fragment", Passed, "IPv4 fragments are left to the stack";
+    Fragment = "fragment", Passed, "IPv4 fragments of anything but a relayed datagram are left to the stack";
     OtherProtocol = "other_protocol", Passed, "neither TCP nor UDP";
     NotUplink = "not_uplink", Passed, "uplink program ran on an interface that is not the current uplink";
     OtherDestination = "other_destination", Passed, "not addressed to the uplink's address";
@@ -78,6 +78,8 @@ reasons! {
     RelayDownRateLimited = "relay_down_rate_limited", Passed, "relay copies toward the VMs suppressed by the relay's token bucket";
     RelayNoRoute = "relay_no_route", Passed, "no relay target routes through a downstream interface";
     RelayCloneFailed = "relay_clone_failed", Passed, "the kernel refused to clone a relay copy";
+    RelayAnswerBlocked = "relay_answer_blocked", Passed, "a VM's mDNS answer is never relayed to the LAN: its records carry the VM's internal address";
+    RelayCarriesAddress = "relay_carries_address", Passed, "a VM's datagram carrying its own internal address (or too long to check) is not relayed to the LAN";
     IcmpErrorDropped = "icmp_error_dropped", Dropped, "ICMP error quoting a forwarded flow from the downstream side";
     RewriteFailed = "rewrite_failed", Dropped, "the kernel refused a checksum update mid-rewrite";
 }

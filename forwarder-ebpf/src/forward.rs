@@ -5,7 +5,7 @@
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
-    maps::{FlowKey, RuleKey, UplinkState, is_multicast},
+    maps::{FlowKey, RuleKey, UplinkState},
     reason::Reason,
 };
 
@@ -43,12 +43,13 @@ fn try_uplink(ctx: &TcContext) -> Result<Verdict, Reason> {
     if !uplink.usable() {
         return Err(Reason::NoUplinkAddress);
     }
-    if is_multicast(ip.daddr) {
-        return relay::from_lan(ctx, &ip, &uplink);
+    if let Some(group) = relay::lan_group(ip.daddr, &uplink) {
+        return relay::from_lan(ctx, &ip, &uplink, group);
     }
     if ip.daddr != uplink.addr {
         return Err(Reason::OtherDestination);
     }
+    ip.whole()?;
     forward(ctx, &ip, &uplink, ifindex)
 }
 

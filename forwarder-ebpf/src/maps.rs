@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     maps::{
-        DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, ForwardRule, MAX_CACHED_ROUTES, MAX_IFACES,
-        MAX_RELAYS, MAX_ROUTE_MTUS, MAX_RULES, RateLimit, Relay, RelayCounters, RelayKey,
-        ReverseKey, RouteEntry, RouteKey, RuleCounters, RuleKey, UplinkState,
+        DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, ForwardRule, FragmentKey, FragmentTrain,
+        MAX_CACHED_ROUTES, MAX_IFACES, MAX_RELAYED_FRAGMENTS, MAX_RELAYS, MAX_ROUTE_MTUS,
+        MAX_RULES, RateLimit, Relay, RelayCounters, RelayKey, ReverseKey, RouteEntry, RouteKey,
+        RuleCounters, RuleKey, UplinkState,
     },
     reason::Reason,
 };
@@ -83,6 +84,29 @@ pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) {
 #[inline(always)]
 pub fn remove_flow(key: &FlowKey) {
     let _ = FLOWS.remove(key);
+}
+
+/// Fragmented datagrams whose first fragment was relayed: the later
+/// fragments carry no UDP header to find their relay by.
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, FragmentTrain> =
+    LruHashMap::pinned(MAX_RELAYED_FRAGMENTS, 0);
+
+#[inline(always)]
+pub fn fragment_train(key: &FragmentKey) -> Option<FragmentTrain> {
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { FRAGMENTS.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn start_fragment_train(key: &FragmentKey, train: &FragmentTrain) {
+    // Failure only means the later fragments are left to the stack.
+    let _ = FRAGMENTS.insert(key, train, u64::from(BPF_ANY));
+}
+
+#[inline(always)]
+pub fn end_fragment_train(key: &FragmentKey) {
+    let _ = FRAGMENTS.remove(key);
 }
 
 /// The MTU of every route that has one of its own, by destination prefix.

@@ -46,12 +46,14 @@ fn l4_flags(ip: &Ipv4) -> u64 {
 /// Replaces the address at `end` and fixes the IP checksum (never
 /// offloaded, so updated here) and the transport checksum through
 /// `bpf_l4_csum_replace`, which knows whether the skb is CHECKSUM_PARTIAL
-/// (only the pseudo-header part may change then) or complete.
+/// (only the pseudo-header part may change then) or complete. A later
+/// fragment (`l4` None) has no transport header: the first fragment's
+/// checksum covers the whole datagram.
 #[inline(always)]
 pub fn set_addr(
     ctx: &TcContext,
     ip: &Ipv4,
-    l4: &L4,
+    l4: Option<&L4>,
     end: End,
     new: u32,
 ) -> Result<(), RewriteFailed> {
@@ -72,6 +74,9 @@ pub fn set_addr(
         End::Source => hdr.saddr = new,
         End::Destination => hdr.daddr = new,
     }
+    let Some(l4) = l4 else {
+        return Ok(());
+    };
     ctx.l4_csum_replace(
         l4.check_off,
         u64::from(old),
@@ -138,7 +143,7 @@ pub fn translate(
 ) -> Result<(), RewriteFailed> {
     set_ttl(ctx, ip.ttl - 1)?;
     set_port(ctx, ip, l4, end, port)?;
-    set_addr(ctx, ip, l4, end, addr)
+    set_addr(ctx, ip, Some(l4), end, addr)
 }
 
 /// Writes both MACs of the Ethernet header.
@@ -161,13 +166,30 @@ pub fn macs(ctx: &TcContext) -> Option<([u8; 6], [u8; 6])> {
     unsafe { Some(((*eth).dst, (*eth).src)) }
 }
 
-/// The IP and transport checksum fields as the packet carries them now.
+/// The IP and (when there is a transport header) transport checksum
+/// fields as the packet carries them now.
+#[derive(Clone, Copy)]
+pub struct Checksums {
+    ip: [u8; 2],
+    l4: Option<(usize, [u8; 2])>,
+}
+
 #[inline(always)]
-pub fn checksums(ctx: &TcContext, l4: &L4) -> Option<([u8; 2], [u8; 2])> {
+pub fn checksums(ctx: &TcContext, l4: Option<&L4>) -> Option<Checksums> {
     let hdr: *const Ipv4Hdr = ptr_at(ctx, L3_OFF)?;
-    let l4_check: *const [u8; 2] = ptr_at(ctx, l4.check_off)?;
+    let l4 = match l4 {
+        Some(l4) => {
+            let check: *const [u8; 2] = ptr_at(ctx, l4.check_off)?;
+            // SAFETY: bounds checked by ptr_at.
+            Some((l4.check_off, unsafe { *check }))
+        }
+        None => None,
+    };
     // SAFETY: bounds checked by ptr_at.
-    unsafe { Some(((*hdr).check, *l4_check)) }
+    Some(Checksums {
+        ip: unsafe { (*hdr).check },
+        l4,
+    })
 }
 
 /// Puts back checksum fields saved by `checksums`. After an edit and its
@@ -176,17 +198,14 @@ pub fn checksums(ctx: &TcContext, l4: &L4) -> Option<([u8; 2], [u8; 2])> {
 /// included, but not the same bytes, and an undone edit must leave the
 /// very bytes it found.
 #[inline(always)]
-pub fn restore_checksums(
-    ctx: &TcContext,
-    l4: &L4,
-    saved: ([u8; 2], [u8; 2]),
-) -> Result<(), RewriteFailed> {
+pub fn restore_checksums(ctx: &TcContext, saved: Checksums) -> Result<(), RewriteFailed> {
     let hdr: *mut Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
-    let l4_check: *mut [u8; 2] = ptr_at(ctx, l4.check_off).ok_or(RewriteFailed)?;
     // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        (*hdr).check = saved.0;
-        *l4_check = saved.1;
+    unsafe { (*hdr).check = saved.ip };
+    if let Some((off, check)) = saved.l4 {
+        let l4_check: *mut [u8; 2] = ptr_at(ctx, off).ok_or(RewriteFailed)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *l4_check = check };
     }
     Ok(())
 }

@@ -97,6 +97,18 @@ pub fn parse_eth(ctx: &TcContext) -> Result<(), Reason> {
     }
 }
 
+/// Where a packet stands in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it holds the transport header.
+    First,
+    /// A later fragment, the datagram's last one or not: no transport
+    /// header.
+    Later { last: bool },
+}
+
 /// The IPv4 fields the programs decide on.
 #[derive(Clone, Copy)]
 pub struct Ipv4 {
@@ -105,6 +117,20 @@ pub struct Ipv4 {
     pub proto: u8,
     pub ttl: u8,
     pub tot_len: u16,
+    pub id: u16,
+    pub fragment: Fragment,
+}
+
+impl Ipv4 {
+    /// Only whole datagrams are forwarded: which flow a fragment belongs
+    /// to, only the reassembling stack can tell.
+    #[inline(always)]
+    pub fn whole(&self) -> Result<(), Reason> {
+        match self.fragment {
+            Fragment::Whole => Ok(()),
+            _ => Err(Reason::Fragment),
+        }
+    }
 }
 
 #[inline(always)]
@@ -126,17 +152,21 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
     {
         return Err(Reason::BadLength);
     }
-    // Any offset, or More Fragments: only the reassembling stack can tell
-    // which flow a fragment belongs to.
-    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
-        return Err(Reason::Fragment);
-    }
+    let frag_off = u16::from_be_bytes(ip.frag_off);
+    let more = frag_off & 0x2000 != 0;
+    let fragment = match (frag_off & 0x1fff, more) {
+        (0, false) => Fragment::Whole,
+        (0, true) => Fragment::First,
+        (_, more) => Fragment::Later { last: !more },
+    };
     Ok(Ipv4 {
         saddr: ip.saddr,
         daddr: ip.daddr,
         proto: ip.proto,
         ttl: ip.ttl,
         tot_len,
+        id: u16::from_be_bytes(ip.id),
+        fragment,
     })
 }
 
@@ -221,6 +251,36 @@ pub fn parse_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<QuotedFlow>
         proto: inner.proto,
         dport: ports.dport,
     }))
+}
+
+/// How far `carries` looks into a datagram: a whole Ethernet payload.
+const SCAN_MAX: usize = 1500;
+
+/// Whether the bytes from `from` to the end of the packet hold `addr` (in
+/// wire order) anywhere; a packet longer than SCAN_MAX counts as holding
+/// it, so nothing unscanned is let through. The caller has pulled the
+/// whole packet into the linear area.
+#[inline(always)]
+pub fn carries(ctx: &TcContext, from: usize, addr: u32) -> bool {
+    let wanted = addr.to_ne_bytes();
+    for off in (from..).take(SCAN_MAX) {
+        let Some(at) = ptr_at::<[u8; 4]>(ctx, off) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        if unsafe { *at } == wanted {
+            return true;
+        }
+    }
+    true
+}
+
+/// The DNS header's QR bit (a response) of a UDP datagram's payload.
+#[inline(always)]
+pub fn is_dns_response(ctx: &TcContext) -> bool {
+    ptr_at::<u8>(ctx, L4_OFF + UDP_HLEN + 2)
+        // SAFETY: bounds checked by ptr_at.
+        .is_some_and(|flags| unsafe { *flags } & 0x80 != 0)
 }
 
 /// The largest IP packet this skb will put on the wire: a GSO packet is cut

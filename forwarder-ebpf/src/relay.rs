@@ -1,12 +1,17 @@
-//! Multicast relay: copies of datagrams to a relay group, with
-//! bpf_clone_redirect, between the uplink and the relay's target VMs. The
-//! original always continues as it came; edits made for a copy are undone.
-//! (bpf_clone_redirect unclones the original, so undoing them cannot reach a
-//! copy already sent.)
+//! Relays: copies of datagrams to a relay group (multicast, or broadcast)
+//! with bpf_clone_redirect, between the uplink and the relay's target VMs.
+//! The original always continues as it came; edits made for a copy are
+//! undone. (bpf_clone_redirect unclones the original, so undoing them
+//! cannot reach a copy already sent.) A fragmented datagram is relayed
+//! fragment by fragment: the first finds the relay by its UDP header and
+//! the rest follow it by IP id.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use forwarder_common::{
-    maps::{MAX_RELAY_TARGETS, PROTO_UDP, RelayKey, UplinkState, among_first, group_mac},
+    maps::{
+        BROADCAST, FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP,
+        Relay, RelayKey, UplinkState, among_first, relay_dst_mac,
+    },
     reason::Reason,
 };
 
@@ -16,34 +21,107 @@ use crate::{
     maps::{self, RelayDirection, RelayEvent},
     mem,
     nat::{self, End},
-    parse::{self, Ipv4},
+    parse::{self, Fragment, Ipv4, L4, L4_OFF},
 };
 
+/// How long the later fragments of a relayed datagram may trail its first.
+const FRAGMENT_TRAIN_NS: u64 = 2_000_000_000;
+
+/// The relay a datagram (or one of its fragments) sent to `group` belongs
+/// to, and its UDP header when this packet has one.
 #[inline(always)]
 fn lookup(
     ctx: &TcContext,
     ip: &Ipv4,
-) -> Result<(&'static forwarder_common::maps::Relay, parse::L4), Reason> {
+    group: u32,
+) -> Result<(&'static Relay, RelayKey, Option<L4>), Reason> {
     if ip.proto != PROTO_UDP {
         return Err(Reason::OtherProtocol);
     }
-    let l4 = parse::parse_l4(ctx, ip)?;
-    let key = RelayKey {
-        group: ip.daddr,
-        port: l4.dport,
-        pad: 0,
-    };
-    let relay = maps::relay(&key).ok_or(Reason::OtherDestination)?;
-    Ok((relay, l4))
+    match ip.fragment {
+        Fragment::Whole | Fragment::First => {
+            let l4 = parse::parse_l4(ctx, ip)?;
+            let key = RelayKey {
+                group,
+                port: l4.dport,
+                pad: 0,
+            };
+            let relay = maps::relay(&key).ok_or(Reason::OtherDestination)?;
+            Ok((relay, key, Some(l4)))
+        }
+        Fragment::Later { last } => {
+            let train_key = train_key(ip);
+            let train = maps::fragment_train(&train_key).ok_or(Reason::Fragment)?;
+            // SAFETY: plain helper call.
+            if unsafe { bpf_ktime_get_ns() } > train.until_ns {
+                maps::end_fragment_train(&train_key);
+                return Err(Reason::Fragment);
+            }
+            if last {
+                maps::end_fragment_train(&train_key);
+            }
+            let relay = maps::relay(&train.relay).ok_or(Reason::OtherDestination)?;
+            Ok((relay, train.relay, None))
+        }
+    }
 }
 
-/// LAN to VMs: a LAN peer's datagram to a relay group is copied, unchanged
-/// at L3 (still multicast, the peer's source kept), out of each interface
-/// that routes to a relay target, with that interface's MAC as source and
-/// the group MAC as destination. The next router's forwarder repeats it.
 #[inline(always)]
-pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verdict, Reason> {
-    let (relay, _) = lookup(ctx, ip)?;
+fn train_key(ip: &Ipv4) -> FragmentKey {
+    FragmentKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        pad: 0,
+    }
+}
+
+/// The first fragment was relayed: the rest of the datagram follows it.
+#[inline(always)]
+fn follow_fragments(ip: &Ipv4, relay: RelayKey) {
+    if ip.fragment == Fragment::First {
+        maps::start_fragment_train(
+            &train_key(ip),
+            &FragmentTrain {
+                relay,
+                // SAFETY: plain helper call.
+                until_ns: unsafe { bpf_ktime_get_ns() } + FRAGMENT_TRAIN_NS,
+            },
+        );
+    }
+}
+
+/// The first of a datagram's packets decides; the later fragments follow
+/// that decision, rate limits included.
+#[inline(always)]
+fn take_token(
+    ip: &Ipv4,
+    relay: &Relay,
+    direction: RelayDirection,
+    limited: Reason,
+) -> Result<(), Reason> {
+    if matches!(ip.fragment, Fragment::Later { .. }) || maps::take_relay_token(relay, direction) {
+        return Ok(());
+    }
+    maps::count_relay(relay.slot, RelayEvent::RateLimited(direction));
+    Err(limited)
+}
+
+/// LAN to VMs: a LAN peer's datagram to a relay group, or a broadcast
+/// (limited, or directed to the LAN subnet) to a broadcast relay's port, is
+/// copied out of each interface that routes to a relay target, with that
+/// interface's MAC as source and the group's (or the broadcast) MAC as
+/// destination, the peer's source address kept. A directed broadcast is
+/// copied as a limited one: a VM on a /32 accepts nothing else. The next
+/// router's forwarder repeats it.
+#[inline(always)]
+pub fn from_lan(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    uplink: &UplinkState,
+    group: u32,
+) -> Result<Verdict, Reason> {
+    let (relay, key, l4) = lookup(ctx, ip, group)?;
     let (dst_mac, src_mac) = nat::macs(ctx).ok_or(Reason::Truncated)?;
     // An access point may hand our own copies back to us.
     if src_mac == uplink.mac || ip.saddr == uplink.addr {
@@ -54,12 +132,20 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
         return Err(Reason::SourceNotAllowed);
     }
     fib::reverse_path(ctx, uplink.ifindex, ip.saddr, ip.daddr, ip.proto)?;
-    if !maps::take_relay_token(relay, RelayDirection::Down) {
-        maps::count_relay(relay.slot, RelayEvent::RateLimited(RelayDirection::Down));
-        return Err(Reason::RelayDownRateLimited);
-    }
+    take_token(
+        ip,
+        relay,
+        RelayDirection::Down,
+        Reason::RelayDownRateLimited,
+    )?;
+    follow_fragments(ip, key);
 
-    let mac = group_mac(ip.daddr);
+    let saved = nat::checksums(ctx, l4.as_ref()).ok_or(Reason::Truncated)?;
+    let directed = ip.daddr != group;
+    if directed {
+        nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, group)?;
+    }
+    let mac = relay_dst_mac(group);
     let mut sent_to = core::mem::MaybeUninit::<[u32; MAX_RELAY_TARGETS]>::uninit();
     let sent_to = mem::zeroed(&mut sent_to);
     let mut copies = 0;
@@ -91,8 +177,12 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
         }
         copies += 1;
     }
-    if copies > 0 {
+    if directed {
+        nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, ip.daddr)?;
+    }
+    if copies > 0 || directed {
         nat::set_macs(ctx, dst_mac, src_mac)?;
+        nat::restore_checksums(ctx, saved)?;
     }
     match (copies, failed) {
         (0, _) => Err(Reason::RelayNoRoute),
@@ -101,13 +191,35 @@ pub fn from_lan(ctx: &TcContext, ip: &Ipv4, uplink: &UplinkState) -> Result<Verd
     }
 }
 
-/// VM to LAN: a relay target's datagram to its group, on the interface that
-/// routes to it, is copied out of the uplink with the uplink's address as
-/// source (so LAN peers answer the uplink, where forward rules wait), the
-/// sender's TTL or the configured one, and valid checksums.
+/// What a VM may not relay to the LAN: an mDNS answer on a DNS relay (its
+/// records carry the VM's internal address), and any datagram that carries
+/// the VM's own address anywhere in it.
+#[inline(always)]
+fn refuse_internal(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    relay: &Relay,
+    l4: Option<&L4>,
+) -> Result<(), Reason> {
+    if relay.flags & RELAY_DNS_QUERIES_UP != 0 && l4.is_some() && parse::is_dns_response(ctx) {
+        return Err(Reason::RelayAnswerBlocked);
+    }
+    parse::pull_headers(ctx, ctx.len() as usize);
+    let payload = if l4.is_some() { L4_OFF + 8 } else { L4_OFF };
+    if parse::carries(ctx, payload, ip.saddr) {
+        return Err(Reason::RelayCarriesAddress);
+    }
+    Ok(())
+}
+
+/// VM to LAN: a relay target's datagram to its group (or to the limited
+/// broadcast address, for a broadcast relay), on the interface that routes
+/// to it, is copied out of the uplink with the uplink's address as source
+/// (so LAN peers answer the uplink, where forward rules wait), the sender's
+/// TTL or the configured one, and valid checksums.
 #[inline(always)]
 pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
-    let (relay, l4) = lookup(ctx, ip)?;
+    let (relay, key, l4) = lookup(ctx, ip, ip.daddr)?;
     if !relay.has_target(ip.saddr) {
         return Err(Reason::RelayNotTarget);
     }
@@ -115,26 +227,36 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
     let uplink = maps::usable_uplink()?;
-    if !maps::take_relay_token(relay, RelayDirection::Up) {
-        maps::count_relay(relay.slot, RelayEvent::RateLimited(RelayDirection::Up));
-        return Err(Reason::RelayRateLimited);
-    }
+    refuse_internal(ctx, ip, relay, l4.as_ref())?;
+    take_token(ip, relay, RelayDirection::Up, Reason::RelayRateLimited)?;
+    follow_fragments(ip, key);
 
     let (dst_mac, src_mac) = nat::macs(ctx).ok_or(Reason::Truncated)?;
-    let saved = nat::checksums(ctx, &l4).ok_or(Reason::Truncated)?;
+    let saved = nat::checksums(ctx, l4.as_ref()).ok_or(Reason::Truncated)?;
     let ttl = if relay.ttl != 0 { relay.ttl } else { ip.ttl };
-    let copied = nat::set_addr(ctx, ip, &l4, End::Source, uplink.addr)
+    let copied = nat::set_addr(ctx, ip, l4.as_ref(), End::Source, uplink.addr)
         .and_then(|()| nat::set_ttl(ctx, ttl))
-        .and_then(|()| nat::set_macs(ctx, group_mac(ip.daddr), uplink.mac))
+        .and_then(|()| nat::set_macs(ctx, relay_dst_mac(ip.daddr), uplink.mac))
         .map(|()| ctx.clone_redirect(uplink.ifindex, 0).is_ok());
-    let restored = nat::set_addr(ctx, ip, &l4, End::Source, ip.saddr)
+    let restored = nat::set_addr(ctx, ip, l4.as_ref(), End::Source, ip.saddr)
         .and_then(|()| nat::set_ttl(ctx, ip.ttl))
         .and_then(|()| nat::set_macs(ctx, dst_mac, src_mac))
-        .and_then(|()| nat::restore_checksums(ctx, &l4, saved));
+        .and_then(|()| nat::restore_checksums(ctx, saved));
     restored?;
     if !copied? {
         return Err(Reason::RelayCloneFailed);
     }
     maps::count_relay(relay.slot, RelayEvent::Up(ip.tot_len));
     Ok(Verdict::Relayed)
+}
+
+/// Whether `daddr` is a relay's business on the uplink: the group itself,
+/// or the broadcast group for a limited or directed broadcast.
+#[inline(always)]
+pub fn lan_group(daddr: u32, uplink: &UplinkState) -> Option<u32> {
+    if forwarder_common::maps::is_multicast(daddr) || daddr == BROADCAST {
+        return Some(daddr);
+    }
+    let mask = uplink.netmask();
+    (uplink.prefix_len < 31 && daddr == uplink.addr | !mask).then_some(BROADCAST)
 }

@@ -9,7 +9,7 @@
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
-    maps::{FlowKey, ReverseKey, is_multicast},
+    maps::{BROADCAST, FlowKey, ReverseKey, is_multicast},
     reason::Reason,
 };
 
@@ -37,11 +37,12 @@ fn try_downstream(ctx: &TcContext) -> Result<Verdict, Reason> {
     parse::pull_headers(ctx, HEADERS);
     parse::parse_eth(ctx)?;
     let ip = parse::parse_ipv4(ctx)?;
+    if is_multicast(ip.daddr) || ip.daddr == BROADCAST {
+        return relay::to_lan(ctx, &ip);
+    }
+    ip.whole()?;
     if ip.proto == PROTO_ICMP {
         return Err(icmp_error_reason(ctx, &ip));
-    }
-    if is_multicast(ip.daddr) {
-        return relay::to_lan(ctx, &ip);
     }
     reply(ctx, &ip)
 }

@@ -103,6 +103,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "TARGET_IP")]
     pub localsend: Option<Ipv4Addr>,
 
+    /// KDE Connect preset: forward tcp and udp 1714-1764 to TARGET_IP and
+    /// relay broadcasts to 255.255.255.255:1716 to and from it.
+    #[arg(long, value_name = "TARGET_IP")]
+    pub kdeconnect: Option<Ipv4Addr>,
+
+    /// Syncthing preset: forward tcp:22000 and udp:22000 to TARGET_IP and
+    /// relay local discovery broadcasts to 255.255.255.255:21027.
+    #[arg(long, value_name = "TARGET_IP")]
+    pub syncthing: Option<Ipv4Addr>,
+
+    /// mDNS lookups from TARGET_IP: relay 224.0.0.251:5353 both ways, its
+    /// queries only going up (never its answers).
+    #[arg(long, value_name = "TARGET_IP")]
+    pub mdns: Option<Ipv4Addr>,
+
     /// Per-relay limit of copies sent toward the VMs, in packets per second
     /// [default: 100].
     #[arg(long, value_name = "PKTS/S", value_parser = parse_rate)]

@@ -32,7 +32,7 @@ pub fn render(rules: &[RuleView]) -> String {
         out += &format!(
             "{:<12} {:<22} {:<20} {:<10} {:<8} {:>6} {:>9} {:>10} {:>9} {:>10}  {}\n",
             r.name(),
-            format!("{}:{}", r.target, r.target_port),
+            r.target_text(),
             r.allow_from,
             expires_text(r.expires_in_secs),
             r.origin.map_or("?", |o| o.name()),

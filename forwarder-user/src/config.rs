@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub target: Option<Ipv4Addr>,
     pub rules: Vec<Rule>,
     pub relays: Vec<Relay>,
+    /// The presets in use, with their targets.
+    pub presets: Vec<(&'static Preset, Ipv4Addr)>,
     pub flow_table_size: u32,
     pub tc_hook: TcHook,
     pub pin_dir: PathBuf,
@@ -58,6 +60,9 @@ pub struct FileConfig {
     target: Option<String>,
     allow_from: Option<String>,
     localsend: Option<String>,
+    kdeconnect: Option<String>,
+    syncthing: Option<String>,
+    mdns: Option<String>,
     relay_ttl: Option<i64>,
     relay_rate: Option<i64>,
     relay_rate_down: Option<i64>,
@@ -308,17 +313,21 @@ impl RunConfig {
             relays.push(relay_defaults.relay(spec));
         }
 
-        let preset_targets = [(
-            &presets::LOCALSEND,
-            src.layer(
-                "localsend",
-                args.localsend,
-                file.localsend.as_ref(),
-                parse_address,
-            )?,
-        )];
-        for (preset, target) in preset_targets {
+        let preset_targets = [
+            (&presets::LOCALSEND, args.localsend, file.localsend.as_ref()),
+            (
+                &presets::KDECONNECT,
+                args.kdeconnect,
+                file.kdeconnect.as_ref(),
+            ),
+            (&presets::SYNCTHING, args.syncthing, file.syncthing.as_ref()),
+            (&presets::MDNS, args.mdns, file.mdns.as_ref()),
+        ];
+        let mut presets = Vec::new();
+        for (preset, flag, key) in preset_targets {
+            let target = src.layer(preset.name, flag, key, parse_address)?;
             if let Some(target) = target {
+                presets.push((preset, target));
                 expand(
                     preset,
                     target,
@@ -339,6 +348,7 @@ impl RunConfig {
             target,
             rules,
             relays,
+            presets,
             flow_table_size,
             tc_hook,
             pin_dir,
@@ -365,15 +375,16 @@ fn expand(
     rules: &mut Vec<Rule>,
     relays: &mut Vec<Relay>,
 ) {
-    for (proto, port) in preset.forwards {
+    for (proto, ports) in preset.forwards {
         let mut rule = Rule::new(
             *proto,
-            *port,
+            ports.first,
             target,
-            *port,
+            ports.first,
             allow_from.clone(),
             Origin::Preset,
         );
+        rule.ports = *ports;
         rule.comment = Some(format!("{} preset", preset.name));
         rules.push(rule);
     }
@@ -523,6 +534,63 @@ mod tests {
         assert!(err.contains("relayed twice"), "{err}");
     }
 
+    #[test]
+    fn app_presets_expand_to_ranges_broadcast_relays_and_mdns() {
+        let c = config(&[
+            "--uplink",
+            "eth0",
+            "--kdeconnect",
+            "10.137.0.17",
+            "--syncthing",
+            "10.137.0.17",
+            "--mdns",
+            "10.137.0.17",
+        ])
+        .unwrap();
+        let rules: Vec<String> = c.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            rules,
+            [
+                "tcp:1714-1764 -> 10.137.0.17:1714-1764 (allow-from auto)",
+                "udp:1714-1764 -> 10.137.0.17:1714-1764 (allow-from auto)",
+                "tcp:22000 -> 10.137.0.17:22000 (allow-from auto)",
+                "udp:22000 -> 10.137.0.17:22000 (allow-from auto)",
+            ]
+        );
+        let relays: Vec<(Ipv4Addr, u16)> = c.relays.iter().map(|r| (r.group, r.port)).collect();
+        assert_eq!(
+            relays,
+            [
+                (Ipv4Addr::BROADCAST, 1716),
+                (Ipv4Addr::BROADCAST, 21027),
+                (Ipv4Addr::new(224, 0, 0, 251), 5353)
+            ]
+        );
+        assert_eq!(
+            c.relays[2].encode(0).flags,
+            forwarder_common::maps::RELAY_DNS_QUERIES_UP,
+            "mDNS relays only queries up"
+        );
+        assert_eq!(c.relays[0].encode(0).flags, 0);
+        let names: Vec<&str> = c.presets.iter().map(|(p, _)| p.name).collect();
+        assert_eq!(names, ["kdeconnect", "syncthing", "mdns"]);
+        let err = config(&[
+            "--uplink",
+            "eth0",
+            "--kdeconnect",
+            "10.137.0.17",
+            "--forward",
+            "tcp:1740=10.137.0.18",
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("tcp:1714-1764")
+                && err.contains("kdeconnect preset")
+                && err.contains("tcp:1740"),
+            "{err}"
+        );
+    }
+
     const FULL: &str = r#"
 uplink = "wls6f0"
 downstream = ['^vif[0-9]+\.[0-9]+$', "^virbr0$"]
@@ -583,7 +651,7 @@ rate = 5
         ])
         .unwrap();
         assert_eq!(c.uplink, "eth1");
-        let rules: Vec<(u16, Origin)> = c.rules.iter().map(|r| (r.port, r.origin)).collect();
+        let rules: Vec<(u16, Origin)> = c.rules.iter().map(|r| (r.ports.first, r.origin)).collect();
         assert_eq!(
             rules,
             [
@@ -680,7 +748,7 @@ rate = 5
             ),
             (
                 "uplink = \"eth0\"\n[[forward]]\nspec = \"tcp:80=10.0.0.1\"\n[[forward]]\nspec = \"tcp:80=10.0.0.2\"\n",
-                vec!["forwarded twice"],
+                vec!["both forward tcp:80"],
             ),
             ("uplink = [\n", vec!["TOML parse error"]),
         ] {

@@ -16,7 +16,7 @@ use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
 
 use crate::{
     rules::Rule,
-    spec::{ForwardSpec, Proto},
+    spec::{ForwardSpec, Ports, Proto},
 };
 
 fn fail(path: &Path, e: impl Display) -> String {
@@ -46,10 +46,10 @@ fn forward_tables<'d>(
     })
 }
 
-/// The protocol and listen port a table's `spec` names, if it parses.
-fn listen_of(table: &Table) -> Option<(Proto, u16)> {
+/// The protocol and listen ports a table's `spec` names, if it parses.
+fn listen_of(table: &Table) -> Option<(Proto, Ports)> {
     let spec: ForwardSpec = table.get("spec")?.as_str()?.parse().ok()?;
-    Some((spec.proto, spec.port))
+    Some((spec.proto, spec.ports))
 }
 
 /// Writes `rule` into the file: into the table that already forwards its
@@ -60,7 +60,7 @@ pub fn save_rule(path: &Path, rule: &Rule) -> Result<(), String> {
     let tables = forward_tables(&mut doc, path)?;
     let existing = tables
         .iter()
-        .position(|t| listen_of(t) == Some((rule.proto, rule.port)));
+        .position(|t| listen_of(t) == Some((rule.proto, rule.ports)));
     let table = match existing {
         Some(i) => tables.get_mut(i).expect("index found above"),
         None => {
@@ -71,9 +71,9 @@ pub fn save_rule(path: &Path, rule: &Rule) -> Result<(), String> {
     };
     let spec = ForwardSpec {
         proto: rule.proto,
-        port: rule.port,
+        ports: rule.ports,
         target: Some(rule.target),
-        target_port: (rule.target_port != rule.port).then_some(rule.target_port),
+        target_port: (rule.target_port != rule.ports.first).then_some(rule.target_port),
     };
     table["spec"] = value(spec.to_string());
     table["allow_from"] = value(rule.allow.to_string());
@@ -90,9 +90,9 @@ pub fn save_rule(path: &Path, rule: &Rule) -> Result<(), String> {
     write(&real, &doc.to_string()).map_err(|e| fail(path, e))
 }
 
-/// Removes the tables forwarding `proto:port`; returns whether there were
+/// Removes the tables forwarding `proto:ports`; returns whether there were
 /// any. An untouched file is not rewritten.
-pub fn remove_rule(path: &Path, proto: Proto, port: u16) -> Result<bool, String> {
+pub fn remove_rule(path: &Path, proto: Proto, ports: Ports) -> Result<bool, String> {
     let (real, mut doc) = read(path)?;
     let Some(tables) = doc
         .get_mut("forward")
@@ -101,7 +101,7 @@ pub fn remove_rule(path: &Path, proto: Proto, port: u16) -> Result<bool, String>
         return Ok(false);
     };
     let before = tables.len();
-    tables.retain(|t| listen_of(t) != Some((proto, port)));
+    tables.retain(|t| listen_of(t) != Some((proto, ports)));
     if tables.len() == before {
         return Ok(false);
     }
@@ -197,7 +197,7 @@ mod tests {
         );
         assert!(text.contains("[[relay]]\nspec = \"239.255.255.250:1900=10.137.0.5\""));
         let config = RunConfig::check_file(&path).unwrap();
-        let ports: Vec<u16> = config.rules.iter().map(|r| r.port).collect();
+        let ports: Vec<u16> = config.rules.iter().map(|r| r.ports.first).collect();
         assert_eq!(ports, [2222, 9090], "the user's rule stays");
     }
 
@@ -230,13 +230,13 @@ mod tests {
         let dir = Dir::new("remove");
         let path = dir.file(USER_FILE);
         save_rule(&path, &rule(9090)).unwrap();
-        assert!(remove_rule(&path, Proto::Tcp, 9090).unwrap());
+        assert!(remove_rule(&path, Proto::Tcp, Ports::one(9090)).unwrap());
         let text = fs::read_to_string(&path).unwrap();
         assert!(text.contains("spec = \"tcp:2222=10.137.0.5\""));
         assert!(!text.contains("9090"));
         let before = fs::metadata(&path).unwrap().modified().unwrap();
         assert!(
-            !remove_rule(&path, Proto::Udp, 2222).unwrap(),
+            !remove_rule(&path, Proto::Udp, Ports::one(2222)).unwrap(),
             "udp:2222 was never there"
         );
         assert_eq!(
@@ -244,7 +244,7 @@ mod tests {
             before,
             "not rewritten"
         );
-        assert!(remove_rule(&path, Proto::Tcp, 2222).unwrap());
+        assert!(remove_rule(&path, Proto::Tcp, Ports::one(2222)).unwrap());
         let text = fs::read_to_string(&path).unwrap();
         assert!(
             !text.contains("[[forward]]") && text.contains("# sys-net"),

@@ -35,17 +35,13 @@ pub fn collect(pin_dir: &Path) -> Result<Vec<FlowView>> {
     let layout = PinLayout::new(pin_dir);
     adopt::check_readable(&layout, &[names::FLOWS, names::FORWARD_RULES])?;
     let tables = Tables::open_pinned(&layout.maps)?;
-    let rules: BTreeMap<u32, (Ipv4Addr, u16)> = tables
+    // By protocol and listen port: a range has one target port per port.
+    let rules: BTreeMap<(u8, u16), (u32, Ipv4Addr, u16)> = tables
         .installed()?
-        .into_values()
-        .map(|(_, r)| {
-            (
-                r.id,
-                (
-                    Ipv4Addr::from(r.target_addr.to_ne_bytes()),
-                    u16::from_be(r.target_port),
-                ),
-            )
+        .into_iter()
+        .map(|(at, (_, r))| {
+            let target = Ipv4Addr::from(r.target_addr.to_ne_bytes());
+            (at, (r.id, target, u16::from_be(r.target_port)))
         })
         .collect();
     let now = clock::boot_ns();
@@ -53,7 +49,13 @@ pub fn collect(pin_dir: &Path) -> Result<Vec<FlowView>> {
         .flows()?
         .into_iter()
         .filter(|(key, entry)| !flow::expired(entry, key.proto, now))
-        .map(|(key, entry)| view(&key, &entry, rules.get(&entry.rule_id), now))
+        .map(|(key, entry)| {
+            let target = rules
+                .get(&(key.proto, u16::from_be(key.listen_port)))
+                .filter(|(id, _, _)| *id == entry.rule_id)
+                .map(|(_, addr, port)| (*addr, *port));
+            view(&key, &entry, target.as_ref(), now)
+        })
         .collect();
     flows.sort_by_key(|f| std::cmp::Reverse(f.age_secs));
     Ok(flows)

@@ -388,7 +388,7 @@ pub fn render(s: &Snapshot) -> String {
             out += &format!(
                 "  {:<12} {:<22} {:<20} {:<10} {:>6} {:>10} {:>11} {:>10} {:>11}  {}\n",
                 r.name(),
-                format!("{}:{}", r.target, r.target_port),
+                r.target_text(),
                 r.allow_from,
                 expires_text(r.expires_in_secs),
                 r.flows,
@@ -497,6 +497,7 @@ mod tests {
             rule: RuleView {
                 proto: "tcp".into(),
                 port: 1,
+                port_end: 1,
                 target: Ipv4Addr::LOCALHOST,
                 target_port: 1,
                 allow_from: "any".into(),

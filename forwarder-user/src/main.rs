@@ -33,6 +33,12 @@ fn main() -> ExitCode {
                 for relay in &config.relays {
                     println!("  relay {relay}");
                 }
+                for (preset, target) in &config.presets {
+                    println!(
+                        "  {} preset: {target} must admit in its own firewall {}",
+                        preset.name, preset.vm_admits
+                    );
+                }
                 return ExitCode::SUCCESS;
             }
             Err(message) => {

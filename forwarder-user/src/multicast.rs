@@ -44,7 +44,10 @@ fn join(socket: &UdpSocket, group: Ipv4Addr, ifindex: u32) -> io::Result<()> {
 }
 
 impl Memberships {
+    /// Joins the multicast groups among `groups` (a broadcast relay needs
+    /// no membership).
     pub fn new(mut groups: Vec<Ipv4Addr>) -> Self {
+        groups.retain(Ipv4Addr::is_multicast);
         groups.sort();
         groups.dedup();
         Memberships {

@@ -11,38 +11,40 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{rules::Rule, spec::Proto};
+use crate::{
+    rules::Rule,
+    spec::{Ports, Proto},
+};
 
 pub const TABLE: &str = "forwarder";
 
 /// The largest run of ports in 1024-65535 that holds no listen port, for
 /// masquerade to pick from instead.
-pub fn free_range(listen: &[u16]) -> (u16, u16) {
-    let mut taken: Vec<u16> = listen.iter().copied().filter(|p| *p >= 1024).collect();
+pub fn free_range(listen: &[Ports]) -> (u16, u16) {
+    let mut taken: Vec<Ports> = listen.iter().copied().filter(|p| p.last >= 1024).collect();
     taken.sort_unstable();
-    taken.dedup();
     let mut best = (0u16, 0u16);
     let mut best_len = 0u32;
     let mut start: u32 = 1024;
-    for port in taken
+    for (first, last) in taken
         .iter()
-        .map(|p| u32::from(*p))
-        .chain(std::iter::once(65536))
+        .map(|p| (u32::from(p.first), u32::from(p.last)))
+        .chain(std::iter::once((65536, 65536)))
     {
-        if port > start && port - start > best_len {
-            best_len = port - start;
-            best = (start as u16, (port - 1) as u16);
+        if first > start && first - start > best_len {
+            best_len = first - start;
+            best = (start as u16, (first - 1) as u16);
         }
-        start = port + 1;
+        start = start.max(last + 1);
     }
     best
 }
 
-fn ports_of(rules: &[Rule], proto: Proto) -> Vec<u16> {
+fn ports_of(rules: &[Rule], proto: Proto) -> Vec<Ports> {
     rules
         .iter()
         .filter(|r| r.proto == proto)
-        .map(|r| r.port)
+        .map(|r| r.ports)
         .collect()
 }
 
@@ -56,9 +58,9 @@ pub fn script(uplink: &str, rules: &[Rule]) -> String {
         if ports.is_empty() {
             continue;
         }
-        let elements: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let elements: Vec<String> = ports.iter().map(Ports::to_string).collect();
         out += &format!(
-            "\tset {proto}_listen {{\n\t\ttype inet_service\n\t\telements = {{ {} }}\n\t}}\n",
+            "\tset {proto}_listen {{\n\t\ttype inet_service\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}\n",
             elements.join(", ")
         );
         let (lo, hi) = free_range(&ports);
@@ -116,16 +118,33 @@ mod tests {
 
     #[test]
     fn free_range_avoids_every_listen_port() {
+        let one = |ports: &[u16]| -> Vec<Ports> { ports.iter().map(|p| Ports::one(*p)).collect() };
         assert_eq!(free_range(&[]), (1024, 65535));
-        assert_eq!(free_range(&[53317]), (1024, 53316));
-        assert_eq!(free_range(&[2000]), (2001, 65535));
-        assert_eq!(free_range(&[80, 443]), (1024, 65535));
-        assert_eq!(free_range(&[65535]), (1024, 65534));
-        assert_eq!(free_range(&[1024]), (1025, 65535));
+        assert_eq!(free_range(&one(&[53317])), (1024, 53316));
+        assert_eq!(free_range(&one(&[2000])), (2001, 65535));
+        assert_eq!(free_range(&one(&[80, 443])), (1024, 65535));
+        assert_eq!(free_range(&one(&[65535])), (1024, 65534));
+        assert_eq!(free_range(&one(&[1024])), (1025, 65535));
         let many: Vec<u16> = (0..10_000).map(|i| 1024 + i * 6).collect();
-        let (lo, hi) = free_range(&many);
+        let (lo, hi) = free_range(&one(&many));
         assert!(many.iter().all(|p| *p < lo || *p > hi));
         assert!(hi - lo > 1000);
+        let ranges = [
+            Ports {
+                first: 20000,
+                last: 60000,
+            },
+            Ports {
+                first: 1714,
+                last: 1764,
+            },
+            Ports::one(30000),
+        ];
+        assert_eq!(
+            free_range(&ranges),
+            (1765, 19999),
+            "ranges are skipped whole"
+        );
     }
 
     #[test]
@@ -149,6 +168,7 @@ mod tests {
             ],
         );
         assert!(s.contains("elements = { 53317, 8080 }"), "{s}");
+        assert!(s.contains("flags interval"), "{s}");
         assert!(
             s.contains("oifname \"wls6f0\" tcp sport @tcp_listen masquerade to :8081-53316"),
             "{s}"

@@ -6,12 +6,18 @@ use std::net::Ipv4Addr;
 use forwarder_common::maps::{ALLOW_ANY, ALLOW_AUTO, Allow, ForwardRule, RuleCounters};
 use serde::{Deserialize, Serialize};
 
-use crate::{clock, rules::Origin, spec::Proto};
+use crate::{
+    clock,
+    rules::Origin,
+    spec::{Ports, Proto},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleView {
     pub proto: String,
     pub port: u16,
+    /// The last port of a range; equal to `port` for one port.
+    pub port_end: u16,
     pub target: Ipv4Addr,
     pub target_port: u16,
     pub allow_from: String,
@@ -53,7 +59,7 @@ impl RuleView {
     /// `now_ns` on the datapath's clock.
     pub fn new(
         proto: u8,
-        port: u16,
+        ports: Ports,
         rule: &ForwardRule,
         counters: &RuleCounters,
         flows: u64,
@@ -61,7 +67,8 @@ impl RuleView {
     ) -> Self {
         RuleView {
             proto: Proto::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string()),
-            port,
+            port: ports.first,
+            port_end: ports.last,
             target: Ipv4Addr::from(rule.target_addr.to_ne_bytes()),
             target_port: u16::from_be(rule.target_port),
             allow_from: allow_text(&rule.allow),
@@ -80,9 +87,25 @@ impl RuleView {
         }
     }
 
-    /// The name operators use for it: `tcp:8080`.
+    fn ports(&self) -> Ports {
+        Ports {
+            first: self.port,
+            last: self.port_end,
+        }
+    }
+
+    /// The name operators use for it: `tcp:8080`, `tcp:1714-1764`.
     pub fn name(&self) -> String {
-        format!("{}:{}", self.proto, self.port)
+        format!("{}:{}", self.proto, self.ports())
+    }
+
+    /// Where it forwards: `10.137.0.5:80`, `10.137.0.5:1714-1764`.
+    pub fn target_text(&self) -> String {
+        let shifted = self
+            .ports()
+            .starting_at(self.target_port)
+            .unwrap_or(self.ports());
+        format!("{}:{}", self.target, shifted)
     }
 }
 

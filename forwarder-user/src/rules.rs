@@ -4,13 +4,13 @@
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr, time::SystemTime};
 
 use forwarder_common::maps::{
-    ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Allow, ForwardRule, MAX_RELAYS, MAX_RULES, RateLimit,
-    Relay as RelayValue, RelayKey, ReverseKey, RuleKey,
+    ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Allow, ForwardRule, MAX_RELAYS, MAX_RULES,
+    RELAY_DNS_QUERIES_UP, RateLimit, Relay as RelayValue, RelayKey, ReverseKey, RuleKey,
 };
 
 use crate::{
     clock::Now,
-    spec::{AllowFrom, ForwardSpec, Proto, is_unicast},
+    spec::{AllowFrom, ForwardSpec, Ports, Proto, is_unicast},
 };
 
 /// Where a rule came from, which decides whether `--save` writes it.
@@ -39,12 +39,14 @@ impl Origin {
     }
 }
 
-/// A forward rule with its target resolved.
+/// A forward rule with its target resolved: one port, or a range of ports
+/// forwarded to a range of the same length.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub proto: Proto,
-    pub port: u16,
+    pub ports: Ports,
     pub target: Ipv4Addr,
+    /// Where the ports start at the target.
     pub target_port: u16,
     pub allow: AllowFrom,
     pub comment: Option<String>,
@@ -54,7 +56,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// A rule from a spec whose target is resolved, with no metadata.
+    /// A rule for one port, with no metadata.
     pub fn new(
         proto: Proto,
         port: u16,
@@ -65,7 +67,7 @@ impl Rule {
     ) -> Self {
         Rule {
             proto,
-            port,
+            ports: Ports::one(port),
             target,
             target_port,
             allow,
@@ -83,14 +85,24 @@ impl Rule {
         allow: AllowFrom,
         origin: Origin,
     ) -> Self {
-        Rule::new(
-            spec.proto,
-            spec.port,
-            target,
-            spec.target_port.unwrap_or(spec.port),
-            allow,
-            origin,
-        )
+        Rule {
+            ports: spec.ports,
+            target_port: spec.target_port.unwrap_or(spec.ports.first),
+            ..Rule::new(spec.proto, 0, target, 0, allow, origin)
+        }
+    }
+
+    /// The ports of the target, as many as the listen ports.
+    pub fn target_ports(&self) -> Ports {
+        Ports {
+            first: self.target_port,
+            last: self.target_port + (self.ports.last - self.ports.first),
+        }
+    }
+
+    /// The rule as operators name it: `tcp:8080` or `tcp:1714-1764`.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.proto, self.ports)
     }
 
     /// Where the rule was given, for messages: "a --forward flag", "the
@@ -112,29 +124,34 @@ impl Rule {
         self.expires.is_some_and(|t| t <= now)
     }
 
-    pub fn key(&self) -> RuleKey {
-        RuleKey {
-            port: self.port.to_be(),
-            proto: self.proto.number(),
-            pad: 0,
-        }
+    /// One map entry per listen port: the listen key, the target's reply
+    /// key, and the target port. A range's entries share one counter slot
+    /// and one id, so the datapath's lookup stays one hash lookup.
+    pub fn entries(&self) -> impl Iterator<Item = (RuleKey, ReverseKey, u16)> + '_ {
+        (self.ports.first..=self.ports.last).map(move |port| {
+            let target_port = self.target_port + (port - self.ports.first);
+            let key = RuleKey {
+                port: port.to_be(),
+                proto: self.proto.number(),
+                pad: 0,
+            };
+            let reverse = ReverseKey {
+                addr: u32::from_ne_bytes(self.target.octets()),
+                port: target_port.to_be(),
+                proto: self.proto.number(),
+                pad: 0,
+            };
+            (key, reverse, target_port)
+        })
     }
 
-    pub fn reverse_key(&self) -> ReverseKey {
-        ReverseKey {
-            addr: u32::from_ne_bytes(self.target.octets()),
-            port: self.target_port.to_be(),
-            proto: self.proto.number(),
-            pad: 0,
-        }
-    }
-
-    /// The map value for this rule, counting into `slot`, owning the flows
-    /// marked `id`, with its expiry as a deadline on the datapath's clock.
-    pub fn encode(&self, slot: u32, id: u32, now: &Now) -> ForwardRule {
+    /// The map value of the entry for `target_port`, counting into `slot`,
+    /// owning the flows marked `id`, with its expiry as a deadline on the
+    /// datapath's clock.
+    pub fn encode(&self, target_port: u16, slot: u32, id: u32, now: &Now) -> ForwardRule {
         ForwardRule {
             target_addr: u32::from_ne_bytes(self.target.octets()),
-            target_port: self.target_port.to_be(),
+            target_port: target_port.to_be(),
             slot,
             id,
             deadline_ns: self.expires.map_or(0, |t| now.deadline_ns(t)),
@@ -165,57 +182,77 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}:{} -> {}:{} (allow-from {})",
-            self.proto, self.port, self.target, self.target_port, self.allow
+            "{} -> {}:{} (allow-from {})",
+            self.name(),
+            self.target,
+            self.target_ports(),
+            self.allow
         )
     }
 }
 
-/// A set of rules the datapath can hold: at most one rule per listen port,
-/// and at most one per target, since replies are matched by the target.
+/// A set of rules the datapath can hold: no listen port in two rules, and
+/// no target port in two rules, since replies are matched by the target.
 pub fn check(rules: &[Rule]) -> Result<(), String> {
-    if rules.len() > MAX_RULES as usize {
+    let entries: u32 = rules.iter().map(|r| r.ports.len()).sum();
+    if entries > MAX_RULES {
         return Err(format!(
-            "{} forward rules; at most {MAX_RULES} are supported",
-            rules.len()
+            "the rules forward {entries} ports; at most {MAX_RULES} are supported"
         ));
     }
-    let mut listen = std::collections::BTreeMap::new();
-    let mut targets = std::collections::BTreeMap::new();
-    for rule in rules {
-        if let Some(first) = listen.insert((rule.proto, rule.port), rule) {
-            return Err(format!(
-                "{}:{} is forwarded twice: by {} and by {}",
-                rule.proto,
-                rule.port,
-                first.source(),
-                rule.source()
-            ));
-        }
-        if let Some(first) = targets.insert((rule.proto, rule.target, rule.target_port), rule) {
-            return Err(format!(
-                "{} target {}:{} is used by two rules ({} from {}, {} from {}); replies could not be told apart",
-                rule.proto,
-                rule.target,
-                rule.target_port,
-                rule_name(first),
-                first.source(),
-                rule_name(rule),
-                rule.source()
-            ));
-        }
+    for (i, rule) in rules.iter().enumerate() {
         if !is_unicast(rule.target) {
             return Err(format!(
                 "{}: target {} is not a unicast host",
-                rule_name(rule),
+                rule.name(),
                 rule.target
             ));
+        }
+        for first in &rules[..i] {
+            if first.proto != rule.proto {
+                continue;
+            }
+            if first.ports.overlaps(&rule.ports) {
+                return Err(format!(
+                    "{} (from {}) and {} (from {}) both forward {}:{}",
+                    first.name(),
+                    first.source(),
+                    rule.name(),
+                    rule.source(),
+                    rule.proto,
+                    overlap(&first.ports, &rule.ports)
+                ));
+            }
+            if first.target == rule.target && first.target_ports().overlaps(&rule.target_ports()) {
+                return Err(format!(
+                    "{} target {}:{} is used by two rules ({} from {}, {} from {}); replies could not be told apart",
+                    rule.proto,
+                    rule.target,
+                    overlap(&first.target_ports(), &rule.target_ports()),
+                    first.name(),
+                    first.source(),
+                    rule.name(),
+                    rule.source()
+                ));
+            }
         }
     }
     Ok(())
 }
 
-/// A multicast relay with its options resolved.
+/// The ports two overlapping ranges share.
+fn overlap(a: &Ports, b: &Ports) -> Ports {
+    Ports {
+        first: a.first.max(b.first),
+        last: a.last.min(b.last),
+    }
+}
+
+/// mDNS: a relay on this port copies only queries to the LAN, never a
+/// VM's answers, whose records carry its internal address.
+pub const MDNS_PORT: u16 = 5353;
+
+/// A multicast (or broadcast) relay with its options resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Relay {
     pub group: Ipv4Addr,
@@ -249,6 +286,11 @@ impl Relay {
             up: RateLimit::per_second(self.rate),
             down: RateLimit::per_second(self.rate_down),
             allow: encode_allow(&self.allow),
+            flags: if self.port == MDNS_PORT {
+                RELAY_DNS_QUERIES_UP
+            } else {
+                0
+            },
             ..Default::default()
         };
         for (slot, target) in value.targets.iter_mut().zip(&self.targets) {
@@ -297,10 +339,6 @@ pub fn check_relays(relays: &[Relay]) -> Result<(), String> {
     Ok(())
 }
 
-fn rule_name(rule: &Rule) -> String {
-    format!("{}:{}", rule.proto, rule.port)
-}
-
 #[cfg(test)]
 mod tests {
     use forwarder_common::maps::{UplinkState, prefix_to_mask};
@@ -329,11 +367,11 @@ mod tests {
     fn encoding_is_in_wire_order() {
         let mut r = rule(Proto::Tcp, 53317, [10, 137, 0, 17], 8080);
         r.allow = "192.168.1.0/24".parse().unwrap();
-        let key = r.key();
+        let (key, rev, target_port) = r.entries().next().unwrap();
         assert_eq!(key.port.to_ne_bytes(), 53317u16.to_be_bytes());
-        assert_eq!(key.proto, 6);
+        assert_eq!((key.proto, target_port), (6, 8080));
         let now = Now::read();
-        let value = r.encode(9, 4, &now);
+        let value = r.encode(target_port, 9, 4, &now);
         assert_eq!(value.target_addr.to_ne_bytes(), [10, 137, 0, 17]);
         assert_eq!(value.target_port.to_ne_bytes(), 8080u16.to_be_bytes());
         assert_eq!((value.slot, value.id, value.deadline_ns), (9, 4, 0));
@@ -352,11 +390,10 @@ mod tests {
         );
         r.expires = Some(now.wall + std::time::Duration::from_secs(6));
         assert_eq!(
-            r.encode(9, 4, &now).deadline_ns,
+            r.encode(8080, 9, 4, &now).deadline_ns,
             now.boot_ns + 6_000_000_000,
             "the expiry becomes a deadline on the datapath's clock"
         );
-        let rev = r.reverse_key();
         assert_eq!(rev.addr, value.target_addr);
         assert_eq!(rev.port, value.target_port);
     }
@@ -371,9 +408,49 @@ mod tests {
         assert!(
             check(&[a.clone(), same_port])
                 .unwrap_err()
-                .contains("forwarded twice")
+                .contains("both forward tcp:80")
         );
         assert!(check(&[a, same_target]).unwrap_err().contains("told apart"));
+    }
+
+    #[test]
+    fn ranges_are_one_rule_of_many_entries_and_may_not_overlap() {
+        let spec: ForwardSpec = "tcp:1714-1764=10.137.0.17:2714".parse().unwrap();
+        let range = Rule::from_spec(
+            &spec,
+            Ipv4Addr::new(10, 137, 0, 17),
+            AllowFrom::Auto,
+            Origin::Flag,
+        );
+        assert_eq!(
+            range.to_string(),
+            "tcp:1714-1764 -> 10.137.0.17:2714-2764 (allow-from auto)"
+        );
+        let entries: Vec<(u16, u16)> = range
+            .entries()
+            .map(|(k, r, _)| (u16::from_be(k.port), u16::from_be(r.port)))
+            .collect();
+        assert_eq!(entries.len(), 51);
+        assert_eq!((entries[0], entries[50]), ((1714, 2714), (1764, 2764)));
+        let inside = rule(Proto::Tcp, 1740, [10, 0, 0, 9], 80);
+        let err = check(&[range.clone(), inside]).unwrap_err();
+        assert!(
+            err.contains("tcp:1714-1764")
+                && err.contains("tcp:1740")
+                && err.contains("both forward tcp:1740"),
+            "{err}"
+        );
+        let target_clash = rule(Proto::Tcp, 9000, [10, 137, 0, 17], 2720);
+        assert!(
+            check(&[range.clone(), target_clash])
+                .unwrap_err()
+                .contains("told apart")
+        );
+        let udp = Rule {
+            proto: Proto::Udp,
+            ..range.clone()
+        };
+        assert!(check(&[range, udp]).is_ok(), "tcp and udp ranges coexist");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use forwarder_common::maps::{
     Cidr, MAX_ALLOW_CIDRS, MAX_RELAY_TARGETS, PROTO_TCP, PROTO_UDP, prefix_to_mask,
 };
 
-pub const FORWARD_FORM: &str = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]], PROTO tcp or udp, ports 1-65535 (e.g. tcp:53317=10.137.0.17 or udp:5000=10.137.0.17:6000)";
-pub const RELAY_FORM: &str = "GROUP:PORT=TARGET_IP[,TARGET_IP...], GROUP an IPv4 multicast address, up to 8 unicast targets (e.g. 224.0.0.167:53317=10.137.0.17)";
+pub const FORWARD_FORM: &str = "PROTO:PORT[=TARGET_IP[:TARGET_PORT]], PROTO tcp or udp, PORT a port 1-65535 or a range FIRST-LAST, TARGET_PORT where the port or range starts at the target (e.g. tcp:53317=10.137.0.17, udp:5000=10.137.0.17:6000 or tcp:1714-1764=10.137.0.17)";
+pub const RELAY_FORM: &str = "GROUP:PORT=TARGET_IP[,TARGET_IP...], GROUP an IPv4 multicast address or 255.255.255.255 (broadcast), up to 8 unicast targets (e.g. 224.0.0.167:53317=10.137.0.17)";
 pub const ALLOW_FROM_FORM: &str =
     "auto, any, or a comma-separated list of up to 8 IPv4 CIDRs (e.g. 192.168.1.0/24,10.0.0.7)";
 
@@ -67,19 +67,84 @@ fn parse_port(s: &str, what: &str) -> Result<u16, String> {
     }
 }
 
+/// A port or an inclusive range of ports, as `80` or `1714-1764`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ports {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Ports {
+    pub const fn one(port: u16) -> Self {
+        Ports {
+            first: port,
+            last: port,
+        }
+    }
+
+    /// How many ports.
+    pub const fn len(&self) -> u32 {
+        (self.last - self.first) as u32 + 1
+    }
+
+    pub const fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+
+    pub const fn overlaps(&self, other: &Ports) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+
+    /// The range of the same length starting at `first`, if it fits.
+    pub fn starting_at(&self, first: u16) -> Option<Ports> {
+        let last = u32::from(first) + self.len() - 1;
+        (last <= u32::from(u16::MAX)).then(|| Ports {
+            first,
+            last: last as u16,
+        })
+    }
+
+    fn parse(s: &str, what: &str) -> Result<Ports, String> {
+        match s.split_once('-') {
+            None => parse_port(s, what).map(Ports::one),
+            Some((first, last)) => {
+                let first = parse_port(first, what)?;
+                let last = parse_port(last, what)?;
+                if last < first {
+                    return Err(format!("{what} range {s:?} ends before it starts"));
+                }
+                Ok(Ports { first, last })
+            }
+        }
+    }
+}
+
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
 /// An IPv4 address; `what` names it in the error ("target", "group").
 pub fn parse_ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
     s.parse::<Ipv4Addr>()
         .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
 }
 
-/// `PROTO:PORT[=TARGET_IP[:TARGET_PORT]]`. A missing target address means
-/// "the default target"; a missing target port means "the same port".
+/// `PROTO:PORT[=TARGET_IP[:TARGET_PORT]]`, PORT a port or a range. A
+/// missing target address means "the default target"; a missing target
+/// port means "the same ports"; a target port shifts the range to start
+/// there (given as a range, it must be as long).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardSpec {
     pub proto: Proto,
-    pub port: u16,
+    pub ports: Ports,
     pub target: Option<Ipv4Addr>,
+    /// Where the ports start at the target.
     pub target_port: Option<u16>,
 }
 
@@ -95,7 +160,7 @@ impl FromStr for ForwardSpec {
             .split_once(':')
             .ok_or_else(|| fail(format!("{s:?} has no PROTO:PORT")))?;
         let proto = proto.parse::<Proto>().map_err(fail)?;
-        let port = parse_port(port, "listen port").map_err(fail)?;
+        let ports = Ports::parse(port, "listen port").map_err(fail)?;
         let (target, target_port) = match target {
             None => (None, None),
             Some(target) => {
@@ -104,16 +169,31 @@ impl FromStr for ForwardSpec {
                     None => (target, None),
                 };
                 let addr = parse_ipv4(addr, "target").map_err(fail)?;
-                let tport = tport
-                    .map(|p| parse_port(p, "target port"))
-                    .transpose()
-                    .map_err(fail)?;
+                let tport = match tport {
+                    None => None,
+                    Some(p) => {
+                        let shifted = Ports::parse(p, "target port").map_err(fail)?;
+                        if shifted.first != shifted.last && shifted.len() != ports.len() {
+                            return Err(fail(format!(
+                                "target ports {shifted} are not as many as listen ports {ports}"
+                            )));
+                        }
+                        if ports.starting_at(shifted.first).is_none() {
+                            return Err(fail(format!(
+                                "{} ports from {} run past 65535",
+                                ports.len(),
+                                shifted.first
+                            )));
+                        }
+                        Some(shifted.first)
+                    }
+                };
                 (Some(addr), tport)
             }
         };
         Ok(ForwardSpec {
             proto,
-            port,
+            ports,
             target,
             target_port,
         })
@@ -122,7 +202,7 @@ impl FromStr for ForwardSpec {
 
 impl fmt::Display for ForwardSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.proto, self.port)?;
+        write!(f, "{}:{}", self.proto, self.ports)?;
         if let Some(target) = self.target {
             write!(f, "={target}")?;
             if let Some(port) = self.target_port {
@@ -133,30 +213,32 @@ impl fmt::Display for ForwardSpec {
     }
 }
 
-/// `PROTO:PORT`: names a forward rule by what it listens on.
+/// `PROTO:PORT`: names a forward rule by what it listens on (a range by
+/// the whole range).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RuleRef {
     pub proto: Proto,
-    pub port: u16,
+    pub ports: Ports,
 }
 
 impl FromStr for RuleRef {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let fail = |why: String| format!("{why}; expected PROTO:PORT, e.g. tcp:8080");
-        let (proto, port) = s
+        let fail =
+            |why: String| format!("{why}; expected PROTO:PORT or PROTO:FIRST-LAST, e.g. tcp:8080");
+        let (proto, ports) = s
             .split_once(':')
             .ok_or_else(|| fail(format!("{s:?} has no ':'")))?;
         Ok(RuleRef {
             proto: proto.parse().map_err(fail)?,
-            port: parse_port(port, "port").map_err(fail)?,
+            ports: Ports::parse(ports, "port").map_err(fail)?,
         })
     }
 }
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.proto, self.port)
+        write!(f, "{}:{}", self.proto, self.ports)
     }
 }
 
@@ -180,8 +262,10 @@ impl FromStr for RelaySpec {
             .split_once(':')
             .ok_or_else(|| fail(format!("{listen:?} has no GROUP:PORT")))?;
         let group = parse_ipv4(group, "group").map_err(fail)?;
-        if !group.is_multicast() {
-            return Err(fail(format!("group {group} is not a multicast address")));
+        if !group.is_multicast() && !group.is_broadcast() {
+            return Err(fail(format!(
+                "group {group} is neither a multicast address nor 255.255.255.255"
+            )));
         }
         let port = parse_port(port, "port").map_err(fail)?;
         let targets = targets
@@ -348,7 +432,7 @@ mod tests {
             spec,
             ForwardSpec {
                 proto: Proto::Udp,
-                port: 5000,
+                ports: Ports::one(5000),
                 target: Some(Ipv4Addr::new(10, 137, 0, 17)),
                 target_port: Some(6000),
             }
@@ -360,12 +444,55 @@ mod tests {
     fn forward_short_forms() {
         let spec: ForwardSpec = "TCP:53317".parse().unwrap();
         assert_eq!(
-            (spec.proto, spec.port, spec.target),
-            (Proto::Tcp, 53317, None)
+            (spec.proto, spec.ports, spec.target),
+            (Proto::Tcp, Ports::one(53317), None)
         );
         let spec: ForwardSpec = "tcp:80=10.0.0.1".parse().unwrap();
         assert_eq!(spec.target_port, None);
         assert_eq!(spec.target, Some(Ipv4Addr::new(10, 0, 0, 1)));
+    }
+
+    #[test]
+    fn forward_ranges_keep_or_shift_their_ports() {
+        let spec: ForwardSpec = "tcp:1714-1764=10.137.0.17".parse().unwrap();
+        assert_eq!(
+            spec.ports,
+            Ports {
+                first: 1714,
+                last: 1764
+            }
+        );
+        assert_eq!((spec.ports.len(), spec.target_port), (51, None));
+        assert_eq!(spec.to_string(), "tcp:1714-1764=10.137.0.17");
+        let shifted: ForwardSpec = "udp:1714-1764=10.137.0.17:2714-2764".parse().unwrap();
+        assert_eq!(shifted.target_port, Some(2714));
+        let by_start: ForwardSpec = "udp:1714-1764=10.137.0.17:2714".parse().unwrap();
+        assert_eq!(by_start.target_port, Some(2714));
+        for (input, needle) in [
+            ("tcp:1764-1714=10.0.0.1", "ends before it starts"),
+            ("tcp:1714-1764=10.0.0.1:2714-2715", "not as many"),
+            ("tcp:1000-2000=10.0.0.1:65000", "run past 65535"),
+            ("tcp:1-x", "not a port number"),
+        ] {
+            let err = input.parse::<ForwardSpec>().unwrap_err();
+            assert!(err.contains(needle), "{input}: {err}");
+        }
+        let r: RuleRef = "tcp:1714-1764".parse().unwrap();
+        assert_eq!(r.to_string(), "tcp:1714-1764");
+        assert!(
+            Ports {
+                first: 10,
+                last: 20
+            }
+            .overlaps(&Ports::one(20))
+        );
+        assert!(
+            !Ports {
+                first: 10,
+                last: 20
+            }
+            .overlaps(&Ports::one(21))
+        );
     }
 
     #[test]
@@ -399,7 +526,7 @@ mod tests {
         );
         for (input, needle) in [
             ("224.0.0.167:53317", "has no =TARGET_IP"),
-            ("10.0.0.1:53317=10.0.0.2", "not a multicast"),
+            ("10.0.0.1:53317=10.0.0.2", "neither a multicast"),
             ("224.0.0.167:0=10.0.0.2", "not a port number"),
             ("224.0.0.167:1=224.0.0.1", "not a unicast host"),
             ("224.0.0.167:1=10.0.0.300", "not an IPv4 address"),

@@ -155,13 +155,10 @@ impl Tables {
     /// removed, as `proto:port`.
     pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<Vec<String>> {
         let installed = self.installed()?;
+        let installed_first = |rule: &Rule| installed.get(&(rule.proto.number(), rule.ports.first));
         let kept: Vec<Option<u32>> = rules
             .iter()
-            .map(|rule| {
-                installed
-                    .get(&(rule.proto.number(), rule.port))
-                    .map(|(_, value)| value.slot)
-            })
+            .map(|rule| installed_first(rule).map(|(_, value)| value.slot))
             .collect();
         let cpus = nr_cpus().map_err(|(_, e)| e)?;
         let slots = assign_slots(kept, MAX_RULES, |fresh| {
@@ -174,14 +171,15 @@ impl Tables {
         let now = Now::read();
         let mut live_ids = BTreeSet::new();
         for (rule, slot) in rules.iter().zip(slots) {
-            let same_target = installed
-                .get(&(rule.proto.number(), rule.port))
-                .map(|(_, v)| v)
-                .filter(|v| {
-                    let fresh = rule.encode(0, 0, &now);
-                    v.target_addr == fresh.target_addr && v.target_port == fresh.target_port
-                });
-            let id = match same_target {
+            // The same rule as installed: same target, same ports.
+            let unchanged = installed_first(rule).map(|(_, v)| v).filter(|v| {
+                v.target_addr == u32::from_ne_bytes(rule.target.octets())
+                    && u16::from_be(v.target_port) == rule.target_port
+                    && installed
+                        .get(&(rule.proto.number(), rule.ports.last))
+                        .is_some_and(|(_, last)| last.id == v.id)
+            });
+            let id = match unchanged {
                 Some(value) => value.id,
                 None => {
                     next_id += 1;
@@ -189,30 +187,43 @@ impl Tables {
                 }
             };
             live_ids.insert(id);
-            // Reverse first: a reply can only follow a forwarded packet.
-            self.reverse
-                .insert(rule.reverse_key(), rule.key(), 0)
-                .with_context(|| format!("installing the reply entry of {rule}"))?;
-            self.forward
-                .insert(rule.key(), rule.encode(slot, id, &now), 0)
-                .with_context(|| format!("installing {rule}"))?;
+            for (key, reverse, target_port) in rule.entries() {
+                // Reverse first: a reply can only follow a forwarded packet.
+                self.reverse
+                    .insert(reverse, key, 0)
+                    .with_context(|| format!("installing the reply entry of {rule}"))?;
+                self.forward
+                    .insert(key, rule.encode(target_port, slot, id, &now), 0)
+                    .with_context(|| format!("installing {rule}"))?;
+            }
         }
 
-        let wanted_forward: BTreeSet<(u8, u16)> =
-            rules.iter().map(|r| (r.proto.number(), r.port)).collect();
-        let mut removed = Vec::new();
-        for ((proto, port), (key, _)) in &installed {
+        let wanted_forward: BTreeSet<(u8, u16)> = rules
+            .iter()
+            .flat_map(|r| {
+                let proto = r.proto.number();
+                (r.ports.first..=r.ports.last).map(move |port| (proto, port))
+            })
+            .collect();
+        let mut removed = BTreeMap::new();
+        for ((proto, port), (key, value)) in &installed {
             if !wanted_forward.contains(&(*proto, *port)) {
                 self.forward
                     .remove(key)
                     .context("removing a stale forward rule")?;
-                let name = crate::spec::Proto::from_number(*proto).map_or("?", |p| p.name());
-                removed.push(format!("{name}:{port}"));
+                removed.insert((*proto, *port), (*key, *value));
             }
         }
+        let removed: Vec<String> = rule_ranges(&removed)
+            .into_iter()
+            .map(|(proto, ports, _)| {
+                let name = crate::spec::Proto::from_number(proto).map_or("?", |p| p.name());
+                format!("{name}:{ports}")
+            })
+            .collect();
         let wanted_reverse: BTreeSet<(u32, u16, u8)> = rules
             .iter()
-            .map(|r| reverse_tuple(&r.reverse_key()))
+            .flat_map(|r| r.entries().map(|(_, reverse, _)| reverse_tuple(&reverse)))
             .collect();
         let stale: Vec<ReverseKey> = self
             .reverse
@@ -308,13 +319,13 @@ impl Tables {
                 *live.entry(entry.rule_id).or_default() += 1;
             }
         }
-        self.installed()?
+        rule_ranges(&self.installed()?)
             .into_iter()
-            .map(|((proto, port), (_, rule))| {
+            .map(|(proto, ports, rule)| {
                 let counters = self.rule_counters(rule.slot)?;
                 let flows = live.get(&rule.id).copied().unwrap_or(0);
                 Ok(crate::rule_view::RuleView::new(
-                    proto, port, &rule, &counters, flows, now,
+                    proto, ports, &rule, &counters, flows, now,
                 ))
             })
             .collect()
@@ -477,6 +488,28 @@ fn assign_slots(
             }
         })
         .collect()
+}
+
+/// Installed entries gathered into the rules they came from: a range is
+/// the consecutive ports of one protocol that carry one rule id. Each comes
+/// with its protocol, its ports and the value of its first entry.
+pub fn rule_ranges(
+    entries: &BTreeMap<(u8, u16), (RuleKey, ForwardRule)>,
+) -> Vec<(u8, crate::spec::Ports, ForwardRule)> {
+    let mut out: Vec<(u8, crate::spec::Ports, ForwardRule)> = Vec::new();
+    for ((proto, port), (_, value)) in entries {
+        match out.last_mut() {
+            Some((p, ports, first))
+                if *p == *proto
+                    && first.id == value.id
+                    && u32::from(ports.last) + 1 == u32::from(*port) =>
+            {
+                ports.last = *port;
+            }
+            _ => out.push((*proto, crate::spec::Ports::one(*port), *value)),
+        }
+    }
+    out
 }
 
 fn reverse_tuple(key: &ReverseKey) -> (u32, u16, u8) {

@@ -171,12 +171,13 @@ pub fn generate(h: &Harness, rng: &mut Rng, flows: &[(Ipv4Addr, u16, u8, u16)]) 
             let (peer, peer_port, proto, listen) = flows[rng.below(flows.len() as u64) as usize];
             let rule = rules()
                 .into_iter()
-                .find(|r| r.proto.number() == proto && r.port == listen)
+                .find(|r| r.proto.number() == proto && r.ports.contains(listen))
                 .expect("flows are of installed rules");
+            let target_port = rule.target_port + (listen - rule.ports.first);
             let f = if proto == TCP {
-                Frame::tcp(rule.target, rule.target_port, peer, peer_port)
+                Frame::tcp(rule.target, target_port, peer, peer_port)
             } else {
-                Frame::udp(rule.target, rule.target_port, peer, peer_port)
+                Frame::udp(rule.target, target_port, peer, peer_port)
             };
             (
                 Role::Downstream,
@@ -444,7 +445,7 @@ pub fn check(
             let dport = u16::from_be_bytes([quoted[22], quoted[23]]);
             ensure!(
                 rules.iter().any(|r| r.target == daddr
-                    && r.target_port == dport
+                    && r.target_ports().contains(dport)
                     && r.proto.number() == proto),
                 "dropped an ICMP error quoting {daddr}:{dport}, which is no forwarded flow"
             );
@@ -484,7 +485,7 @@ pub fn check(
                 Role::Uplink => {
                     let rule = rules
                         .iter()
-                        .find(|r| r.proto.number() == inp.proto && r.port == inp.dport)
+                        .find(|r| r.proto.number() == inp.proto && r.ports.contains(inp.dport))
                         .ok_or_else(|| {
                             anyhow::anyhow!("redirected {}:{} with no rule", inp.proto, inp.dport)
                         })?;
@@ -501,7 +502,11 @@ pub fn check(
                         inp.saddr
                     );
                     ensure!(
-                        (out.daddr, out.dport) == (rule.target, rule.target_port),
+                        (out.daddr, out.dport)
+                            == (
+                                rule.target,
+                                rule.target_port + (inp.dport - rule.ports.first)
+                            ),
                         "translated to {}:{}",
                         out.daddr,
                         out.dport
@@ -515,7 +520,7 @@ pub fn check(
                         .find(|r| {
                             r.proto.number() == inp.proto
                                 && r.target == inp.saddr
-                                && r.target_port == inp.sport
+                                && r.target_ports().contains(inp.sport)
                         })
                         .ok_or_else(|| {
                             anyhow::anyhow!(
@@ -525,7 +530,11 @@ pub fn check(
                             )
                         })?;
                     ensure!(
-                        (out.saddr, out.sport) == (UPLINK_ADDR, rule.port),
+                        (out.saddr, out.sport)
+                            == (
+                                UPLINK_ADDR,
+                                rule.ports.first + (inp.sport - rule.target_port)
+                            ),
                         "reply sent as {}:{}",
                         out.saddr,
                         out.sport
@@ -536,7 +545,7 @@ pub fn check(
                         out.daddr
                     );
                     ensure!(
-                        flows.contains(&(out.daddr, out.dport, inp.proto, rule.port)),
+                        flows.contains(&(out.daddr, out.dport, inp.proto, out.sport)),
                         "translated a target's packet to {}:{}, which opened no flow",
                         out.daddr,
                         out.dport

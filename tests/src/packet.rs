@@ -149,6 +149,51 @@ impl Frame {
     }
 }
 
+/// Splits an untagged IPv4 frame (no IP options) into fragments carrying at
+/// most `size` bytes of IP payload each (a multiple of 8), as a sender's
+/// stack does: each a frame with the same Ethernet header, the IP header
+/// adjusted (length, offset, more-fragments) and its checksum recomputed.
+pub fn fragments(frame: &[u8], size: usize) -> Vec<Vec<u8>> {
+    let (eth, ip) = frame.split_at(14);
+    let (header, payload) = ip.split_at(20);
+    payload
+        .chunks(size)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut h = header.to_vec();
+            h[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            let more = (i + 1) * size < payload.len();
+            let offset = (i * size / 8) as u16 | if more { 0x2000 } else { 0 };
+            h[6..8].copy_from_slice(&offset.to_be_bytes());
+            h[10..12].copy_from_slice(&[0, 0]);
+            let c = csum::checksum(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            [eth, &h, chunk].concat()
+        })
+        .collect()
+}
+
+/// The frame fragments came from: the first's Ethernet header and the
+/// payloads in offset order, the IP header made whole again. Checksums are
+/// recomputed only for the IP header, so a rewritten transport checksum is
+/// checked by `parse`.
+pub fn reassemble(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let mut sorted: Vec<&Vec<u8>> = fragments.iter().collect();
+    sorted.sort_by_key(|f| u16::from_be_bytes([f[20], f[21]]) & 0x1fff);
+    let first = sorted[0];
+    let mut payload = Vec::new();
+    for f in &sorted {
+        payload.extend_from_slice(&f[34..]);
+    }
+    let mut h = first[14..34].to_vec();
+    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&[0, 0]);
+    h[10..12].copy_from_slice(&[0, 0]);
+    let c = csum::checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    [&first[..14], &h, &payload].concat()
+}
+
 /// An untagged IPv4 TCP/UDP frame as read back, with its checksums checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {

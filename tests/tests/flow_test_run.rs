@@ -378,3 +378,50 @@ fn the_fallbacks_for_older_kernels_forward_the_same_way() {
     );
     assert_eq!(h.reason(Reason::FibLookupRejected), 0);
 }
+
+#[test]
+fn a_port_range_maps_each_port_to_its_own_target_port_and_back() {
+    netns::sweep_leftovers();
+    let spec: forwarder::spec::ForwardSpec = "tcp:1714-1764=10.137.0.5:2714".parse().unwrap();
+    let range = Rule::from_spec(&spec, TARGET, AllowFrom::Auto, Origin::Flag);
+    let h = Harness::new(&[range]).unwrap();
+    for port in [1714u16, 1740, 1764] {
+        let mut f = frame(TCP, LAN_PEER, PEER_PORT, UPLINK_ADDR, port, TCP_SYN);
+        f.src_mac = LAN_PEER_MAC;
+        let (action, out) = h.run(Role::Uplink, h.uplink.index, &f.build()).unwrap();
+        assert_eq!(action, TC_ACT_REDIRECT, "{port}");
+        let p = packet::parse(&out).unwrap();
+        assert_eq!((p.daddr, p.dport), (TARGET, port + 1000));
+        let reply = frame(
+            TCP,
+            TARGET,
+            port + 1000,
+            LAN_PEER,
+            PEER_PORT,
+            TCP_SYN | TCP_ACK,
+        )
+        .build();
+        let (action, out) = h.run(Role::Downstream, h.vif1.index, &reply).unwrap();
+        assert_eq!(action, TC_ACT_REDIRECT, "{port}");
+        let p = packet::parse(&out).unwrap();
+        assert_eq!(
+            (p.saddr, p.sport),
+            (UPLINK_ADDR, port),
+            "{port}: back from its own listen port"
+        );
+        assert!(p.l4_checksum_ok);
+    }
+    let outside = {
+        let mut f = frame(TCP, LAN_PEER, PEER_PORT, UPLINK_ADDR, 1765, TCP_SYN);
+        f.src_mac = LAN_PEER_MAC;
+        f.build()
+    };
+    h.assert_untouched(Role::Uplink, h.uplink.index, &outside, Reason::NoRule);
+    let views = h.datapath.tables.rule_views().unwrap();
+    assert_eq!(views.len(), 1, "a range is one rule: {views:?}");
+    assert_eq!(
+        (views[0].name(), views[0].target_text()),
+        ("tcp:1714-1764".into(), "10.137.0.5:2714-2764".into())
+    );
+    assert_eq!(views[0].flows, 3);
+}

@@ -284,3 +284,220 @@ fn only_allowed_lan_peers_are_copied_toward_the_vms() {
     assert_eq!(copies.len(), 1, "the allowed peer's copy, and only it");
     assert_eq!(copies[0].saddr, LAN_PEER);
 }
+
+const BROADCAST: Ipv4Addr = Ipv4Addr::BROADCAST;
+const KDE_PORT: u16 = 1716;
+
+fn broadcast_relay(targets: &[Ipv4Addr]) -> Relay {
+    Relay {
+        group: BROADCAST,
+        port: KDE_PORT,
+        ..relay(targets, None, 1_000_000)
+    }
+}
+
+/// A VM's broadcast as it arrives on its vif.
+fn vm_broadcast(payload: &[u8]) -> Frame {
+    let mut frame = Frame::udp(TARGET, 41716, BROADCAST, KDE_PORT).with_payload(payload);
+    frame.dst_mac = [0xff; 6];
+    frame
+}
+
+/// A LAN peer's broadcast to `daddr` as it arrives on the uplink.
+fn lan_broadcast(daddr: Ipv4Addr, payload: &[u8]) -> Frame {
+    let mut frame = Frame::udp(LAN_PEER, 1716, daddr, KDE_PORT).with_payload(payload);
+    frame.src_mac = LAN_PEER_MAC;
+    frame.dst_mac = [0xff; 6];
+    frame
+}
+
+fn is_broadcast_frame(frame: &[u8]) -> bool {
+    frame.len() > 34 && frame[30..34] == [255, 255, 255, 255]
+}
+
+/// Frames a capture saw to the broadcast address, after waiting for
+/// `expected` of them (and giving more a moment to show up).
+fn broadcasts(capture: Capture, expected: usize) -> Vec<Vec<u8>> {
+    let count = || {
+        capture
+            .snapshot()
+            .iter()
+            .filter(|f| is_broadcast_frame(f))
+            .count()
+    };
+    wait_until(Duration::from_secs(2), || count() >= expected);
+    wait_until(Duration::from_millis(200), || count() > expected);
+    capture
+        .finish()
+        .into_iter()
+        .filter(|f| is_broadcast_frame(f))
+        .collect()
+}
+
+#[test]
+fn a_vm_broadcast_goes_to_the_lan_as_a_broadcast_from_the_uplink() {
+    let h = harness(&[broadcast_relay(&[TARGET])]);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    let frame = vm_broadcast(br#"{"deviceId":"app"}"#).build();
+    let (action, out) = h.run(Role::Downstream, h.vif1.index, &frame).unwrap();
+    assert_eq!(
+        (action, &out),
+        (TC_ACT_UNSPEC, &frame),
+        "the original continues"
+    );
+    let copies = broadcasts(lan, 1);
+    assert_eq!(copies.len(), 1);
+    let copy = packet::parse(&copies[0]).unwrap();
+    assert_eq!(
+        (copy.saddr, copy.daddr, copy.dport),
+        (UPLINK_ADDR, BROADCAST, KDE_PORT)
+    );
+    assert_eq!((copy.dst_mac, copy.src_mac), ([0xff; 6], h.uplink.mac));
+    assert!(copy.ip_checksum_ok && copy.l4_checksum_ok);
+}
+
+#[test]
+fn lan_broadcasts_limited_or_directed_reach_the_vms_as_limited_broadcasts() {
+    let h = harness(&[broadcast_relay(&[TARGET])]);
+    for daddr in [BROADCAST, Ipv4Addr::new(192, 168, 1, 255)] {
+        let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+        let frame = lan_broadcast(daddr, b"identity").build();
+        let (action, out) = h.run(Role::Uplink, h.uplink.index, &frame).unwrap();
+        assert_eq!(
+            (action, &out),
+            (TC_ACT_UNSPEC, &frame),
+            "{daddr}: the original is unchanged"
+        );
+        let copies = broadcasts(vm1, 1);
+        assert_eq!(copies.len(), 1, "{daddr}");
+        let copy = packet::parse(&copies[0]).unwrap();
+        assert_eq!(
+            (copy.saddr, copy.daddr),
+            (LAN_PEER, BROADCAST),
+            "{daddr}: the peer's source kept"
+        );
+        assert_eq!((copy.dst_mac, copy.src_mac), ([0xff; 6], h.vif1.mac));
+        assert!(
+            copy.ip_checksum_ok && copy.l4_checksum_ok,
+            "{daddr}: {copy:?}"
+        );
+    }
+    // Another subnet's directed broadcast is no broadcast of this LAN.
+    h.assert_untouched(
+        Role::Uplink,
+        h.uplink.index,
+        &lan_broadcast(Ipv4Addr::new(192, 168, 2, 255), b"x").build(),
+        Reason::OtherDestination,
+    );
+}
+
+#[test]
+fn fragmented_datagrams_are_relayed_fragment_by_fragment_both_ways() {
+    let h = harness(&[broadcast_relay(&[TARGET])]);
+    let payload: Vec<u8> = (0..2200u32).map(|i| (i % 251) as u8).collect();
+    let mut up = vm_broadcast(&payload);
+    up.ip_id = 0x4242;
+    let pieces = packet::fragments(&up.build(), 1480);
+    assert_eq!(pieces.len(), 2);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    for piece in &pieces {
+        let (action, out) = h.run(Role::Downstream, h.vif1.index, piece).unwrap();
+        assert_eq!((action, &out), (TC_ACT_UNSPEC, piece));
+    }
+    let copies = broadcasts(lan, 2);
+    assert_eq!(copies.len(), 2, "both fragments go up");
+    let whole = packet::parse(&packet::reassemble(&copies)).unwrap();
+    assert_eq!(whole.saddr, UPLINK_ADDR);
+    assert!(
+        whole.l4_checksum_ok,
+        "the first fragment's UDP checksum covers the rewrite"
+    );
+    assert_eq!(whole.payload, payload);
+
+    let mut down = lan_broadcast(Ipv4Addr::new(192, 168, 1, 255), &payload);
+    down.ip_id = 0x4343;
+    let pieces = packet::fragments(&down.build(), 1480);
+    let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+    for piece in &pieces {
+        let (action, _) = h.run(Role::Uplink, h.uplink.index, piece).unwrap();
+        assert_eq!(action, TC_ACT_UNSPEC);
+    }
+    let copies = broadcasts(vm1, 2);
+    assert_eq!(copies.len(), 2, "both fragments go down");
+    let whole = packet::parse(&packet::reassemble(&copies)).unwrap();
+    assert_eq!((whole.saddr, whole.daddr), (LAN_PEER, BROADCAST));
+    assert!(whole.l4_checksum_ok && whole.ip_checksum_ok);
+
+    // A later fragment whose first was never relayed stays with the stack.
+    let mut stray = vm_broadcast(&payload);
+    stray.ip_id = 0x9999;
+    let stray = packet::fragments(&stray.build(), 1480).pop().unwrap();
+    h.assert_untouched(Role::Downstream, h.vif1.index, &stray, Reason::Fragment);
+}
+
+#[test]
+fn a_vms_mdns_answers_and_its_own_address_never_go_up() {
+    let mdns_group = Ipv4Addr::new(224, 0, 0, 251);
+    let h = harness(&[
+        Relay {
+            group: mdns_group,
+            port: 5353,
+            ..relay(&[TARGET], None, 1_000_000)
+        },
+        broadcast_relay(&[TARGET]),
+    ]);
+    let mdns = |flags: [u8; 2], body: &[u8]| {
+        let mut payload = vec![0, 0, flags[0], flags[1], 0, 1, 0, 0, 0, 0, 0, 0];
+        payload.extend_from_slice(body);
+        let mut f = Frame::udp(TARGET, 5353, mdns_group, 5353).with_payload(&payload);
+        f.dst_mac = group_mac(u32::from_ne_bytes(mdns_group.octets()));
+        f.ttl = 255;
+        f.build()
+    };
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    let query = mdns(
+        [0x00, 0x00],
+        b"\x04_ipp\x04_tcp\x05local\x00\x00\x0c\x00\x01",
+    );
+    let (action, _) = h.run(Role::Downstream, h.vif1.index, &query).unwrap();
+    assert_eq!(action, TC_ACT_UNSPEC);
+    let answer = mdns(
+        [0x84, 0x00],
+        b"\x03app\x05local\x00\x00\x01\x80\x01\x00\x00\x00\x78\x00\x04",
+    );
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif1.index,
+        &answer,
+        Reason::RelayAnswerBlocked,
+    );
+    // A record with the VM's address, in a query or any other relay.
+    let mut known = b"\x03app\x05local\x00\x00\x01\x80\x01\x00\x00\x00\x78\x00\x04".to_vec();
+    known.extend_from_slice(&TARGET.octets());
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif1.index,
+        &mdns([0x00, 0x00], &known),
+        Reason::RelayCarriesAddress,
+    );
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif1.index,
+        &vm_broadcast(&TARGET.octets()).build(),
+        Reason::RelayCarriesAddress,
+    );
+    let frames = lan.finish();
+    let up: Vec<packet::Parsed> = frames
+        .iter()
+        .filter_map(|f| packet::parse(f))
+        .filter(|p| p.dport == 5353 || p.dport == KDE_PORT)
+        .collect();
+    assert_eq!(up.len(), 1, "only the question went up: {up:?}");
+    assert_eq!(up[0].saddr, UPLINK_ADDR);
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f.windows(4).any(|w| w == TARGET.octets())),
+        "the VM's address left the uplink"
+    );
+}

@@ -500,7 +500,7 @@ fn random_packets_are_either_rewritten_correctly_or_untouched() {
         let bytes = frame.build();
         let (action, out) = h.run(Role::Uplink, h.uplink.index, &bytes).unwrap();
         let expected = rules().into_iter().find(|rule| {
-            rule.proto.number() == proto && rule.port == dport && {
+            rule.proto.number() == proto && rule.ports.contains(dport) && {
                 forwarder::rules::encode_allow(&rule.allow)
                     .allows(u32::from_ne_bytes(src.octets()), &h.uplink_state())
             }

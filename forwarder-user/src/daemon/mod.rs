@@ -219,6 +219,12 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
         for relay in &config.relays {
             info!("relaying {relay}");
         }
+        for (preset, target) in &config.presets {
+            info!(
+                "{} preset: {target} must admit in its own firewall {}",
+                preset.name, preset.vm_admits
+            );
+        }
         nft::install_off_thread(&config.uplink, &config.rules).await?;
         info!(
             "nftables table ip {} keeps masquerade off the listen ports",

@@ -69,7 +69,7 @@ impl Daemon {
                 .config
                 .rules
                 .iter()
-                .find(|r| r.proto.name() == view.proto && r.port == view.port)
+                .find(|r| r.proto.name() == view.proto && r.ports.first == view.port)
             {
                 view.origin = Some(rule.origin);
                 view.comment = rule.comment.clone();

@@ -102,12 +102,25 @@ impl Daemon {
     pub(super) async fn del_rule(&mut self, rule: &str, save: bool) -> Result<String, String> {
         let file = save.then(|| self.config_file()).transpose()?;
         let target: RuleRef = rule.parse()?;
-        let index = self
+        let Some(index) = self
             .config
             .rules
             .iter()
-            .position(|r| r.proto == target.proto && r.port == target.port)
-            .ok_or_else(|| format!("no rule {target}"))?;
+            .position(|r| r.proto == target.proto && r.ports == target.ports)
+        else {
+            let within = self
+                .config
+                .rules
+                .iter()
+                .find(|r| r.proto == target.proto && r.ports.overlaps(&target.ports));
+            return Err(match within {
+                Some(range) => format!(
+                    "no rule {target}: {target} is part of {}, deleted only as a whole",
+                    range.name()
+                ),
+                None => format!("no rule {target}"),
+            });
+        };
         let origin = self.config.rules[index].origin;
         if save {
             match origin {
@@ -140,7 +153,7 @@ impl Daemon {
                 Origin::Live => format!("deleted {removed}"),
             });
         };
-        let was_there = config_file::remove_rule(&file, removed.proto, removed.port)
+        let was_there = config_file::remove_rule(&file, removed.proto, removed.ports)
             .map_err(|e| format!("deleted {removed}, but not from the file: {e}"))?;
         Ok(if was_there {
             info!("removed rule {removed} from {}", file.display());
