@@ -194,7 +194,7 @@ impl fmt::Display for Rule {
 /// A set of rules the datapath can hold: no listen port in two rules, and
 /// no target port in two rules, since replies are matched by the target.
 pub fn check(rules: &[Rule]) -> Result<(), String> {
-    let entries: u32 = rules.iter().map(|r| r.ports.len()).sum();
+    let entries: u32 = rules.iter().map(|r| r.ports.count()).sum();
     if entries > MAX_RULES {
         return Err(format!(
             "the rules forward {entries} ports; at most {MAX_RULES} are supported"

@@ -82,8 +82,8 @@ impl Ports {
         }
     }
 
-    /// How many ports.
-    pub const fn len(&self) -> u32 {
+    /// How many ports (never none).
+    pub const fn count(&self) -> u32 {
         (self.last - self.first) as u32 + 1
     }
 
@@ -97,8 +97,8 @@ impl Ports {
 
     /// The range of the same length starting at `first`, if it fits.
     pub fn starting_at(&self, first: u16) -> Option<Ports> {
-        let last = u32::from(first) + self.len() - 1;
-        (last <= u32::from(u16::MAX)).then(|| Ports {
+        let last = u32::from(first) + self.count() - 1;
+        (last <= u32::from(u16::MAX)).then_some(Ports {
             first,
             last: last as u16,
         })
@@ -173,7 +173,7 @@ impl FromStr for ForwardSpec {
                     None => None,
                     Some(p) => {
                         let shifted = Ports::parse(p, "target port").map_err(fail)?;
-                        if shifted.first != shifted.last && shifted.len() != ports.len() {
+                        if shifted.first != shifted.last && shifted.count() != ports.count() {
                             return Err(fail(format!(
                                 "target ports {shifted} are not as many as listen ports {ports}"
                             )));
@@ -181,7 +181,7 @@ impl FromStr for ForwardSpec {
                         if ports.starting_at(shifted.first).is_none() {
                             return Err(fail(format!(
                                 "{} ports from {} run past 65535",
-                                ports.len(),
+                                ports.count(),
                                 shifted.first
                             )));
                         }
@@ -462,7 +462,7 @@ mod tests {
                 last: 1764
             }
         );
-        assert_eq!((spec.ports.len(), spec.target_port), (51, None));
+        assert_eq!((spec.ports.count(), spec.target_port), (51, None));
         assert_eq!(spec.to_string(), "tcp:1714-1764=10.137.0.17");
         let shifted: ForwardSpec = "udp:1714-1764=10.137.0.17:2714-2764".parse().unwrap();
         assert_eq!(shifted.target_port, Some(2714));
