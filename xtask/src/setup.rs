@@ -83,17 +83,24 @@ fn nightly_llvm_major() -> Result<u32> {
         .context("no LLVM version in `rustc +nightly -vV`")
 }
 
+/// The installed version of a Debian package, if it is installed.
+pub fn installed_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}\t${Version}", package])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    let (status, version) = out.split_once('\t')?;
+    status
+        .contains("install ok installed")
+        .then(|| version.to_string())
+}
+
 fn missing_packages(packages: &[String]) -> Vec<String> {
     packages
         .iter()
-        .filter(|p| {
-            let status = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p.as_str()])
-                .stderr(Stdio::null())
-                .output();
-            !status
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
+        .filter(|p| installed_version(p).is_none())
         .cloned()
         .collect()
 }
