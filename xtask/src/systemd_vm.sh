@@ -162,9 +162,9 @@ snapshot > /run/before
 cp "$share/$deb" /tmp/
 t0=$(us)
 if timeout 300 apt-get install -y "/tmp/$deb" > "$share/apt-install.log" 2>&1; then
-    pass "apt install ./$deb" "$(dpkg-query -W -f '${Version}' forwarder) in $(since "$t0")"
+    pass "apt install the .deb" "apt-get install /tmp/$deb: $(dpkg-query -W -f '${Version}' forwarder) in $(since "$t0")"
 else
-    fail "apt install ./$deb" "exit $?: $(tail -3 "$share/apt-install.log" | tr '\n' ' ')"
+    fail "apt install the .deb" "apt-get install /tmp/$deb: exit $?: $(tail -3 "$share/apt-install.log" | tr '\n' ' ')"
 fi
 rm -f "/tmp/$deb"
 
