@@ -40,12 +40,14 @@ put() { # mode source destination
 put 0755 "$here/bin/forwarder" "$prefix/bin/forwarder"
 unit=$(mktemp)
 trap 'rm -f "$unit"' EXIT
-sed "s|@BINDIR@|$prefix/bin|g" "$here/systemd/forwarder.service" > "$unit"
+# The unit names /usr/bin/forwarder, where the .deb and .rpm put it.
+sed "s|/usr/bin/forwarder|$prefix/bin/forwarder|g" "$here/systemd/forwarder.service" > "$unit"
 put 0644 "$unit" /etc/systemd/system/forwarder.service
 for f in "$here"/examples/*; do
     put 0644 "$f" "/usr/share/doc/forwarder/examples/$(basename "$f")"
 done
 put 0644 "$here/doc/qubes.md" /usr/share/doc/forwarder/qubes.md
+put 0644 "$here/doc/changelog" /usr/share/doc/forwarder/changelog
 
 if [ -z "$root" ] && [ "$enable" = 1 ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload

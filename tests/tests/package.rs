@@ -1,25 +1,35 @@
-//! The release tarball: installed into a scratch root with its own
-//! install.sh, its binary and example configs run in the Qubes-like
-//! topology, and uninstall.sh removes every file it installed.
+//! The packages `cargo xtask package` builds. The .deb and the .rpm are
+//! read with their own tools (dpkg-deb, rpm): files, metadata, maintainer
+//! scripts and scriptlets, and the binary's glibc floor. The tarball is
+//! installed into a scratch root with its own install.sh, its binary and
+//! example configs run in the Qubes-like topology, and uninstall.sh removes
+//! every file it installed. (The .deb under a real systemd: `cargo xtask
+//! systemd-test`.)
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
+use anyhow::{Context as _, Result, bail, ensure};
 use forwarder_tests::{
+    checks::Checks,
     daemon::Forwarder,
-    netns::run,
+    netns::{run, sh},
     sockets::{EchoServer, tcp_echo},
     topology::*,
 };
 
-/// $FORWARDER_PACKAGE (set by `cargo xtask test`), or the newest tarball
-/// `cargo xtask package` left in target/package.
-fn tarball() -> PathBuf {
-    if let Some(path) = std::env::var_os("FORWARDER_PACKAGE") {
+/// The oldest glibc of a template in use: Debian 12's.
+const GLIBC_FLOOR: (u32, u32) = (2, 36);
+
+/// `$var` (set by `cargo xtask test`), or the newest file ending in `suffix`
+/// that `cargo xtask package` left in target/package.
+fn package(var: &str, suffix: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(var) {
         return PathBuf::from(path);
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/package");
@@ -29,15 +39,34 @@ fn tarball() -> PathBuf {
             entries
                 .flatten()
                 .map(|e| e.path())
-                .filter(|p| p.to_string_lossy().ends_with(".tar.gz"))
+                .filter(|p| p.to_string_lossy().ends_with(suffix))
                 .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
         })
         .unwrap_or_else(|| {
             panic!(
-                "no package in {}: run `cargo xtask package` or set FORWARDER_PACKAGE",
+                "no *{suffix} in {}: run `cargo xtask package` or set {var}",
                 dir.display()
             )
         })
+}
+
+/// A directory of this test process, removed when dropped (also on panic).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(label: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("forwarder-package-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn files_below(dir: &Path) -> Vec<PathBuf> {
@@ -55,19 +84,363 @@ fn files_below(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// One member of the .deb's data (`./usr/...`) or control (`./postinst`)
+/// archive.
+fn deb_member(deb: &Path, archive: &str, member: &str) -> Result<String> {
+    sh(&format!(
+        "dpkg-deb {archive} '{}' | tar -xO '{member}'",
+        deb.display()
+    ))
+}
+
+/// The glibc symbol versions (GLIBC_2.34 -> (2, 34)) named in `text`, the
+/// output of objdump -T or of rpm --requires.
+fn glibc_versions(text: &str) -> BTreeSet<(u32, u32)> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .filter_map(|word| word.strip_prefix("GLIBC_"))
+        .filter_map(|v| {
+            let mut parts = v.split('.').map(str::parse::<u32>);
+            Some((parts.next()?.ok()?, parts.next()?.ok()?))
+        })
+        .collect()
+}
+
+fn highest_within_floor(versions: &BTreeSet<(u32, u32)>) -> Result<String> {
+    let &(major, minor) = versions.last().context("no GLIBC_ symbol versions found")?;
+    ensure!(
+        (major, minor) <= GLIBC_FLOOR,
+        "needs GLIBC_{major}.{minor}, above Debian 12's {}.{}",
+        GLIBC_FLOOR.0,
+        GLIBC_FLOOR.1
+    );
+    Ok(format!(
+        "highest GLIBC_{major}.{minor} <= {}.{}",
+        GLIBC_FLOOR.0, GLIBC_FLOOR.1
+    ))
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let out = run(Command::new("sha256sum").arg(path))?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn contains_all(text: &str, wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&&str> = wanted.iter().filter(|w| !text.contains(**w)).collect();
+    if !missing.is_empty() {
+        bail!("missing {missing:?} in:\n{text}");
+    }
+    Ok(())
+}
+
+/// A shell script without its comment lines.
+fn code(script: &str) -> String {
+    script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `rpm -qp --scripts` output split by its "NAME scriptlet (using ...):"
+/// headers: scriptlet name -> body.
+fn scriptlets(output: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in output.lines() {
+        match line.split_once(" scriptlet") {
+            Some((name, rest)) if !name.contains(' ') && rest.ends_with(':') => {
+                current = Some(name.to_string());
+                out.insert(name.to_string(), String::new());
+            }
+            _ => {
+                if let Some(body) = current.as_ref().and_then(|n| out.get_mut(n)) {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The unit as the repository has it: both packages must carry exactly it.
+fn repo_unit() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/forwarder.service")
+}
+
 #[test]
-fn the_package_installs_runs_and_uninstalls() {
-    let scratch =
-        std::env::temp_dir().join(format!("forwarder-package-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).unwrap();
+fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
+    let deb = package("FORWARDER_DEB", ".deb");
+    let mut checks = Checks::default();
+    let contents = run(Command::new("dpkg-deb").arg("-c").arg(&deb)).unwrap();
+    checks.add(
+        "files",
+        (|| {
+            contains_all(
+                &contents,
+                &[
+                    "./usr/lib/systemd/system/forwarder.service",
+                    "./usr/share/doc/forwarder/examples/sys-net.toml",
+                    "./usr/share/doc/forwarder/examples/sys-firewall.toml",
+                    "./usr/share/doc/forwarder/examples/app-vm-rc.local",
+                    "./usr/share/doc/forwarder/qubes.md",
+                    "./usr/share/doc/forwarder/changelog.Debian.gz",
+                    "./usr/share/doc/forwarder/copyright",
+                ],
+            )?;
+            let binary = contents
+                .lines()
+                .find(|l| l.ends_with(" ./usr/bin/forwarder"))
+                .context("no ./usr/bin/forwarder")?;
+            ensure!(binary.starts_with("-rwxr-xr-x 0/0"), "{binary}");
+            // Nothing under /etc: no conffiles, so `apt remove` leaves none.
+            ensure!(
+                !contents.contains("./etc/"),
+                "ships files under /etc:\n{contents}"
+            );
+            Ok(format!("{} entries", contents.lines().count()))
+        })(),
+    );
+    let info = run(Command::new("dpkg-deb").arg("-I").arg(&deb)).unwrap();
+    checks.add(
+        "control",
+        contains_all(
+            &info,
+            &[
+                "Package: forwarder",
+                "Architecture: amd64",
+                "libc6 (>= 2.",
+                "nftables",
+            ],
+        )
+        .map(|()| {
+            info.lines()
+                .find(|l| l.trim_start().starts_with("Depends:"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        }),
+    );
+    checks.add_ok(
+        "unit is the repository's",
+        deb_member(
+            &deb,
+            "--fsys-tarfile",
+            "./usr/lib/systemd/system/forwarder.service",
+        )
+        .and_then(|unit| {
+            ensure!(
+                unit == std::fs::read_to_string(repo_unit())?,
+                "differs:\n{unit}"
+            );
+            Ok(())
+        }),
+    );
+    // deb-systemd-helper's conventions: enabled and started on install,
+    // restarted (not stopped) on upgrade, stopped on remove, and on remove
+    // the enablement is purged too, so nothing but the user's config stays.
+    checks.add_ok(
+        "postinst enables and starts",
+        deb_member(&deb, "--ctrl-tarfile", "./postinst").and_then(|s| {
+            contains_all(
+                &s,
+                &[
+                    "deb-systemd-helper enable forwarder.service",
+                    "_dh_action=restart",
+                    "deb-systemd-invoke $_dh_action forwarder.service",
+                ],
+            )
+        }),
+    );
+    checks.add_ok(
+        "prerm stops on remove",
+        deb_member(&deb, "--ctrl-tarfile", "./prerm").and_then(|s| {
+            contains_all(
+                &s,
+                &[
+                    "[ \"$1\" = remove ]",
+                    "deb-systemd-invoke stop forwarder.service",
+                ],
+            )
+        }),
+    );
+    checks.add_ok(
+        "postrm forgets the unit on remove",
+        deb_member(&deb, "--ctrl-tarfile", "./postrm").and_then(|s| {
+            let after_debhelper = s
+                .split("# End automatically added section")
+                .last()
+                .unwrap_or_default();
+            contains_all(
+                after_debhelper,
+                &[
+                    "[ \"$1\" = \"remove\" ]",
+                    "deb-systemd-helper purge forwarder.service",
+                    "deb-systemd-helper unmask forwarder.service",
+                ],
+            )?;
+            ensure!(
+                !code(&s).contains("/rw/"),
+                "postrm touches the user's config"
+            );
+            Ok(())
+        }),
+    );
+    checks.assert_all_pass("the .deb");
+}
+
+#[test]
+fn the_rpm_carries_the_binary_unit_docs_and_systemd_scriptlets() {
+    let rpm = package("FORWARDER_RPM", ".rpm");
+    let query = |args: &[&str]| run(Command::new("rpm").arg("-qp").args(args).arg(&rpm));
+    let mut checks = Checks::default();
+    checks.add(
+        "files",
+        query(&["-l"]).and_then(|list| {
+            let files: BTreeSet<&str> = list.lines().collect();
+            let expected: BTreeSet<&str> = [
+                "/usr/bin/forwarder",
+                "/usr/lib/systemd/system/forwarder.service",
+                "/usr/lib/systemd/system-preset/50-forwarder.preset",
+                "/usr/share/doc/forwarder/README.md",
+                "/usr/share/doc/forwarder/changelog",
+                "/usr/share/doc/forwarder/examples/app-vm-rc.local",
+                "/usr/share/doc/forwarder/examples/sys-firewall.toml",
+                "/usr/share/doc/forwarder/examples/sys-net.toml",
+                "/usr/share/doc/forwarder/qubes.md",
+            ]
+            .into();
+            ensure!(files == expected, "files {files:?}, expected {expected:?}");
+            Ok(format!("{} files", files.len()))
+        }),
+    );
+    // rpm --dump: path size mtime sha256 mode ...; the unit and the preset
+    // are the repository's, byte for byte.
+    checks.add_ok(
+        "unit and preset are the repository's",
+        query(&["--dump"]).and_then(|dump| {
+            let digest = |path: &str| {
+                dump.lines()
+                    .find(|l| l.starts_with(&format!("{path} ")))
+                    .and_then(|l| l.split(' ').nth(3))
+                    .map(str::to_string)
+                    .with_context(|| format!("{path} not in the dump"))
+            };
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            ensure!(digest("/usr/lib/systemd/system/forwarder.service")? == sha256(&repo_unit())?);
+            ensure!(
+                digest("/usr/lib/systemd/system-preset/50-forwarder.preset")?
+                    == sha256(&root.join("packaging/rpm/50-forwarder.preset"))?
+            );
+            let preset = std::fs::read_to_string(root.join("packaging/rpm/50-forwarder.preset"))?;
+            ensure!(
+                preset.lines().any(|l| l == "enable forwarder.service"),
+                "{preset}"
+            );
+            Ok(())
+        }),
+    );
+    // What Fedora's %systemd_post, %systemd_preun and
+    // %systemd_postun_with_restart expand to, each in its own scriptlet.
+    checks.add_ok(
+        "scriptlets",
+        query(&["--scripts"]).and_then(|scripts| {
+            let section = |name: &str| -> Result<String> {
+                scriptlets(&scripts)
+                    .remove(name)
+                    .with_context(|| format!("no {name} scriptlet in:\n{scripts}"))
+            };
+            contains_all(
+                &section("postinstall")?,
+                &[
+                    "[ $1 -eq 1 ]",
+                    "systemd-update-helper install-system-units forwarder.service",
+                ],
+            )?;
+            contains_all(
+                &section("preuninstall")?,
+                &[
+                    "[ $1 -eq 0 ]",
+                    "systemd-update-helper remove-system-units forwarder.service",
+                ],
+            )?;
+            contains_all(
+                &section("postuninstall")?,
+                &[
+                    "[ $1 -ge 1 ]",
+                    "systemd-update-helper mark-restart-system-units forwarder.service",
+                ],
+            )?;
+            ensure!(
+                !code(&scripts).contains("/rw/"),
+                "a scriptlet touches the user's config"
+            );
+            Ok(())
+        }),
+    );
+    checks.add(
+        "requires",
+        query(&["--requires"]).and_then(|requires| {
+            contains_all(&requires, &["nftables", "/bin/sh", "libc.so.6(GLIBC_"])?;
+            highest_within_floor(&glibc_versions(&requires))
+        }),
+    );
+    checks.assert_all_pass("the .rpm");
+}
+
+/// The binary both packages carry needs no glibc newer than Debian 12's:
+/// the highest GLIBC_x.y version among its dynamic symbols, from objdump.
+#[test]
+fn the_packaged_binary_runs_on_the_oldest_template_glibc() {
+    let deb = package("FORWARDER_DEB", ".deb");
+    let rpm = package("FORWARDER_RPM", ".rpm");
+    let scratch = Scratch::new("glibc");
+    let binary = scratch.0.join("forwarder");
+    sh(&format!(
+        "dpkg-deb --fsys-tarfile '{}' | tar -xO ./usr/bin/forwarder > '{}'",
+        deb.display(),
+        binary.display()
+    ))
+    .unwrap();
+    let mut checks = Checks::default();
+    checks.add(
+        "glibc floor",
+        run(Command::new("objdump").arg("-T").arg(&binary))
+            .and_then(|symbols| highest_within_floor(&glibc_versions(&symbols))),
+    );
+    checks.add_ok(
+        "the .rpm carries the same binary",
+        run(Command::new("rpm").args(["-qp", "--dump"]).arg(&rpm)).and_then(|dump| {
+            let line = dump
+                .lines()
+                .find(|l| l.starts_with("/usr/bin/forwarder "))
+                .context("no /usr/bin/forwarder in the .rpm")?;
+            let digest = sha256(&binary)?;
+            ensure!(
+                line.split(' ').nth(3) == Some(digest.as_str()),
+                "{line} vs {digest}"
+            );
+            Ok(())
+        }),
+    );
+    checks.assert_all_pass("the packaged binary");
+}
+
+#[test]
+fn the_tarball_installs_runs_and_uninstalls() {
+    let scratch = Scratch::new("tarball");
+    let scratch = &scratch.0;
     run(Command::new("tar")
         .arg("-xzf")
-        .arg(tarball())
+        .arg(package("FORWARDER_PACKAGE", ".tar.gz"))
         .arg("-C")
-        .arg(&scratch))
+        .arg(scratch))
     .unwrap();
-    let unpacked = std::fs::read_dir(&scratch)
+    let unpacked = std::fs::read_dir(scratch)
         .unwrap()
         .flatten()
         .next()
@@ -91,7 +464,6 @@ fn the_package_installs_runs_and_uninstalls() {
         unit.contains("ConditionPathExists=/run/qubes-service/forwarder"),
         "{unit}"
     );
-    assert!(!unit.contains("@BINDIR@"));
     let examples = root.join("usr/share/doc/forwarder/examples");
     assert!(root.join("usr/share/doc/forwarder/qubes.md").exists());
     for example in ["sys-net.toml", "sys-firewall.toml"] {
@@ -144,5 +516,4 @@ fn the_package_installs_runs_and_uninstalls() {
     assert!(out.contains("removed"), "{out}");
     let left = files_below(&root);
     assert!(left.is_empty(), "uninstall left {left:?}");
-    std::fs::remove_dir_all(&scratch).unwrap();
 }

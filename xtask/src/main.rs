@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod package;
 mod setup;
+mod systemd_vm;
 mod test;
 
 use std::process::ExitCode;
@@ -67,9 +68,14 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
-    /// Build target/package/forwarder-VERSION-ARCH.tar.gz: the binary, the
-    /// systemd unit, example configs, install and uninstall scripts.
+    /// Build a .deb, an .rpm and a tarball (with install and uninstall
+    /// scripts) in target/package: the binary, the systemd unit, example
+    /// configs, docs and the changelog.
     Package,
+    /// Install the .deb in a Debian 12 VM (QEMU, TCG) with systemd as PID 1
+    /// and check forwarder.service there: the qvm-service gate, forwarding
+    /// and relaying, the watchdog, a clean stop and `apt remove` (needs root).
+    SystemdTest,
     /// Set up, then run every test tier: host unit tests, BPF_PROG_TEST_RUN
     /// tests and the network-namespace integration tests (needs root).
     Test {
@@ -114,6 +120,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             update_docs,
         } => bench::run(quick, json, update_docs),
         Task::Test { filter } => test::run(&filter),
+        Task::SystemdTest => systemd_vm::run(),
     }
 }
 

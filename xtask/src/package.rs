@@ -1,7 +1,10 @@
-//! `cargo xtask package`: a tarball a router VM without a Rust toolchain can
-//! install: the binary (eBPF embedded), the systemd unit gated on the
-//! `forwarder` qvm-service, example configs, install and uninstall scripts
-//! and the Qubes guide.
+//! `cargo xtask package`: what a router VM without a Rust toolchain
+//! installs. A .deb (Debian and Whonix templates) and an .rpm (Fedora
+//! templates, Qubes' default), built by cargo-deb and cargo-generate-rpm from
+//! the metadata in forwarder-user/Cargo.toml; and a tarball with install and
+//! uninstall scripts for every other distribution. Each carries the binary
+//! (eBPF embedded), the systemd unit gated on the `forwarder` qvm-service,
+//! example configs, the Qubes guide and the changelog.
 
 use std::{
     fs,
@@ -24,15 +27,54 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the tarball and returns its path.
-pub fn run() -> Result<PathBuf> {
+/// The three packages `run` built.
+pub struct Packages {
+    pub tarball: PathBuf,
+    pub deb: PathBuf,
+    pub rpm: PathBuf,
+}
+
+/// Builds the release binary and every package from it.
+pub fn run() -> Result<Packages> {
     build_release()?;
+    let tarball = tarball()?;
+    let out = crate::setup::workspace_root().join("target/package");
+    step("building the .deb (cargo-deb)");
+    // Qubes runs on x86_64 only; Debian calls it amd64.
+    let deb = out.join(format!("forwarder_{VERSION}-1_amd64.deb"));
+    // --no-build: the binary was just built; --no-strip: its symbol table
+    // names the functions in a panic's backtrace.
+    run_cmd(
+        command("cargo")
+            .args([
+                "deb",
+                "-p",
+                "forwarder-user",
+                "--no-build",
+                "--no-strip",
+                "-o",
+            ])
+            .arg(&deb),
+    )?;
+    step("building the .rpm (cargo-generate-rpm)");
+    let rpm = out.join(format!("forwarder-{VERSION}-1.x86_64.rpm"));
+    run_cmd(
+        command("cargo")
+            .args(["generate-rpm", "-p", "forwarder-user", "-o"])
+            .arg(&rpm)
+            // Asset paths in its metadata are relative to the workspace root.
+            .current_dir(crate::setup::workspace_root()),
+    )?;
+    println!("    {}", rpm.display());
+    Ok(Packages { tarball, deb, rpm })
+}
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Assembles the tarball from the release binary and returns its path.
+fn tarball() -> Result<PathBuf> {
     let root = crate::setup::workspace_root();
-    let name = format!(
-        "forwarder-{}-{}",
-        env!("CARGO_PKG_VERSION"),
-        std::env::consts::ARCH
-    );
+    let name = format!("forwarder-{VERSION}-{}", std::env::consts::ARCH);
     let out = root.join("target/package");
     let dir = out.join(&name);
     step(&format!("assembling {}", dir.display()));
@@ -53,6 +95,10 @@ pub fn run() -> Result<PathBuf> {
         copy(&entry.path(), &dir.join("examples").join(entry.file_name()))?;
     }
     copy(&root.join("docs/qubes.md"), &dir.join("doc/qubes.md"))?;
+    copy(
+        &root.join("packaging/changelog"),
+        &dir.join("doc/changelog"),
+    )?;
     let tarball = out.join(format!("{name}.tar.gz"));
     run_cmd(
         command("tar")

@@ -15,6 +15,14 @@ use anyhow::{Context as _, Result, bail};
 const TEST_PACKAGES: &[&str] = &["nftables", "iproute2", "ethtool", "iputils-ping", "bpftool"];
 /// And the benchmark's: trafgen (netsniff-ng) and iperf3.
 const BENCH_PACKAGES: &[&str] = &["netsniff-ng", "iperf3"];
+/// And the packaging's: dpkg-shlibdeps (dpkg-dev) computes the .deb's
+/// library dependencies; the package test reads the .rpm with rpm and the
+/// binary's symbol versions with objdump (binutils).
+const PACKAGING_PACKAGES: &[&str] = &["dpkg-dev", "rpm", "binutils"];
+
+/// The package builders `cargo xtask package` runs, pinned to versions that
+/// build with the workspace's rust-version (1.95).
+const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-deb", "3.8.0"), ("cargo-generate-rpm", "0.21.1")];
 
 pub fn step(what: &str) {
     println!("==> {what}");
@@ -75,22 +83,29 @@ fn nightly_llvm_major() -> Result<u32> {
         .context("no LLVM version in `rustc +nightly -vV`")
 }
 
+/// The installed version of a Debian package, if it is installed.
+pub fn installed_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}\t${Version}", package])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    let (status, version) = out.split_once('\t')?;
+    status
+        .contains("install ok installed")
+        .then(|| version.to_string())
+}
+
 fn missing_packages(packages: &[String]) -> Vec<String> {
     packages
         .iter()
-        .filter(|p| {
-            let status = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p.as_str()])
-                .stderr(Stdio::null())
-                .output();
-            !status
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
+        .filter(|p| installed_version(p).is_none())
         .cloned()
         .collect()
 }
 
-fn apt_install(packages: &[String]) -> Result<()> {
+pub fn apt_install(packages: &[String]) -> Result<()> {
     let missing = missing_packages(packages);
     if missing.is_empty() {
         println!("    all present: {}", packages.join(" "));
@@ -124,6 +139,29 @@ fn bpf_linker_ok() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// `cargo install`s `tool` unless that exact version answers `--version`
+/// (a different one is replaced).
+fn install_cargo_tool(tool: &str, version: &str) -> Result<()> {
+    let installed = command(tool)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).trim() == format!("{tool} {version}")
+        });
+    if installed {
+        println!("    present in {}", cargo_bin().display());
+        return Ok(());
+    }
+    run_cmd(command("cargo").args([
+        "install",
+        "--locked",
+        "--force",
+        &format!("{tool}@{version}"),
+    ]))
 }
 
 /// LocalSend implementation the end-to-end test runs as real peers: nobody
@@ -201,6 +239,7 @@ pub fn run() -> Result<()> {
         TEST_PACKAGES
             .iter()
             .chain(BENCH_PACKAGES)
+            .chain(PACKAGING_PACKAGES)
             .map(|p| p.to_string()),
     );
     apt_install(&packages)?;
@@ -221,6 +260,11 @@ pub fn run() -> Result<()> {
                 .arg(format!("llvm-{llvm}"))
                 .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
         )?;
+    }
+
+    for (tool, version) in CARGO_TOOLS {
+        step(&format!("{tool} {version}"));
+        install_cargo_tool(tool, version)?;
     }
 
     step(&format!(

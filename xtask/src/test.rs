@@ -7,10 +7,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::{command, is_root, run_cmd, step};
+use crate::{
+    package::Packages,
+    setup::{command, is_root, run_cmd, step},
+};
 
 /// Runs cargo with its stdout echoed, returning how many tests passed.
-fn cargo_test(args: &[String], after: &[String], package: Option<&std::path::Path>) -> Result<u64> {
+fn cargo_test(args: &[String], after: &[String], packages: Option<&Packages>) -> Result<u64> {
     let mut cmd = command("cargo");
     cmd.arg("test")
         .args(args)
@@ -18,8 +21,10 @@ fn cargo_test(args: &[String], after: &[String], package: Option<&std::path::Pat
         .args(after)
         .env("LOCALSENDD_DIR", crate::setup::localsend_dir())
         .stdout(Stdio::piped());
-    if let Some(package) = package {
-        cmd.env("FORWARDER_PACKAGE", package);
+    if let Some(packages) = packages {
+        cmd.env("FORWARDER_PACKAGE", &packages.tarball)
+            .env("FORWARDER_DEB", &packages.deb)
+            .env("FORWARDER_RPM", &packages.rpm);
     }
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let stdout = child.stdout.take().context("cargo stdout")?;
@@ -91,8 +96,8 @@ pub fn run(filter: &[String]) -> Result<()> {
     }
     step("building the forwarder binary the integration tests run");
     run_cmd(command("cargo").args(["build", "-p", "forwarder-user"]))?;
-    step("building the package the installation test installs");
-    let tarball = crate::package::run()?;
+    step("building the packages the package tests inspect and install");
+    let packages = crate::package::run()?;
 
     let mut privileged: Vec<String> = vec!["--test-threads=1".into()];
     privileged.extend(filter.iter().cloned());
@@ -125,7 +130,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "faults",
         "soak",
     ];
-    let n = cargo_test(&targets(&integration), &verbose, Some(&tarball))?;
+    let n = cargo_test(&targets(&integration), &verbose, Some(&packages))?;
     summary.push(("integration tests", n));
 
     step("summary");
