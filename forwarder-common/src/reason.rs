@@ -79,7 +79,7 @@ reasons! {
     RelayNoRoute = "relay_no_route", Passed, "no relay target routes through a downstream interface";
     RelayCloneFailed = "relay_clone_failed", Passed, "the kernel refused to clone a relay copy";
     RelayAnswerBlocked = "relay_answer_blocked", Passed, "a VM's mDNS answer is never relayed to the LAN: its records carry the VM's internal address";
-    RelayCarriesAddress = "relay_carries_address", Passed, "a VM's datagram carrying its own internal address (or too long to check) is not relayed to the LAN";
+    RelayCarriesAddress = "relay_carries_address", Passed, "a VM's mDNS query carrying its own internal address (or over 512 bytes, too long to check) is not relayed to the LAN";
     IcmpErrorDropped = "icmp_error_dropped", Dropped, "ICMP error quoting a forwarded flow from the downstream side";
     RewriteFailed = "rewrite_failed", Dropped, "the kernel refused a checksum update mid-rewrite";
 }

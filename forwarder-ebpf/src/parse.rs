@@ -253,8 +253,10 @@ pub fn parse_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<QuotedFlow>
     }))
 }
 
-/// How far `carries` looks into a datagram: a whole Ethernet payload.
-const SCAN_MAX: usize = 1500;
+/// How far `carries` looks into a datagram: the classic DNS size, which
+/// mDNS queries without long known-answer lists stay under. Each byte is a
+/// loop iteration the verifier walks.
+const SCAN_MAX: usize = 512;
 
 /// Whether the bytes from `from` to the end of the packet hold `addr` (in
 /// wire order) anywhere; a packet longer than SCAN_MAX counts as holding

@@ -140,11 +140,10 @@ pub fn from_lan(
     )?;
     follow_fragments(ip, key);
 
+    // Always written, so the verifier walks one path, not two: a limited
+    // broadcast or a group is rewritten to itself, which changes nothing.
     let saved = nat::checksums(ctx, l4.as_ref()).ok_or(Reason::Truncated)?;
-    let directed = ip.daddr != group;
-    if directed {
-        nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, group)?;
-    }
+    nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, group)?;
     let mac = relay_dst_mac(group);
     let mut sent_to = core::mem::MaybeUninit::<[u32; MAX_RELAY_TARGETS]>::uninit();
     let sent_to = mem::zeroed(&mut sent_to);
@@ -177,13 +176,9 @@ pub fn from_lan(
         }
         copies += 1;
     }
-    if directed {
-        nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, ip.daddr)?;
-    }
-    if copies > 0 || directed {
-        nat::set_macs(ctx, dst_mac, src_mac)?;
-        nat::restore_checksums(ctx, saved)?;
-    }
+    nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, ip.daddr)?;
+    nat::set_macs(ctx, dst_mac, src_mac)?;
+    nat::restore_checksums(ctx, saved)?;
     match (copies, failed) {
         (0, _) => Err(Reason::RelayNoRoute),
         (_, true) => Err(Reason::RelayCloneFailed),
@@ -191,9 +186,10 @@ pub fn from_lan(
     }
 }
 
-/// What a VM may not relay to the LAN: an mDNS answer on a DNS relay (its
-/// records carry the VM's internal address), and any datagram that carries
-/// the VM's own address anywhere in it.
+/// What a VM may not relay to the LAN through a DNS (mDNS) relay: an
+/// answer (its records carry the VM's internal address), or a query that
+/// carries the VM's own address anywhere in it (a probe's proposed record,
+/// a known answer about itself).
 #[inline(always)]
 fn refuse_internal(
     ctx: &TcContext,
@@ -201,7 +197,10 @@ fn refuse_internal(
     relay: &Relay,
     l4: Option<&L4>,
 ) -> Result<(), Reason> {
-    if relay.flags & RELAY_DNS_QUERIES_UP != 0 && l4.is_some() && parse::is_dns_response(ctx) {
+    if relay.flags & RELAY_DNS_QUERIES_UP == 0 {
+        return Ok(());
+    }
+    if l4.is_some() && parse::is_dns_response(ctx) {
         return Err(Reason::RelayAnswerBlocked);
     }
     parse::pull_headers(ctx, ctx.len() as usize);

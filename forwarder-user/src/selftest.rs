@@ -154,11 +154,19 @@ fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64
         let mut tables = Tables::from_ebpf(&mut ebpf)?;
         prepare(&mut tables)?;
         // Neither packet can pass the reverse-path check on the loopback
-        // device, so each ends at its first FIB lookup: refused, or
-        // answered with some route.
+        // device, so each ends at its first FIB lookup: refused, answered
+        // with some route, or (in a namespace not forwarding yet) told
+        // forwarding is off, which the kernel says only of lookups whose
+        // flags it accepted.
         let lookups = |tables: &Tables| -> Result<u64> {
-            Ok(tables.reason_count(Reason::ReversePathFailed)?
-                + tables.reason_count(Reason::FibLookupRejected)?)
+            [
+                Reason::ReversePathFailed,
+                Reason::FibLookupRejected,
+                Reason::FibFwdDisabled,
+            ]
+            .into_iter()
+            .map(|r| tables.reason_count(r))
+            .sum()
         };
         for (name, frame) in [
             (programs::UPLINK_INGRESS, from_peer()),
@@ -167,7 +175,16 @@ fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64
             let before = lookups(&tables)?;
             exercise(&ebpf, name, &frame)?;
             if lookups(&tables)? == before {
-                bail!("the self-test packet never reached {name}'s FIB lookup");
+                let counted: Vec<&str> = tables
+                    .reason_counters()?
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(r, _)| r.name())
+                    .collect();
+                bail!(
+                    "the self-test packet never reached {name}'s FIB lookup (counted: {})",
+                    counted.join(", ")
+                );
             }
         }
         tables.reason_count(Reason::FibLookupRejected)

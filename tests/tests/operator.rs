@@ -226,7 +226,7 @@ fn rules_are_added_listed_expired_and_deleted_live() {
         ],
     );
     assert_eq!(code, 1);
-    assert!(err.contains("forwarded twice"), "{err}");
+    assert!(err.contains("both forward tcp:8080"), "{err}");
     let (_, err) = stderr_of(
         &t.sysfw,
         &["rules", "del", "udp:9999", "--pin-dir", &pin(&sysfw)],
