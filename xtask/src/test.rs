@@ -17,6 +17,7 @@ fn cargo_test(args: &[String], after: &[String], package: Option<&std::path::Pat
         .arg("--")
         .args(after)
         .env("LOCALSENDD_DIR", crate::setup::localsend_dir())
+        .env("ZEROCONF_DIR", crate::setup::zeroconf_dir())
         .stdout(Stdio::piped());
     if let Some(package) = package {
         cmd.env("FORWARDER_PACKAGE", package);
@@ -121,6 +122,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "package",
         "libvirt",
         "localsend",
+        "apps",
         "security",
         "faults",
         "soak",
