@@ -428,6 +428,25 @@ impl Drop for Daemon {
     }
 }
 
+/// Opens the app VM of the Qubes-like topology to KDE Connect, as its user
+/// would: its own input firewall admits identities (to the broadcast
+/// address) and the whole port range over TCP and UDP; its qvm-firewall
+/// allow-list in sys-firewall lets it dial the LAN peer's range (inserted
+/// before the chain's final drop).
+pub fn admit(t: &crate::topology::Topology) -> Result<()> {
+    use crate::topology::{APP, LAN_PEER};
+    let (first, last) = (PORTS.start(), PORTS.end());
+    t.app.nft(&format!(
+        "add rule ip qubes custom-input udp dport {first}-{last} counter accept\n\
+         add rule ip qubes custom-input tcp dport {first}-{last} counter accept\n"
+    ))?;
+    let chain = format!("qbs-{}", APP.to_string().replace('.', "-"));
+    t.sysfw.nft(&format!(
+        "insert rule ip qubes-firewall {chain} ip daddr {LAN_PEER} tcp dport {first}-{last} accept\n\
+         insert rule ip qubes-firewall {chain} ip daddr {LAN_PEER} udp dport {first}-{last} accept\n"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,23 +470,4 @@ mod tests {
         let reply = "method return time=1 sender=:1.0\n   array [\n      dict entry(\n         string \"_abc_\"\n         string \"lan phone\"\n      )\n   ]\n";
         assert_eq!(strings(reply), vec!["_abc_", "lan phone"]);
     }
-}
-
-/// Opens the app VM of the Qubes-like topology to KDE Connect, as its user
-/// would: its own input firewall admits identities (to the broadcast
-/// address) and the whole port range over TCP and UDP; its qvm-firewall
-/// allow-list in sys-firewall lets it dial the LAN peer's range (inserted
-/// before the chain's final drop).
-pub fn admit(t: &crate::topology::Topology) -> Result<()> {
-    use crate::topology::{APP, LAN_PEER};
-    let (first, last) = (PORTS.start(), PORTS.end());
-    t.app.nft(&format!(
-        "add rule ip qubes custom-input udp dport {first}-{last} counter accept\n\
-         add rule ip qubes custom-input tcp dport {first}-{last} counter accept\n"
-    ))?;
-    let chain = format!("qbs-{}", APP.to_string().replace('.', "-"));
-    t.sysfw.nft(&format!(
-        "insert rule ip qubes-firewall {chain} ip daddr {LAN_PEER} tcp dport {first}-{last} accept\n\
-         insert rule ip qubes-firewall {chain} ip daddr {LAN_PEER} udp dport {first}-{last} accept\n"
-    ))
 }

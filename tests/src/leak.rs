@@ -9,21 +9,22 @@ use anyhow::{Result, ensure};
 use crate::capture::{addresses, describe};
 
 /// Where `frame` carries an internal address: any 10.0.0.0/8 address in its
-/// IP header (or the header an ICMP error quotes), or one of `internal` in
-/// its bytes, in binary or as dotted text. None if nowhere.
+/// IP header (or the header an ICMP error quotes), or one of `internal`
+/// anywhere in its bytes. None if nowhere.
 pub fn find(frame: &[u8], internal: &[Ipv4Addr]) -> Option<String> {
     if let Some(a) = addresses(frame).into_iter().find(|a| a.octets()[0] == 10) {
         return Some(format!("{a} in an IP header"));
     }
-    for a in internal {
-        if let Some(at) = position(frame, &a.octets()) {
-            return Some(format!("{a} in binary at byte {at}"));
-        }
-        if let Some(at) = position(frame, a.to_string().as_bytes()) {
-            return Some(format!("{a} as text at byte {at}"));
-        }
+    internal.iter().find_map(|a| carries(frame, *a))
+}
+
+/// Where `bytes` hold `addr`, in binary (as in an A record) or as dotted
+/// text (as in a URL). None if nowhere.
+pub fn carries(bytes: &[u8], addr: Ipv4Addr) -> Option<String> {
+    if let Some(at) = position(bytes, &addr.octets()) {
+        return Some(format!("{addr} in binary at byte {at}"));
     }
-    None
+    position(bytes, addr.to_string().as_bytes()).map(|at| format!("{addr} as text at byte {at}"))
 }
 
 fn position(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -239,7 +239,7 @@ fn mdns_lookup_resolves_an_advertised_service_and_the_answers_carry_its_address(
         .iter()
         .filter(|f| {
             let p = packet::parse(f).unwrap();
-            leak::find(&p.payload, &[B]).is_some()
+            leak::carries(&p.payload, B).is_some()
         })
         .count();
     assert!(

@@ -123,6 +123,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "libvirt",
         "localsend",
         "apps",
+        "discovery",
         "security",
         "faults",
         "soak",
