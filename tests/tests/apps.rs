@@ -340,3 +340,138 @@ fn kdeconnect_daemons_link_on_one_segment_and_the_emulation_speaks_their_protoco
         ms(a_sees)
     );
 }
+
+/// A VM's mDNS on its /32 link, over plain routing: the app's responder
+/// answers (its address in the records) and its browser queries; none of
+/// it is routed to the LAN. This is what the discovery test's leak check
+/// must keep inside once the relay runs: its positive control.
+#[test]
+fn mdns_in_the_app_answers_and_queries_on_its_own_link_only() {
+    let t = Topology::build(Offload::On).unwrap();
+    mdns::admit(&t).unwrap();
+    let lan = Capture::start(&t.lan, "eth0").unwrap();
+    let app_side = Capture::start(&t.sysfw, "vif3.0").unwrap();
+    let _printer =
+        mdns::Advertiser::start(&t.app, "_ipp._tcp.local.", "App printer", APP, 631).unwrap();
+    let started = Instant::now();
+    let found = mdns::find(
+        &t.app,
+        "_ipp._tcp.local.",
+        "App printer",
+        Duration::from_secs(10),
+    )
+    .unwrap()
+    .expect("the app did not find its own printer");
+    let took = started.elapsed();
+    assert_eq!(found.addresses, vec![APP]);
+    let inside = app_side.finish();
+    let from_app = |f: &&Vec<u8>| {
+        packet::parse(f).is_some_and(|p| p.saddr == APP && leak::carries(&p.payload, APP).is_some())
+    };
+    let answers = inside
+        .iter()
+        .filter(|f| mdns::is_answer(f))
+        .filter(from_app)
+        .count();
+    let queries = inside.iter().filter(|f| mdns::is_query(f)).count();
+    let queries_with_address = inside
+        .iter()
+        .filter(|f| mdns::is_query(f))
+        .filter(from_app)
+        .count();
+    assert!(answers > 0, "no answer with the app's address on its link");
+    let frames = lan.finish();
+    leak::ensure_none(&frames, &[APP, APP2, SYSFW, SYSNET_INTERNAL]).unwrap();
+    println!(
+        "mDNS in the app: found its own printer in {}; on its link {answers} answers carrying {APP}, {queries} queries \
+         ({queries_with_address} carrying {APP}); {} frames on the LAN, none with an internal address",
+        ms(took),
+        frames.len()
+    );
+}
+
+/// `frame` (an IPv4 datagram larger than the MTU) as the IP fragments a
+/// sender's kernel would make of it.
+fn fragments(frame: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+    let (eth, ip) = frame.split_at(14);
+    let (header, body) = ip.split_at(20);
+    let chunk = (mtu - 20) / 8 * 8;
+    body.chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let mut h = header.to_vec();
+            let more = if (i + 1) * chunk < body.len() {
+                0x2000
+            } else {
+                0
+            };
+            h[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+            h[6..8].copy_from_slice(&(more | (i * chunk / 8) as u16).to_be_bytes());
+            h[10..12].copy_from_slice(&[0, 0]);
+            let c = forwarder_common::csum::checksum(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            [eth, &h, part].concat()
+        })
+        .collect()
+}
+
+/// The real daemon in the app VM, over plain routing: a LAN identity
+/// (fragmented, from an off-subnet source) copied into the app as the relay
+/// will copy it makes it dial the LAN peer through qvm-firewall and both
+/// NATs; and a LAN peer that heard the app (here: told its address) reaches
+/// it through the seed's DNAT of 1716 and gets TLS back.
+#[test]
+fn kdeconnect_in_the_app_dials_out_and_is_reached_through_the_routers() {
+    let t = Topology::build(Offload::On).unwrap();
+    kdeconnect::admit(&t).unwrap();
+    t.install_seed_forwarding(kdeconnect::UDP_PORT).unwrap();
+    let lan_id = "_forwarder_test_lan_emulated_peer_";
+    let connect_back = ConnectBack::listen(&t.lan, kdeconnect::UDP_PORT).unwrap();
+    let app = Daemon::start(&t.app, "qubes-app").unwrap();
+
+    let vif = t.sysfw.link("vif3.0").unwrap();
+    let identity = kdeconnect::identity_packet(lan_id, "lan emulated", kdeconnect::UDP_PORT);
+    let datagram = Frame {
+        dst_mac: [0xff; 6],
+        src_mac: vif.mac,
+        frag: 0,
+        ..Frame::udp(
+            LAN_PEER,
+            kdeconnect::UDP_PORT,
+            Ipv4Addr::BROADCAST,
+            kdeconnect::UDP_PORT,
+        )
+        .with_payload(&identity)
+    }
+    .build();
+    let pieces = fragments(&datagram, 1500);
+    assert_eq!(pieces.len(), 2);
+    let copied = Instant::now();
+    capture::inject_all(&t.sysfw, "vif3.0", pieces.into_iter()).unwrap();
+    let from = connect_back
+        .wait_for(&app.id, Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!(
+                "the app's daemon did not dial the LAN peer: {:?}\n{}",
+                connect_back.accepted(),
+                app.log()
+            )
+        });
+    let dialled = copied.elapsed();
+    assert_eq!(from.ip(), std::net::IpAddr::V4(SYSNET_LAN));
+
+    let reached = Instant::now();
+    kdeconnect::connect_back(
+        &t.lan,
+        SocketAddrV4::new(SYSNET_LAN, kdeconnect::UDP_PORT),
+        &identity,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    println!(
+        "kdeconnect in the app: dialled the LAN peer {} after its fragmented identity was copied in (seen from {from}); \
+         reached through the DNAT of 1716 with TLS back in {}",
+        ms(dialled),
+        ms(reached.elapsed())
+    );
+}
