@@ -345,9 +345,10 @@ fn kdeconnect(offload: Offload) {
         .count();
     println!(
         "forwarder, offload {offload:?}: KDE Connect emulated identity LAN->app in {}, app->LAN in {}; \
-         TCP into the range (port {payload_port}) ok; real daemons: app's identity up, LAN daemon linked {} \
-         after its start ({} for both sides); LAN daemon's identity down, app linked {} after it \
-         ({} for both); {fragments} identity fragments from sys-net on the LAN; no internal address in {} frames",
+         TCP into the range (port {payload_port}) ok; real daemons: the app's identity up, the LAN daemon \
+         linked {} after the app's daemon answered ({} for both sides); a LAN daemon's identity down, the app \
+         linked {} after it answered ({} for both); {fragments} identity fragments from sys-net on the LAN; \
+         no internal address in {} frames",
         ms(down),
         ms(up),
         ms(up_linked),
