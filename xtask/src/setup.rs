@@ -24,6 +24,11 @@ const PACKAGING_PACKAGES: &[&str] = &["dpkg-dev", "rpm", "binutils"];
 /// build with the workspace's rust-version (1.95).
 const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-deb", "3.8.0"), ("cargo-generate-rpm", "0.21.1")];
 
+/// The discovery apps the end-to-end tests run as they are: Syncthing, and
+/// KDE Connect's daemon (about 180 MB without recommends) with a session
+/// bus of its own (dbus-daemon) that dbus-send queries (dbus-bin).
+const APP_PACKAGES: &[&str] = &["syncthing", "kdeconnect", "dbus-daemon", "dbus-bin"];
+
 pub fn step(what: &str) {
     println!("==> {what}");
 }
@@ -180,9 +185,19 @@ pub fn localsend_dir() -> PathBuf {
     root.join("target").join("localsend")
 }
 
-fn install_localsendd() -> Result<()> {
-    let dir = localsend_dir();
-    let marker = dir.join("localsendd-0.1.1.dist-info");
+/// python-zeroconf, the mDNS responder and browser of the discovery tests
+/// (nobody on this project wrote it either). Pinned, installed under target/.
+const ZEROCONF: &str = "zeroconf==0.154.0";
+
+/// Where the test set-up installs python-zeroconf (a `pip --target` directory).
+pub fn zeroconf_dir() -> PathBuf {
+    workspace_root().join("target").join("zeroconf")
+}
+
+/// `pip install --target dir spec` unless `dir` already holds the pinned
+/// version (its dist-info directory).
+fn pip_install(dir: &std::path::Path, spec: &str) -> Result<()> {
+    let marker = dir.join(format!("{}.dist-info", spec.replace("==", "-")));
     if marker.exists() {
         println!("    present in {}", dir.display());
         return Ok(());
@@ -198,10 +213,10 @@ fn install_localsendd() -> Result<()> {
                 "--root-user-action=ignore",
                 "--target",
             ])
-            .arg(&dir)
-            .arg(LOCALSENDD),
+            .arg(dir)
+            .arg(spec),
     )
-    .context("installing localsendd from PyPI (needs python3 with pip)")
+    .with_context(|| format!("installing {spec} from PyPI (needs python3 with pip)"))
 }
 
 pub fn run() -> Result<()> {
@@ -270,6 +285,22 @@ pub fn run() -> Result<()> {
     step(&format!(
         "{LOCALSENDD} from PyPI, the real LocalSend peer of the end-to-end test"
     ));
-    install_localsendd()?;
+    pip_install(&localsend_dir(), LOCALSENDD)?;
+
+    step(&format!(
+        "Debian's {} for the discovery tests",
+        APP_PACKAGES.join(", ")
+    ));
+    apt_install(
+        &APP_PACKAGES
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>(),
+    )?;
+
+    step(&format!(
+        "{ZEROCONF} from PyPI, the mDNS responder and browser of the discovery tests"
+    ));
+    pip_install(&zeroconf_dir(), ZEROCONF)?;
     Ok(())
 }

@@ -20,6 +20,7 @@ fn cargo_test(args: &[String], after: &[String], packages: Option<&Packages>) ->
         .arg("--")
         .args(after)
         .env("LOCALSENDD_DIR", crate::setup::localsend_dir())
+        .env("ZEROCONF_DIR", crate::setup::zeroconf_dir())
         .stdout(Stdio::piped());
     if let Some(packages) = packages {
         cmd.env("FORWARDER_PACKAGE", &packages.tarball)
@@ -126,6 +127,8 @@ pub fn run(filter: &[String]) -> Result<()> {
         "package",
         "libvirt",
         "localsend",
+        "apps",
+        "discovery",
         "security",
         "faults",
         "soak",
