@@ -53,6 +53,56 @@ pub struct Forwarder {
     label: String,
     binary: PathBuf,
     args: Vec<String>,
+    /// Where the daemon sends its sd_notify messages, as systemd's socket.
+    notify: Notify,
+}
+
+/// The harness's stand-in for systemd's notification socket: the daemon
+/// says READY=1 once its first reconcile is done (every interface there is
+/// attached), which is what "started" means to a test.
+struct Notify {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl Notify {
+    fn new(label: &str) -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "fwd-notify-{}-{}-{label}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path)?;
+        socket.set_nonblocking(true)?;
+        Ok(Notify {
+            socket,
+            path,
+            ready: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Whether READY=1 has arrived (since the last launch).
+    fn ready(&self) -> bool {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            if buf[..n]
+                .split(|b| *b == b'\n')
+                .any(|line| line == b"READY=1")
+            {
+                self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Notify {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Forwarder {
@@ -153,6 +203,7 @@ impl Forwarder {
             label: label.into(),
             binary: binary.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            notify: Notify::new(label)?,
         })
     }
 
@@ -164,12 +215,16 @@ impl Forwarder {
 
     fn launch(&self, ns: &Netns) -> Result<Child> {
         let stderr = File::create(&self.log)?;
+        self.notify
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         ns.command(self.binary.to_str().context("binary path")?)
             .arg("run")
             .args(&self.args)
             .arg("--pin-dir")
             .arg(self.pins.path())
             .env("RUST_LOG", "info")
+            .env("NOTIFY_SOCKET", &self.notify.path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -227,11 +282,12 @@ impl Forwarder {
         PinLayout::new(self.pins.path())
     }
 
-    /// The uplink is usable and the uplink program attached to it (by TCX
-    /// or clsact, as the instance recorded).
+    /// The daemon said it is ready, the uplink is usable and the uplink
+    /// program attached to it (by TCX or clsact, as the instance recorded).
     fn ready(&self) -> bool {
         let uplink = self.uplink();
-        uplink.usable()
+        self.notify.ready()
+            && uplink.usable()
             && forwarder::datapath::recorded_attachments(&self.layout()).is_ok_and(|a| {
                 a.get(&uplink.ifindex)
                     .is_some_and(|(role, _)| *role == Role::Uplink)
