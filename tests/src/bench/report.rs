@@ -191,8 +191,9 @@ const METHOD: &str = "
   forwarder and 3 us for the recipe, while p99 varies by tens of microseconds between rounds on two
   shared CPUs: the p99 comparison mostly measures scheduling, and can go either way from run to run.
 - **Rule scaling**: the packets go to the last of N rules; the forwarder's rules are one hash
-  lookup (its configurations also hold a 51-port range, KDE Connect's, which is 51 map entries), the seed writes one nftables rule per port (a linear walk), and a verdict map is
-  nftables' own answer to that.
+  lookup (its configurations also hold KDE Connect's 51-port range, 51 map entries), the seed
+  writes one nftables rule per port (a linear walk), and a verdict map is nftables' own answer to
+  that.
 - **Flow table**: the forwarder with a table of 131,072 entries, with one live flow (the
   measured one) and with 100,000 more planted in both routers (answered UDP flows of other peers),
   the same 64-byte UDP stream through both. **New flows** are trafgen's TCP SYNs to the forwarded
