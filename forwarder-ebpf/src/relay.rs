@@ -144,46 +144,92 @@ pub fn from_lan(
     // broadcast or a group is rewritten to itself, which changes nothing.
     let saved = nat::checksums(ctx, l4.as_ref()).ok_or(Reason::Truncated)?;
     nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, group)?;
-    let mac = relay_dst_mac(group);
     let mut sent_to = core::mem::MaybeUninit::<[u32; MAX_RELAY_TARGETS]>::uninit();
-    let sent_to = mem::zeroed(&mut sent_to);
-    let mut copies = 0;
-    let mut failed = false;
-    for i in 0..MAX_RELAY_TARGETS {
-        if i >= relay.n_targets as usize {
-            break;
-        }
-        let Some(&target) = relay.targets.get(i) else {
-            break;
-        };
-        let Some(ifindex) = fib::egress(ctx, uplink.ifindex, ip.saddr, target) else {
-            continue;
-        };
-        if ifindex == uplink.ifindex || among_first(sent_to, copies, ifindex) {
-            continue;
-        }
-        let Some(egress_mac) = maps::downstream_mac(ifindex) else {
-            continue;
-        };
-        nat::set_macs(ctx, mac, egress_mac)?;
-        if ctx.clone_redirect(ifindex, 0).is_ok() {
-            maps::count_relay(relay.slot, RelayEvent::Down(ip.tot_len));
-        } else {
-            failed = true;
-        }
-        if let Some(slot) = sent_to.get_mut(copies) {
-            *slot = ifindex;
-        }
-        copies += 1;
-    }
+    let mut copies = Copies {
+        sent_to: mem::zeroed(&mut sent_to),
+        count: 0,
+        failed: false,
+    };
+    let mut next = |i: usize| {
+        copy_down(
+            ctx,
+            relay,
+            i,
+            uplink.ifindex,
+            ip,
+            relay_dst_mac(group),
+            &mut copies,
+        )
+    };
+    // Unrolled: LLVM may lay a loop here out so that a fall-through closes
+    // it, which kernels before 6.4 refuse to load.
+    let _ = next(0)?
+        && next(1)?
+        && next(2)?
+        && next(3)?
+        && next(4)?
+        && next(5)?
+        && next(6)?
+        && next(7)?;
+    let (count, failed) = (copies.count, copies.failed);
     nat::set_addr(ctx, ip, l4.as_ref(), End::Destination, ip.daddr)?;
     nat::set_macs(ctx, dst_mac, src_mac)?;
     nat::restore_checksums(ctx, saved)?;
-    match (copies, failed) {
+    match (count, failed) {
         (0, _) => Err(Reason::RelayNoRoute),
         (_, true) => Err(Reason::RelayCloneFailed),
         _ => Ok(Verdict::Relayed),
     }
+}
+
+/// The copies toward the VMs made so far, one per egress interface.
+struct Copies<'a> {
+    sent_to: &'a mut [u32; MAX_RELAY_TARGETS],
+    count: usize,
+    failed: bool,
+}
+
+const _: () = assert!(MAX_RELAY_TARGETS == 8, "from_lan unrolls eight targets");
+
+/// Copies the packet toward the relay's `i`th target, unless an earlier
+/// target already got it on the same interface. Returns whether there may
+/// be more targets.
+#[inline(always)]
+fn copy_down(
+    ctx: &TcContext,
+    relay: &Relay,
+    i: usize,
+    uplink_ifindex: u32,
+    ip: &Ipv4,
+    mac: [u8; 6],
+    copies: &mut Copies<'_>,
+) -> Result<bool, Reason> {
+    if i >= relay.n_targets as usize {
+        return Ok(false);
+    }
+    let Some(&target) = relay.targets.get(i) else {
+        return Ok(false);
+    };
+    let Some(ifindex) = fib::egress(ctx, uplink_ifindex, ip.saddr, target) else {
+        return Ok(true);
+    };
+    if ifindex == uplink_ifindex || among_first(copies.sent_to, copies.count, ifindex) {
+        return Ok(true);
+    }
+    let Some(egress_mac) = maps::downstream_mac(ifindex) else {
+        return Ok(true);
+    };
+    nat::set_macs(ctx, mac, egress_mac)?;
+    if ctx.clone_redirect(ifindex, 0).is_ok() {
+        maps::count_relay(relay.slot, RelayEvent::Down(ip.tot_len));
+    } else {
+        copies.failed = true;
+    }
+    if let Some(slot) = copies.sent_to.get_mut(copies.count) {
+        *slot = ifindex;
+    }
+    copies.count += 1;
+    Ok(true)
 }
 
 /// What a VM may not relay to the LAN through a DNS (mDNS) relay: an

@@ -87,7 +87,8 @@ fn routers(t: &Topology) -> [(&Netns, &'static str, std::net::Ipv4Addr); 2] {
 /// `rules` one-port rules, plus KDE Connect's 51-port range: ranges are
 /// map entries like any port, and must not slow the lookup.
 fn forwarder_config(uplink: &str, target: std::net::Ipv4Addr, rules: usize) -> String {
-    let mut text = format!("uplink = \"{uplink}\"\n[[forward]]\nspec = \"udp:1714-1764={target}\"\n");
+    let mut text =
+        format!("uplink = \"{uplink}\"\n[[forward]]\nspec = \"udp:1714-1764={target}\"\n");
     for i in 0..rules {
         let port = SCALE_BASE_PORT as usize + i;
         let _ = write!(text, "[[forward]]\nspec = \"udp:{port}={target}\"\n");
