@@ -16,6 +16,7 @@ pub mod mdns;
 pub mod netlink_watch;
 pub mod netns;
 pub mod packet;
+pub mod pip;
 pub mod soak;
 pub mod sockets;
 pub mod syncthing;

@@ -17,17 +17,7 @@ use crate::{
 
 /// The `pip --target` directory holding localsendd.
 pub fn install_dir() -> Result<PathBuf> {
-    let dir = match std::env::var_os("LOCALSENDD_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/localsend"),
-    };
-    if !dir.join("localsendd").exists() {
-        bail!(
-            "localsendd is not installed in {}: run `cargo xtask setup`",
-            dir.display()
-        );
-    }
-    Ok(dir)
+    crate::pip::install_dir("LOCALSENDD_DIR", "localsend", "localsendd")
 }
 
 fn python() -> Result<String> {

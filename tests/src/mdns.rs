@@ -6,7 +6,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -66,17 +66,7 @@ zc.close()
 
 /// The `pip --target` directory holding python-zeroconf.
 pub fn install_dir() -> Result<PathBuf> {
-    let dir = match std::env::var_os("ZEROCONF_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/zeroconf"),
-    };
-    if !dir.join("zeroconf").exists() {
-        bail!(
-            "python-zeroconf is not installed in {}: run `cargo xtask setup`",
-            dir.display()
-        );
-    }
-    Ok(dir)
+    crate::pip::install_dir("ZEROCONF_DIR", "zeroconf", "zeroconf")
 }
 
 /// A service as a lookup resolved it.
