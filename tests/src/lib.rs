@@ -19,6 +19,8 @@ pub mod packet;
 pub mod soak;
 pub mod sockets;
 pub mod syncthing;
+pub mod tc;
 pub mod testrun;
 pub mod topology;
+pub mod vm;
 pub mod wait;
