@@ -48,7 +48,10 @@ fn hooked(t: &Topology) -> [(&'static str, &Netns, &'static [&'static str]); 2] 
     ]
 }
 
-pub fn run(results: &mut Results) {
+/// Runs every check; returns true when the forwarder refused this kernel
+/// (the checks after the start are skipped, and so is anything else that
+/// would start it).
+pub fn run(results: &mut Results) -> bool {
     let skip_rest = |results: &mut Results, why: &str| {
         for id in AFTER_START {
             results.record(id, Status::Skip, why);
@@ -59,7 +62,8 @@ pub fn run(results: &mut Results) {
         Ok(t) => t,
         Err(err) => {
             results.check("start", Err(err.context("building the topology")));
-            return skip_rest(results, "no topology");
+            skip_rest(results, "no topology");
+            return false;
         }
     };
     let built = building.elapsed();
@@ -80,12 +84,14 @@ pub fn run(results: &mut Results) {
             *routers
         }
         Ok(Started::Refused(said)) => {
-            results.record("start", Status::Pass, &format!("refused: {said}"));
-            return skip_rest(results, "the forwarder refuses this kernel");
+            results.record("start", Status::Refused, &said);
+            skip_rest(results, super::REFUSED);
+            return true;
         }
         Err(err) => {
             results.check("start", Err(err));
-            return skip_rest(results, "the forwarder did not start");
+            skip_rest(results, "the forwarder did not start");
+            return false;
         }
     };
     // The relay listeners bind the port the echo server serves: first.
@@ -94,8 +100,11 @@ pub fn run(results: &mut Results) {
     let _server = match EchoServer::start(&t.app, LOCALSEND_PORT) {
         Ok(server) => server,
         Err(err) => {
-            results.check("tcp", Err(err.context("the app's echo server")));
-            return;
+            let err = format!("{:#}", err.context("the app's echo server"));
+            for id in &AFTER_START[2..] {
+                results.record(id, Status::Fail, &err);
+            }
+            return false;
         }
     };
     results.check("tcp", tcp(&t));
@@ -106,6 +115,7 @@ pub fn run(results: &mut Results) {
         "stop",
         baseline.and_then(|baseline| stop(&t, routers, baseline)),
     );
+    false
 }
 
 fn lan_socket() -> SocketAddrV4 {

@@ -1,7 +1,7 @@
 //! The checks `cargo xtask vm-test` runs inside a VM booted on each kernel
 //! users run, and the LAN peer it runs outside the VM, on the host end of
 //! the VM's NIC. Each check prints one machine-readable line
-//! (`VMCHECK <id> <pass|FAIL|skip> <detail>`), also appended to a results
+//! (`VMCHECK <id> <pass|refused|FAIL|skip> <detail>`), also appended to a results
 //! file the host reads after the VM powers off; `VMCHECK-END` marks a run
 //! that got to its end.
 
@@ -20,6 +20,8 @@ use std::{
 use anyhow::{Context as _, Result};
 
 pub const LINE_PREFIX: &str = "VMCHECK";
+/// Why checks are skipped on a kernel the forwarder refuses.
+pub const REFUSED: &str = "the forwarder refuses this kernel";
 pub const END_LINE: &str = "VMCHECK-END";
 
 /// Deadlines inside the VM: under TCG every instruction is emulated, so a
@@ -31,6 +33,9 @@ pub const WAIT: Duration = Duration::from_secs(15);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
     Pass,
+    /// The forwarder refused the kernel at start, naming it: what it must
+    /// do where it cannot run, so no failure, but no pass to read past.
+    Refused,
     Fail,
     Skip,
 }
@@ -39,6 +44,7 @@ impl Status {
     pub fn word(self) -> &'static str {
         match self {
             Status::Pass => "pass",
+            Status::Refused => "refused",
             Status::Fail => "FAIL",
             Status::Skip => "skip",
         }

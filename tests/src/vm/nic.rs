@@ -97,13 +97,14 @@ impl NicTopology {
     }
 }
 
+pub fn skip(results: &mut Results, why: &str) {
+    for id in CHECKS {
+        results.record(id, Status::Skip, why);
+    }
+}
+
 /// The NIC scenario on the VM's network device with MAC `mac`.
 pub fn run(results: &mut Results, mac: &str) {
-    let skip = |results: &mut Results, why: &str| {
-        for id in CHECKS {
-            results.record(id, Status::Skip, why);
-        }
-    };
     let t = match NicTopology::build(mac) {
         Ok(t) => t,
         Err(err) => {
@@ -116,7 +117,7 @@ pub fn run(results: &mut Results, mac: &str) {
     };
     let mut sysnet = match routers::start_one(&t.sysnet, "sys-net", SYSNET_UPLINK, APP) {
         Ok(Started::Running(fwd)) => fwd,
-        Ok(Started::Refused(_)) => return skip(results, "the forwarder refuses this kernel"),
+        Ok(Started::Refused(_)) => return skip(results, super::REFUSED),
         Err(err) => {
             let err = format!("{err:#}");
             for id in CHECKS {
