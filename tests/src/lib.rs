@@ -20,6 +20,8 @@ pub mod pip;
 pub mod soak;
 pub mod sockets;
 pub mod syncthing;
+pub mod tc;
 pub mod testrun;
 pub mod topology;
+pub mod vm;
 pub mod wait;

@@ -60,7 +60,7 @@ pub struct Topology {
     pub app2: Netns,
 }
 
-fn qubes_netvm_tables(downstream: &[(&str, Ipv4Addr)]) -> String {
+pub(crate) fn qubes_netvm_tables(downstream: &[(&str, Ipv4Addr)]) -> String {
     let addrs: Vec<String> = downstream.iter().map(|(_, a)| a.to_string()).collect();
     let allowed: Vec<String> = downstream
         .iter()
@@ -154,7 +154,7 @@ fn app_allow_list() -> String {
 /// A VM's own input table: policy drop, plus the seed's accept rules for
 /// `ports` (rc.local in the seed), plus LocalSend's discovery group, which
 /// the seed's rule (matching the VM's own address) does not admit.
-fn vm_input_table(me: Ipv4Addr, ports: &[u16]) -> String {
+pub(crate) fn vm_input_table(me: Ipv4Addr, ports: &[u16]) -> String {
     let mut accept = format!(
         "        iifname \"eth0\" udp dport {LOCALSEND_PORT} ip daddr {LOCALSEND_GROUP} counter accept\n"
     );
@@ -185,7 +185,13 @@ fn vm_input_table(me: Ipv4Addr, ports: &[u16]) -> String {
 
 /// A Qubes backend vif: the VM's /32 route, the gateway address on the vif,
 /// link group 2 and proxy ARP.
-fn vif(router: &Netns, vm: &Netns, vif: &str, gateway: Ipv4Addr, vm_addr: Ipv4Addr) -> Result<()> {
+pub(crate) fn vif(
+    router: &Netns,
+    vm: &Netns,
+    vif: &str,
+    gateway: Ipv4Addr,
+    vm_addr: Ipv4Addr,
+) -> Result<()> {
     router.ip(&format!(
         "link add {vif} type veth peer name eth0 netns {}",
         vm.name()

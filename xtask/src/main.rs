@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test>`.
+//! Project tasks: `cargo xtask <setup|build|test|vm-test|...>`.
 
 mod bench;
 mod demo;
@@ -6,6 +6,7 @@ mod package;
 mod setup;
 mod systemd_vm;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -83,6 +84,16 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+    /// Boot Debian's kernels of the versions users run under QEMU and run
+    /// the forwarder's checks in each (forwarding, relaying, inspect,
+    /// restart, clean stop, a virtio-net uplink); a table in
+    /// target/vm/report.md (needs root). Uses $FORWARDER_BIN if set,
+    /// else builds target/release/forwarder.
+    VmTest {
+        /// Only this kernel (repeatable); all when none is given.
+        #[arg(long = "kernel", value_enum)]
+        kernels: Vec<vm::Kernel>,
+    },
 }
 
 /// Builds one of the test crate's drivers and runs it.
@@ -121,6 +132,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         } => bench::run(quick, json, update_docs),
         Task::Test { filter } => test::run(&filter),
         Task::SystemdTest => systemd_vm::run(),
+        Task::VmTest { kernels } => vm::run(&kernels).map(drop),
     }
 }
 

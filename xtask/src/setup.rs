@@ -28,6 +28,11 @@ const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-deb", "3.8.0"), ("cargo-generate-
 /// KDE Connect's daemon (about 180 MB without recommends) with a session
 /// bus of its own (dbus-daemon) that dbus-send queries (dbus-bin).
 const APP_PACKAGES: &[&str] = &["syncthing", "kdeconnect", "dbus-daemon", "dbus-bin"];
+/// And the VM tier's: QEMU, the busybox virtme-ng builds its initramfs
+/// with, and kmod (depmod for the unpacked kernels on the host, modprobe
+/// for the kernel's module requests in the guest, which shares the host's
+/// root file system).
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 
 pub fn step(what: &str) {
     println!("==> {what}");
@@ -123,10 +128,17 @@ pub fn apt_install(packages: &[String]) -> Result<()> {
             missing.join(" ")
         );
     }
-    run_cmd(command("apt-get").args(["update", "-q"]))?;
+    // Waits for another apt (a concurrent setup) instead of failing.
+    run_cmd(command("apt-get").args(["update", "-q", "-oDPkg::Lock::Timeout=600"]))?;
     run_cmd(
         command("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "-oDPkg::Lock::Timeout=600",
+            ])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
@@ -194,10 +206,22 @@ pub fn zeroconf_dir() -> PathBuf {
     workspace_root().join("target").join("zeroconf")
 }
 
+/// virtme-ng, which boots the VM tier's kernels under QEMU. Pinned,
+/// installed under target/.
+const VIRTME_NG: &str = "virtme-ng==1.42";
+
+/// Where the set-up installs virtme-ng (a `pip --target` directory).
+pub fn virtme_ng_dir() -> PathBuf {
+    workspace_root().join("target").join("vm").join("virtme-ng")
+}
+
 /// `pip install --target dir spec` unless `dir` already holds the pinned
-/// version (its dist-info directory).
+/// version (its dist-info directory, whose name has `_` for `-`).
 fn pip_install(dir: &std::path::Path, spec: &str) -> Result<()> {
-    let marker = dir.join(format!("{}.dist-info", spec.replace("==", "-")));
+    let marker = dir.join(format!(
+        "{}.dist-info",
+        spec.replace('-', "_").replace("==", "-")
+    ));
     if marker.exists() {
         println!("    present in {}", dir.display());
         return Ok(());
@@ -255,6 +279,7 @@ pub fn run() -> Result<()> {
             .iter()
             .chain(BENCH_PACKAGES)
             .chain(PACKAGING_PACKAGES)
+            .chain(VM_PACKAGES)
             .map(|p| p.to_string()),
     );
     apt_install(&packages)?;
@@ -302,5 +327,10 @@ pub fn run() -> Result<()> {
         "{ZEROCONF} from PyPI, the mDNS responder and browser of the discovery tests"
     ));
     pip_install(&zeroconf_dir(), ZEROCONF)?;
+
+    step(&format!(
+        "{VIRTME_NG} from PyPI, which boots the VM tier's kernels"
+    ));
+    pip_install(&virtme_ng_dir(), VIRTME_NG)?;
     Ok(())
 }

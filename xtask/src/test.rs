@@ -1,4 +1,4 @@
-//! The three test tiers, run in order, with a summary of what ran.
+//! The test tiers, run in order, with a summary of what ran.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -135,6 +135,12 @@ pub fn run(filter: &[String]) -> Result<()> {
     ];
     let n = cargo_test(&targets(&integration), &verbose, Some(&packages))?;
     summary.push(("integration tests", n));
+
+    step("tier 4: the kernels users run, each booted under QEMU (cargo xtask vm-test)");
+    match crate::vm::unavailable() {
+        Some(reason) => println!("    skipped: {reason}"),
+        None => summary.push(("VM kernel checks", crate::vm::run(&[])?)),
+    }
 
     step("summary");
     for (tier, n) in &summary {

@@ -1,0 +1,203 @@
+//! Booting a kernel under QEMU with virtme-ng: the host's root file system,
+//! read-only, is the guest's, so the guest runs the binaries built here and
+//! the host's ip, tc, nft and bpftool, and loads the kernel's own modules
+//! from the unpacked package.
+
+use std::{
+    fs::File,
+    io::Read as _,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use super::debian::KernelImage;
+use crate::setup::command;
+
+/// QEMU's x86 system emulator, from Debian's qemu-system-x86.
+const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    /// Every instruction emulated: slow, and the only choice where nested
+    /// KVM hangs or aborts, as it does on these machines.
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG",
+        }
+    }
+}
+
+/// Why QEMU cannot run the VM tier here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    let version = Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !version.is_ok_and(|s| s.success()) {
+        return Some(format!(
+            "{QEMU} does not run (Debian package qemu-system-x86)"
+        ));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun for the tap behind the VM's NIC".into());
+    }
+    None
+}
+
+/// A child that must not outlive this process: killed when dropped, and
+/// by the kernel when this process dies (PR_SET_PDEATHSIG).
+struct Guarded(Child);
+
+impl Guarded {
+    fn spawn(cmd: &mut Command) -> Result<Self> {
+        // SAFETY: prctl only affects the calling (child) process.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Guarded(child))
+    }
+
+    /// Waits for the child until `deadline`; `None` when it is still
+    /// running then.
+    fn wait_until(&mut self, deadline: Instant) -> Result<Option<ExitStatus>> {
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// KVM if a short boot of `image` with it gets as far as the kernel's
+/// panic over the missing root file system, TCG otherwise.
+pub fn probe_accel(image: &KernelImage) -> Accel {
+    if !Path::new("/dev/kvm").exists() {
+        return Accel::Tcg;
+    }
+    let probe = || -> Result<bool> {
+        let mut qemu = Guarded::spawn(
+            Command::new(QEMU)
+                .args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-no-reboot"])
+                .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+                .arg("-kernel")
+                .arg(&image.vmlinuz)
+                .args(["-append", "console=ttyS0 panic=-1"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )?;
+        // Drained while QEMU runs: a full pipe would stall it.
+        let mut out = qemu.0.stdout.take().context("QEMU's stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut console = String::new();
+            let _ = out.read_to_string(&mut console);
+            console
+        });
+        let exited = qemu.wait_until(Instant::now() + Duration::from_secs(30))?;
+        drop(qemu);
+        let console = reader.join().unwrap_or_default();
+        Ok(exited.is_some() && console.contains("Kernel panic"))
+    };
+    match probe() {
+        Ok(true) => Accel::Kvm,
+        _ => Accel::Tcg,
+    }
+}
+
+/// One boot: the kernel, what the guest runs, and where its console goes.
+pub struct Boot<'a> {
+    pub vng: &'a Path,
+    pub image: &'a KernelImage,
+    pub accel: Accel,
+    /// The network namespace QEMU runs in (where its tap is).
+    pub netns: &'a str,
+    pub qemu_opts: String,
+    /// A host directory the guest may write to, at the same path.
+    pub rwdir: &'a Path,
+    /// A shell command line the guest runs, then powers off.
+    pub exec: String,
+    pub console: PathBuf,
+    pub timeout: Duration,
+}
+
+pub struct Outcome {
+    pub elapsed: Duration,
+    /// virtme-ng's exit status; `None` when it ran out of time.
+    pub status: Option<ExitStatus>,
+}
+
+impl Boot<'_> {
+    pub fn run(&self) -> Result<Outcome> {
+        let vng_dir = self.vng;
+        // virtme-ng runs QEMU as a grandchild. In a PID namespace of its
+        // own, whose first process unshare kills when unshare dies, no QEMU
+        // outlives a run, whatever ends it.
+        let mut cmd = command("ip");
+        cmd.args(["netns", "exec", self.netns, "unshare"]).args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "python3",
+        ]);
+        // virtme-ng runs its own helpers (virtme-run) from PATH, and the
+        // guest's console is only shown with --verbose when nothing in the
+        // guest creates the virtio ports of a quiet run (udev).
+        let path = std::env::join_paths(
+            std::iter::once(vng_dir.join("bin"))
+                .chain(std::env::split_paths(&crate::setup::path_env())),
+        )?;
+        cmd.arg(vng_dir.join("bin/vng"))
+            .env("PYTHONPATH", vng_dir)
+            .env("PATH", path)
+            .arg("--verbose")
+            .arg("--run")
+            .arg(&self.image.vmlinuz)
+            .args(["--memory", "1G", "--cpus", "2"])
+            .arg("--rwdir")
+            .arg(self.rwdir)
+            .arg(format!("--qemu-opts={}", self.qemu_opts))
+            .arg("--exec")
+            .arg(&self.exec)
+            .stdin(Stdio::null());
+        if self.accel == Accel::Tcg {
+            cmd.arg("--disable-kvm");
+        }
+        let console = File::create(&self.console)
+            .with_context(|| format!("creating {}", self.console.display()))?;
+        cmd.stdout(console.try_clone()?).stderr(console);
+        let started = Instant::now();
+        let mut vng = Guarded::spawn(&mut cmd)?;
+        let status = vng.wait_until(started + self.timeout)?;
+        let elapsed = started.elapsed();
+        drop(vng);
+        Ok(Outcome { elapsed, status })
+    }
+}
