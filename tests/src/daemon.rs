@@ -46,6 +46,17 @@ pub enum Router {
     SysFirewall,
 }
 
+impl Router {
+    /// Where the router forwards toward the app: sys-net to sys-firewall,
+    /// sys-firewall to the app.
+    pub fn next_hop(self) -> std::net::Ipv4Addr {
+        match self {
+            Router::SysNet => crate::topology::SYSFW,
+            Router::SysFirewall => crate::topology::APP,
+        }
+    }
+}
+
 pub struct Forwarder {
     child: Option<Child>,
     pub pins: PinDir,
@@ -129,15 +140,40 @@ impl Forwarder {
         router: Router,
         extra: &[&str],
     ) -> Result<Self> {
-        use crate::topology::{APP, SYSFW, SYSFW_UPLINK, SYSNET_UPLINK};
-        let (ns, label, uplink, target) = match router {
-            Router::SysNet => (&t.sysnet, "sys-net", SYSNET_UPLINK, SYSFW),
-            Router::SysFirewall => (&t.sysfw, "sys-firewall", SYSFW_UPLINK, APP),
-        };
-        let target = target.to_string();
-        let mut args = vec!["--uplink", uplink, "--localsend", &target];
+        let target = router.next_hop().to_string();
+        let mut args = vec!["--localsend", &target];
         args.extend_from_slice(extra);
-        Self::start(ns, label, &args).with_context(|| format!("forwarder in {label}"))
+        Self::start_router(t, router, &args)
+    }
+
+    /// The forwarder in one router of the Qubes-like topology, on that
+    /// router's uplink, with `args`.
+    pub fn start_router(
+        t: &crate::topology::Topology,
+        router: Router,
+        args: &[&str],
+    ) -> Result<Self> {
+        use crate::topology::{SYSFW_UPLINK, SYSNET_UPLINK};
+        let (ns, label, uplink) = match router {
+            Router::SysNet => (&t.sysnet, "sys-net", SYSNET_UPLINK),
+            Router::SysFirewall => (&t.sysfw, "sys-firewall", SYSFW_UPLINK),
+        };
+        let mut full = vec!["--uplink", uplink];
+        full.extend_from_slice(args);
+        Self::start(ns, label, &full).with_context(|| format!("forwarder in {label}"))
+    }
+
+    /// The forwarder in both routers of the Qubes-like topology, sys-net's
+    /// with `sysnet` arguments and sys-firewall's with `sysfw`.
+    pub fn start_routers(
+        t: &crate::topology::Topology,
+        sysnet: &[&str],
+        sysfw: &[&str],
+    ) -> Result<(Self, Self)> {
+        Ok((
+            Self::start_router(t, Router::SysNet, sysnet)?,
+            Self::start_router(t, Router::SysFirewall, sysfw)?,
+        ))
     }
 
     /// Waits until the uplink program is attached and the uplink usable.

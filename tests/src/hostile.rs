@@ -64,22 +64,8 @@ pub const GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 167);
 /// The rules and relays every hostile run installs.
 pub fn rules() -> Vec<Rule> {
     vec![
-        Rule::new(
-            Proto::Tcp,
-            53317,
-            TARGET,
-            53317,
-            AllowFrom::Auto,
-            Origin::Flag,
-        ),
-        Rule::new(
-            Proto::Udp,
-            53317,
-            TARGET,
-            53317,
-            AllowFrom::Auto,
-            Origin::Flag,
-        ),
+        localsend_rule(Proto::Tcp),
+        localsend_rule(Proto::Udp),
         Rule::new(Proto::Tcp, 8080, TARGET, 80, AllowFrom::Any, Origin::Flag),
         Rule::new(
             Proto::Udp,

@@ -23,6 +23,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    child,
     netns::{DieWithParent as _, Netns, run},
     sockets::UdpRecorder,
     wait::wait_until,
@@ -403,18 +404,6 @@ fn strings(reply: &str) -> Vec<String> {
         .collect()
 }
 
-/// SIGTERM, then SIGKILL after 5 s.
-fn terminate(child: &mut Child) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    if !wait_until(Duration::from_secs(5), || {
-        child.try_wait().is_ok_and(|s| s.is_some())
-    }) {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
 impl Drop for Daemon {
     fn drop(&mut self) {
         // The daemon first: it talks to the bus while it shuts down.
@@ -422,7 +411,7 @@ impl Drop for Daemon {
             .into_iter()
             .flatten()
         {
-            terminate(child);
+            child::terminate(child, Duration::from_secs(5));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

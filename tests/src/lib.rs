@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod capture;
 pub mod checks;
+pub mod child;
 pub mod daemon;
 pub mod hostile;
 pub mod kdeconnect;

@@ -101,16 +101,13 @@ impl Libvirt {
         Ok(t)
     }
 
-    /// Receive checksum errors summed over TCP, UDP and ICMP, per namespace.
-    pub fn checksum_errors(&self) -> Result<Vec<(&'static str, u64)>> {
-        let mut out = Vec::new();
-        for (name, ns) in [("lan", &self.lan), ("host", &self.host), ("vm", &self.vm)] {
-            let mut total = 0;
-            for group in ["Tcp", "Udp", "Icmp"] {
-                total += ns.snmp(group, "InCsumErrors")?;
-            }
-            out.push((name, total));
-        }
-        Ok(out)
+    /// Fails naming every namespace whose TCP, UDP or ICMP counted a
+    /// receive checksum error.
+    pub fn ensure_no_checksum_errors(&self) -> Result<()> {
+        crate::netns::ensure_no_checksum_errors([
+            ("lan", &self.lan),
+            ("host", &self.host),
+            ("vm", &self.vm),
+        ])
     }
 }

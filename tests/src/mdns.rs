@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    child,
     netns::{DieWithParent as _, Netns},
-    wait::wait_until,
 };
 
 pub const MDNS_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
@@ -134,14 +134,7 @@ impl Advertiser {
 
 impl Drop for Advertiser {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        if !wait_until(Duration::from_secs(5), || {
-            self.child.try_wait().is_ok_and(|s| s.is_some())
-        }) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        child::terminate(&mut self.child, Duration::from_secs(5));
         let _ = std::fs::remove_file(&self.log);
     }
 }

@@ -224,6 +224,27 @@ impl Netns {
     }
 }
 
+/// Fails naming every namespace whose TCP, UDP or ICMP counted a receive
+/// checksum error.
+pub fn ensure_no_checksum_errors<'a>(
+    namespaces: impl IntoIterator<Item = (&'a str, &'a Netns)>,
+) -> Result<()> {
+    let mut errors = Vec::new();
+    for (name, ns) in namespaces {
+        let mut total = 0;
+        for group in ["Tcp", "Udp", "Icmp"] {
+            total += ns.snmp(group, "InCsumErrors")?;
+        }
+        if total > 0 {
+            errors.push(format!("{name}: {total}"));
+        }
+    }
+    if !errors.is_empty() {
+        bail!("checksum errors: {}", errors.join(", "));
+    }
+    Ok(())
+}
+
 fn setns(file: &File) -> Result<()> {
     // SAFETY: a valid namespace fd; affects only the calling thread.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

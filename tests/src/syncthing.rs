@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    child,
     netns::{DieWithParent as _, Netns, run},
     wait::wait_until,
 };
@@ -165,13 +166,7 @@ impl<'a> Syncthing<'a> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        if !wait_until(Duration::from_secs(10), || {
-            child.try_wait().is_ok_and(|s| s.is_some())
-        }) {
-            child.kill()?;
-            child.wait()?;
+        if !child::terminate(&mut child, Duration::from_secs(10)) {
             bail!("syncthing {} ignored SIGTERM for 10 s", self.name);
         }
         Ok(())
@@ -270,6 +265,41 @@ impl Drop for Syncthing<'_> {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// File content that differs with `seed`, so a file from the wrong peer
+/// or a truncated one fails the comparison.
+fn content(seed: u32, len: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(seed) >> 3) as u8)
+        .collect()
+}
+
+/// How long one file took to sync each way over one connection, from its
+/// scan at the sender to its last byte at the receiver.
+pub struct BothWays {
+    pub there: Duration,
+    pub back: Duration,
+}
+
+/// Between two connected instances: `sizes.0` bytes from `first` to
+/// `second`, then `sizes.1` bytes back.
+pub fn sync_both_ways(
+    first: &Syncthing,
+    second: &Syncthing,
+    sizes: (u32, u32),
+    timeout: Duration,
+) -> Result<BothWays> {
+    let one_way = |from: &Syncthing, to: &Syncthing, seed, len| {
+        let name = format!("from-{}.bin", from.name);
+        let bytes = content(seed, len);
+        from.put(&name, &bytes)?;
+        to.wait_synced(&name, &bytes, timeout)
+    };
+    Ok(BothWays {
+        there: one_way(first, second, 5, sizes.0)?,
+        back: one_way(second, first, 11, sizes.1)?,
+    })
 }
 
 /// Opens the app VM of the Qubes-like topology to Syncthing, as its user

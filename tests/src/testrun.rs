@@ -10,8 +10,9 @@ use forwarder::{
     datapath::{Datapath, HookKind, LoadOptions, Role},
     interfaces::mac_text,
     pin::{self, PinLayout},
-    rules::{Relay, Rule},
+    rules::{Origin, Relay, Rule},
     selftest::Support,
+    spec::{AllowFrom, Proto},
 };
 use forwarder_common::{
     maps::{DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, UPLINK_HAS_ADDR, UPLINK_UP, UplinkState},
@@ -46,6 +47,11 @@ pub const TARGET_MAC: Mac = [0x02, 0, 0, 0, 0, 0x05];
 pub const OTHER_VM: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 6);
 /// Behind vif1.0, without a neighbour entry.
 pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
+
+/// LocalSend's port forwarded to TARGET, from any LAN host, given by flag.
+pub fn localsend_rule(proto: Proto) -> Rule {
+    Rule::new(proto, 53317, TARGET, 53317, AllowFrom::Auto, Origin::Flag)
+}
 
 /// The flow table key of a peer of the rule `proto:listen_port`.
 pub fn flow_key(proto: u8, peer: Ipv4Addr, peer_port: u16, listen_port: u16) -> FlowKey {

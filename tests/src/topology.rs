@@ -278,17 +278,10 @@ impl Topology {
         Ok(())
     }
 
-    /// Receive checksum errors, summed over TCP, UDP and ICMP, per namespace.
-    pub fn checksum_errors(&self) -> Result<Vec<(&'static str, u64)>> {
-        let mut out = Vec::new();
-        for (name, ns) in self.namespaces() {
-            let mut total = 0;
-            for group in ["Tcp", "Udp", "Icmp"] {
-                total += ns.snmp(group, "InCsumErrors")?;
-            }
-            out.push((name, total));
-        }
-        Ok(out)
+    /// Fails naming every namespace whose TCP, UDP or ICMP counted a
+    /// receive checksum error.
+    pub fn ensure_no_checksum_errors(&self) -> Result<()> {
+        crate::netns::ensure_no_checksum_errors(self.namespaces())
     }
 
     /// The seed's complete recipe: DNAT hop by hop, `dup` of the VM's

@@ -40,3 +40,8 @@ pub fn until_stable<T: PartialEq>(
     }
     (last, false)
 }
+
+/// A duration as the tests print it: whole milliseconds.
+pub fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}

@@ -18,9 +18,9 @@ use forwarder_tests::{
     leak, mdns,
     netns::{Netns, sweep_leftovers},
     packet::{self, Frame},
-    syncthing::{self, Syncthing},
+    syncthing::{self, Syncthing, sync_both_ways},
     topology::*,
-    wait::wait_until,
+    wait::{ms, wait_until},
 };
 
 const A: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
@@ -51,16 +51,6 @@ fn segment() -> Result<(Netns, Netns)> {
     Ok((a, b))
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1e3)
-}
-
-fn content(seed: u32, len: u32) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(seed) >> 3) as u8)
-        .collect()
-}
-
 fn udp_to(frames: &[Vec<u8>], port: u16) -> Vec<packet::Parsed> {
     frames
         .iter()
@@ -75,8 +65,6 @@ fn syncthing_peers_on_one_segment_find_each_other_and_sync_both_ways() {
     let capture = Capture::start(&b, "eth0").unwrap();
     let mut sa = Syncthing::generate(&a, "st-a").unwrap();
     let mut sb = Syncthing::generate(&b, "st-b").unwrap();
-    let to_b = content(7, 100_000);
-    std::fs::write(sa.folder().join("from-a.bin"), &to_b).unwrap();
     sa.start(&sb).unwrap();
     let started = Instant::now();
     sb.start(&sa).unwrap();
@@ -86,14 +74,7 @@ fn syncthing_peers_on_one_segment_find_each_other_and_sync_both_ways() {
         seen_as.starts_with(&format!("{A}:")),
         "b sees a at {seen_as}"
     );
-    let synced_a_to_b = sb
-        .wait_synced("from-a.bin", &to_b, Duration::from_secs(20))
-        .unwrap();
-    let to_a = content(13, 80_000);
-    sb.put("from-b.bin", &to_a).unwrap();
-    let synced_b_to_a = sa
-        .wait_synced("from-b.bin", &to_a, Duration::from_secs(20))
-        .unwrap();
+    let synced = sync_both_ways(&sa, &sb, (100_000, 80_000), Duration::from_secs(20)).unwrap();
     let beacons: Vec<_> = udp_to(&capture.finish(), syncthing::DISCOVERY_PORT)
         .into_iter()
         .filter(|p| p.saddr == A || p.saddr == B)
@@ -107,10 +88,10 @@ fn syncthing_peers_on_one_segment_find_each_other_and_sync_both_ways() {
     assert!(beacons.iter().any(|p| p.saddr == B), "no beacon from b");
     println!(
         "syncthing on one segment: connected {} after the second started (b sees a at {seen_as}); \
-         100 kB a->b {} after connecting, 80 kB b->a {}; beacons seen: {} ({} bytes of payload, to {SEGMENT_BROADCAST})",
+         100 kB a->b in {}, 80 kB b->a in {}; beacons seen: {} ({} bytes of payload, to {SEGMENT_BROADCAST})",
         ms(connected),
-        ms(synced_a_to_b),
-        ms(synced_b_to_a),
+        ms(synced.there),
+        ms(synced.back),
         beacons.len(),
         beacons[0].payload.len()
     );
@@ -131,8 +112,6 @@ fn syncthing_in_the_app_dials_a_lan_peer_whose_beacon_reaches_it() {
     let app_side = Capture::start(&t.sysfw, "vif3.0").unwrap();
     let mut app = Syncthing::generate(&t.app, "app").unwrap();
     let mut lan = Syncthing::generate(&t.lan, "lan").unwrap();
-    let to_app = content(5, 60_000);
-    std::fs::write(lan.folder().join("from-lan.bin"), &to_app).unwrap();
     app.start(&lan).unwrap();
     let started = Instant::now();
     lan.start(&app).unwrap();
@@ -178,14 +157,7 @@ fn syncthing_in_the_app_dials_a_lan_peer_whose_beacon_reaches_it() {
         seen_as.starts_with(&format!("{SYSNET_LAN}:")),
         "the LAN peer sees the app at {seen_as}, not at sys-net's address"
     );
-    let down = app
-        .wait_synced("from-lan.bin", &to_app, Duration::from_secs(20))
-        .unwrap();
-    let to_lan = content(11, 40_000);
-    app.put("from-app.bin", &to_lan).unwrap();
-    let up = lan
-        .wait_synced("from-app.bin", &to_lan, Duration::from_secs(20))
-        .unwrap();
+    let synced = sync_both_ways(&lan, &app, (60_000, 40_000), Duration::from_secs(20)).unwrap();
 
     let app_beacons = udp_to(&app_side.finish(), syncthing::DISCOVERY_PORT)
         .into_iter()
@@ -202,8 +174,8 @@ fn syncthing_in_the_app_dials_a_lan_peer_whose_beacon_reaches_it() {
         beacon.daddr,
         ms(beacon_after),
         ms(connected),
-        ms(down),
-        ms(up)
+        ms(synced.there),
+        ms(synced.back)
     );
 }
 

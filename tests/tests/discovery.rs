@@ -22,9 +22,9 @@ use forwarder_tests::{
     leak, mdns,
     packet::{self, Parsed},
     sockets::{EchoServer, tcp_echo},
-    syncthing::{self, Syncthing},
+    syncthing::{self, Syncthing, sync_both_ways},
     topology::*,
-    wait::wait_until,
+    wait::{ms, wait_until},
 };
 
 /// Every internal address of the topology: none may reach the LAN.
@@ -39,18 +39,7 @@ const APP_PRINTER: &str = "App printer";
 /// next hop: sys-net at sys-firewall, sys-firewall at the app.
 fn start_routers(t: &Topology, preset: &str) -> Result<(Forwarder, Forwarder)> {
     let (sysfw, app) = (SYSFW.to_string(), APP.to_string());
-    Ok((
-        Forwarder::start(
-            &t.sysnet,
-            "sys-net",
-            &["--uplink", SYSNET_UPLINK, preset, &sysfw],
-        )?,
-        Forwarder::start(
-            &t.sysfw,
-            "sys-firewall",
-            &["--uplink", SYSFW_UPLINK, preset, &app],
-        )?,
-    ))
+    Forwarder::start_routers(t, &[preset, &sysfw], &[preset, &app])
 }
 
 /// What every forwarder run must end with: no internal address in any
@@ -62,26 +51,12 @@ fn finish(t: &Topology, routers: &[&Forwarder], lan: Capture) -> Result<Vec<Vec<
     for router in routers {
         ensure!(router.failures()? == 0, "refused rewrites or clones");
     }
-    let errors = t.checksum_errors()?;
-    ensure!(
-        errors.iter().all(|(_, n)| *n == 0),
-        "checksum errors: {errors:?}"
-    );
+    t.ensure_no_checksum_errors()?;
     Ok(frames)
 }
 
 fn parsed(frames: &[Vec<u8>]) -> Vec<Parsed> {
     frames.iter().filter_map(|f| packet::parse(f)).collect()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1e3)
-}
-
-fn content(seed: u32, len: u32) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(seed) >> 3) as u8)
-        .collect()
 }
 
 /// The app's Syncthing never beacons out of its /32 eth0; the LAN peer's
@@ -95,8 +70,6 @@ fn syncthing(offload: Offload) {
 
     let mut app = Syncthing::generate(&t.app, "app").unwrap();
     let mut lan = Syncthing::generate(&t.lan, "lan").unwrap();
-    let to_app = content(5, 200_000);
-    std::fs::write(lan.folder().join("from-lan.bin"), &to_app).unwrap();
     app.start(&lan).unwrap();
     // The LAN peer starts last, as a laptop joining: its start-up beacon is
     // the one the app must hear (the next comes 30 s later).
@@ -110,14 +83,7 @@ fn syncthing(offload: Offload) {
         seen_as.starts_with(&format!("{SYSNET_LAN}:")),
         "the LAN peer sees the app at {seen_as}, not at sys-net's address"
     );
-    let down = app
-        .wait_synced("from-lan.bin", &to_app, Duration::from_secs(20))
-        .unwrap();
-    let to_lan = content(11, 150_000);
-    app.put("from-app.bin", &to_lan).unwrap();
-    let up = lan
-        .wait_synced("from-app.bin", &to_lan, Duration::from_secs(20))
-        .unwrap();
+    let synced = sync_both_ways(&lan, &app, (200_000, 150_000), Duration::from_secs(20)).unwrap();
     app.stop().unwrap();
     lan.stop().unwrap();
 
@@ -130,8 +96,8 @@ fn syncthing(offload: Offload) {
         "forwarder, offload {offload:?}: Syncthing connected {} after the LAN peer started (seen at {seen_as}); \
          200 kB LAN->app in {}, 150 kB app->LAN in {}; {beacons} beacons on the LAN, {} frames, no internal address",
         ms(discovered),
-        ms(down),
-        ms(up),
+        ms(synced.there),
+        ms(synced.back),
         frames.len()
     );
 }

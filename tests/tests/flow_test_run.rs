@@ -33,24 +33,7 @@ use forwarder_tests::{
 const PEER_PORT: u16 = 40000;
 
 fn rules() -> Vec<Rule> {
-    vec![
-        Rule::new(
-            Proto::Tcp,
-            53317,
-            TARGET,
-            53317,
-            AllowFrom::Auto,
-            Origin::Flag,
-        ),
-        Rule::new(
-            Proto::Udp,
-            53317,
-            TARGET,
-            53317,
-            AllowFrom::Auto,
-            Origin::Flag,
-        ),
-    ]
+    vec![localsend_rule(Proto::Tcp), localsend_rule(Proto::Udp)]
 }
 
 fn harness() -> Harness {
@@ -88,10 +71,15 @@ fn send_peer(h: &Harness, proto: u8, flags: u8) -> i32 {
         .0
 }
 
-fn send_target(h: &Harness, proto: u8, flags: u8) -> i32 {
+/// The target's packet run through the downstream program: the action and
+/// the packet as it leaves.
+fn run_target(h: &Harness, proto: u8, flags: u8) -> (i32, Vec<u8>) {
     h.run(Role::Downstream, h.vif1.index, &from_target(proto, flags))
         .unwrap()
-        .0
+}
+
+fn send_target(h: &Harness, proto: u8, flags: u8) -> i32 {
+    run_target(h, proto, flags).0
 }
 
 fn entry(h: &Harness, proto: u8) -> Option<FlowEntry> {
@@ -121,13 +109,7 @@ fn flows_start_on_the_uplink_side_and_replies_follow_them() {
     assert_eq!(flow::state_name(TCP, opening.state), "opening");
     assert_eq!(opening.rule_id, h.rule_id(TCP, 53317));
 
-    let (action, out) = h
-        .run(
-            Role::Downstream,
-            h.vif1.index,
-            &from_target(TCP, TCP_SYN | TCP_ACK),
-        )
-        .unwrap();
+    let (action, out) = run_target(&h, TCP, TCP_SYN | TCP_ACK);
     assert_eq!(action, TC_ACT_REDIRECT);
     let p = packet::parse(&out).unwrap();
     assert_eq!(
@@ -264,23 +246,9 @@ fn every_state_times_out_after_its_idle_timeout() {
 #[test]
 fn a_rule_past_its_deadline_is_not_applied_either_way() {
     netns::sweep_leftovers();
-    let mut gone = Rule::new(
-        Proto::Tcp,
-        53317,
-        TARGET,
-        53317,
-        AllowFrom::Auto,
-        Origin::Live,
-    );
+    let mut gone = localsend_rule(Proto::Tcp);
     gone.expires = Some(SystemTime::now() - Duration::from_secs(1));
-    let mut later = Rule::new(
-        Proto::Udp,
-        53317,
-        TARGET,
-        53317,
-        AllowFrom::Auto,
-        Origin::Live,
-    );
+    let mut later = localsend_rule(Proto::Udp);
     later.expires = Some(SystemTime::now() + Duration::from_secs(3600));
     let mut h = Harness::new(&[gone, later]).unwrap();
     h.assert_untouched(
@@ -320,14 +288,10 @@ fn removing_or_retargeting_a_rule_ends_its_flows() {
     send_peer(&h, UDP, 0);
     assert!(entry(&h, TCP).is_some() && entry(&h, UDP).is_some());
     // tcp:53317 now points elsewhere; udp:53317 is gone.
-    let retargeted = Rule::new(
-        Proto::Tcp,
-        53317,
-        OTHER_VM,
-        53317,
-        AllowFrom::Auto,
-        Origin::Live,
-    );
+    let retargeted = Rule {
+        target: OTHER_VM,
+        ..localsend_rule(Proto::Tcp)
+    };
     h.datapath.tables.sync_rules(&[retargeted]).unwrap();
     assert!(entry(&h, TCP).is_none() && entry(&h, UDP).is_none());
     h.assert_untouched(
@@ -356,13 +320,7 @@ fn the_fallbacks_for_older_kernels_forward_the_same_way() {
     };
     let h = Harness::with_support(&rules(), &[], old_kernel).unwrap();
     assert_eq!(send_peer(&h, TCP, TCP_SYN), TC_ACT_REDIRECT);
-    let (action, out) = h
-        .run(
-            Role::Downstream,
-            h.vif1.index,
-            &from_target(TCP, TCP_SYN | TCP_ACK),
-        )
-        .unwrap();
+    let (action, out) = run_target(&h, TCP, TCP_SYN | TCP_ACK);
     assert_eq!(action, TC_ACT_REDIRECT);
     assert!(packet::parse(&out).unwrap().l4_checksum_ok);
     // Without a route MTU in the answer, the lookup itself checks lengths.

@@ -45,31 +45,13 @@ fn ping(ns: &Netns, to: Ipv4Addr) -> Result<()> {
 
 fn start_forwarders(t: &Topology) -> Result<(Forwarder, Forwarder)> {
     let port = LOCALSEND_PORT;
-    let sysnet = Forwarder::start(
-        &t.sysnet,
-        "sys-net",
-        &[
-            "--uplink",
-            SYSNET_UPLINK,
-            "--forward",
-            &format!("tcp:{port}={SYSFW}"),
-            "--forward",
-            &format!("udp:{port}={SYSFW}"),
-        ],
-    )?;
-    let sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &[
-            "--uplink",
-            SYSFW_UPLINK,
-            "--forward",
-            &format!("tcp:{port}={APP}"),
-            "--forward",
-            &format!("udp:{port}={APP}"),
-        ],
-    )?;
-    Ok((sysnet, sysfw))
+    let (tcp_sysnet, udp_sysnet) = (format!("tcp:{port}={SYSFW}"), format!("udp:{port}={SYSFW}"));
+    let (tcp_sysfw, udp_sysfw) = (format!("tcp:{port}={APP}"), format!("udp:{port}={APP}"));
+    Forwarder::start_routers(
+        t,
+        &["--forward", &tcp_sysnet, "--forward", &udp_sysnet],
+        &["--forward", &tcp_sysfw, "--forward", &udp_sysfw],
+    )
 }
 
 /// Forwarded flows from the LAN peer that conntrack tracks in a router.
@@ -241,11 +223,7 @@ fn scenario(contender: Contender, offload: Offload) -> Checks {
     );
     check(
         "receivers counted no checksum errors",
-        (|| {
-            let errors = t.checksum_errors()?;
-            ensure!(errors.iter().all(|(_, n)| *n == 0), "{errors:?}");
-            Ok(())
-        })(),
+        t.ensure_no_checksum_errors(),
     );
 
     if let Some((mut sysnet, mut sysfw)) = forwarders.take() {

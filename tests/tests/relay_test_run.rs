@@ -5,7 +5,10 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use forwarder::{datapath::Role, rules::Relay};
-use forwarder_common::{maps::group_mac, reason::Reason};
+use forwarder_common::{
+    maps::{RelayCounters, group_mac},
+    reason::Reason,
+};
 use forwarder_tests::{
     capture::Capture,
     netns,
@@ -50,28 +53,33 @@ fn lan_announcement(from: Ipv4Addr) -> Frame {
     frame
 }
 
-/// The relay frames a capture receives: waits until `expected` arrived,
-/// then gives extra ones a deadline to show up (there must be none).
-fn collect(capture: Capture, expected: usize) -> Vec<packet::Parsed> {
-    let count = || {
-        capture
-            .snapshot()
-            .iter()
-            .filter(|f| is_relay_frame(f))
-            .count()
-    };
+/// The frames a capture receives that `wanted` picks: waits until
+/// `expected` arrived, then gives extra ones a deadline to show up (there
+/// must be none).
+fn frames_matching(capture: Capture, expected: usize, wanted: fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+    let count = || capture.snapshot().iter().filter(|f| wanted(f)).count();
     wait_until(Duration::from_secs(2), || count() >= expected);
     wait_until(Duration::from_millis(200), || count() > expected);
-    capture
-        .finish()
-        .into_iter()
-        .filter(|f| is_relay_frame(f))
-        .filter_map(|f| packet::parse(&f))
+    capture.finish().into_iter().filter(|f| wanted(f)).collect()
+}
+
+/// The relay frames a capture receives, as [`frames_matching`] waits.
+fn collect(capture: Capture, expected: usize) -> Vec<packet::Parsed> {
+    frames_matching(capture, expected, is_relay_frame)
+        .iter()
+        .filter_map(|f| packet::parse(f))
         .collect()
 }
 
 fn is_relay_frame(frame: &[u8]) -> bool {
     packet::parse(frame).is_some_and(|p| p.daddr == GROUP && p.dport == PORT)
+}
+
+/// The counters of the harness's one relay.
+fn only_relay_counters(h: &Harness) -> RelayCounters {
+    let relays = h.datapath.tables.installed_relays().unwrap();
+    let slot = relays.values().next().expect("one relay installed").slot;
+    h.datapath.tables.relay_counters(slot).unwrap()
 }
 
 #[test]
@@ -91,12 +99,7 @@ fn a_vm_announcement_is_copied_to_the_uplink_with_the_uplink_source() {
     assert_eq!(copy.src_mac, h.uplink.mac);
     assert!(copy.ip_checksum_ok && copy.l4_checksum_ok);
     assert_eq!(copy.payload, br#"{"alias":"app","announce":true}"#);
-    let relays = h.datapath.tables.installed_relays().unwrap();
-    let slot = relays.values().next().unwrap().slot;
-    assert_eq!(
-        h.datapath.tables.relay_counters(slot).unwrap().packets_up,
-        1
-    );
+    assert_eq!(only_relay_counters(&h).packets_up, 1);
 }
 
 #[test]
@@ -204,16 +207,7 @@ fn the_token_bucket_limits_copies_to_the_lan() {
     let copies = collect(lan, 3);
     assert_eq!(copies.len(), 3, "a burst of one second's worth at 3/s");
     assert_eq!(h.reason(Reason::RelayRateLimited), before + 5);
-    let slot = h
-        .datapath
-        .tables
-        .installed_relays()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .slot;
-    let counters = h.datapath.tables.relay_counters(slot).unwrap();
+    let counters = only_relay_counters(&h);
     assert_eq!((counters.packets_up, counters.rate_limited), (3, 5));
 }
 
@@ -242,16 +236,7 @@ fn the_token_bucket_limits_copies_toward_the_vms() {
     );
     assert_eq!(collect(vm2, 3).len(), 3);
     assert_eq!(h.reason(Reason::RelayDownRateLimited), before + 5);
-    let slot = h
-        .datapath
-        .tables
-        .installed_relays()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .slot;
-    let counters = h.datapath.tables.relay_counters(slot).unwrap();
+    let counters = only_relay_counters(&h);
     assert_eq!((counters.packets_down, counters.rate_limited_down), (6, 5));
 }
 
@@ -315,23 +300,10 @@ fn is_broadcast_frame(frame: &[u8]) -> bool {
     frame.len() > 34 && frame[30..34] == [255, 255, 255, 255]
 }
 
-/// Frames a capture saw to the broadcast address, after waiting for
-/// `expected` of them (and giving more a moment to show up).
+/// Frames a capture saw to the broadcast address, as [`frames_matching`]
+/// waits.
 fn broadcasts(capture: Capture, expected: usize) -> Vec<Vec<u8>> {
-    let count = || {
-        capture
-            .snapshot()
-            .iter()
-            .filter(|f| is_broadcast_frame(f))
-            .count()
-    };
-    wait_until(Duration::from_secs(2), || count() >= expected);
-    wait_until(Duration::from_millis(200), || count() > expected);
-    capture
-        .finish()
-        .into_iter()
-        .filter(|f| is_broadcast_frame(f))
-        .collect()
+    frames_matching(capture, expected, is_broadcast_frame)
 }
 
 #[test]

@@ -128,8 +128,16 @@ pub fn apt_install(packages: &[String]) -> Result<()> {
             missing.join(" ")
         );
     }
-    // Waits for another apt (a concurrent setup) instead of failing.
-    run_cmd(command("apt-get").args(["update", "-q", "-oDPkg::Lock::Timeout=600"]))?;
+    run_cmd(command("apt-get").args(["update", "-q", APT_LOCK_WAIT]))?;
+    apt_get_install(&[], &missing)
+}
+
+/// Waits for another apt (a concurrent setup) instead of failing.
+const APT_LOCK_WAIT: &str = "-oDPkg::Lock::Timeout=600";
+
+/// `apt-get install` of `packages` without recommends or questions, with
+/// apt `options` (a sources list, a target release).
+pub fn apt_get_install(options: &[&str], packages: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
     run_cmd(
         command("apt-get")
             .args([
@@ -137,9 +145,10 @@ pub fn apt_install(packages: &[String]) -> Result<()> {
                 "-y",
                 "-q",
                 "--no-install-recommends",
-                "-oDPkg::Lock::Timeout=600",
+                APT_LOCK_WAIT,
             ])
-            .args(&missing)
+            .args(options)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

@@ -20,7 +20,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::{apt_install, command, installed_version, run_cmd, step, workspace_root};
+use crate::setup::{
+    apt_get_install, apt_install, command, installed_version, run_cmd, step, workspace_root,
+};
 
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
@@ -114,19 +116,8 @@ fn install_host_tools() -> Result<()> {
     let source = format!("Dir::Etc::SourceList={}", list.display());
     println!("    qemu-system-x86 from {codename}-backports, like qemu-utils {utils}");
     run_cmd(command("apt-get").args(["-q", "-o", &source, "update"]))?;
-    run_cmd(
-        command("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "-o",
-                &source,
-            ])
-            .args(["-t", &format!("{codename}-backports"), "qemu-system-x86"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    let release = format!("{codename}-backports");
+    apt_get_install(&["-o", &source, "-t", &release], &["qemu-system-x86"])
 }
 
 /// The cached boot files: a raw ext4 root filesystem and its kernel.

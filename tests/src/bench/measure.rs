@@ -329,23 +329,12 @@ pub fn rr_latency(env: &Env, rounds: usize) -> Result<Latency> {
 /// (the median of `runs`), and the timer's own share of a single run (the
 /// pass-through path timed both ways) is subtracted.
 pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
-    use forwarder::{
-        datapath::Role,
-        rules::{Origin, Relay, Rule},
-        spec::{AllowFrom, Proto},
-    };
+    use forwarder::{datapath::Role, rules::Relay, spec::Proto};
     use forwarder_common::maps::group_mac;
 
     use crate::testrun::*;
 
-    let rules = [Rule::new(
-        Proto::Tcp,
-        53317,
-        TARGET,
-        53317,
-        AllowFrom::Auto,
-        Origin::Flag,
-    )];
+    let rules = [localsend_rule(Proto::Tcp)];
     let group = Ipv4Addr::new(224, 0, 0, 167);
     let relays = [Relay {
         group,
