@@ -178,7 +178,14 @@ impl Forwarder {
 
     /// Waits until the uplink program is attached and the uplink usable.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        if wait_until(timeout, || self.ready()) {
+        // A daemon that exited (refusing the kernel, say) will not become
+        // ready: no need to wait out the timeout.
+        let mut ready = false;
+        wait_until(timeout, || {
+            ready = self.ready();
+            ready || !self.running()
+        });
+        if ready {
             return Ok(());
         }
         let status = self
