@@ -75,10 +75,14 @@ pub fn run(results: &mut Results) -> bool {
                 "start",
                 Status::Pass,
                 &format!(
-                    "attached as {} in both routers in {:.0} s (the topology took {:.0} s)",
+                    "attached as {} in both routers in {:.0} s (the topology took {:.0} s); fallbacks: {}",
                     routers.hook.name(),
                     starting.elapsed().as_secs_f64(),
-                    built.as_secs_f64()
+                    built.as_secs_f64(),
+                    match routers::fallbacks(&routers.sysnet) {
+                        f if f.is_empty() => "none".to_string(),
+                        f => f.join("; "),
+                    }
                 ),
             );
             *routers

@@ -118,6 +118,16 @@ pub fn start(sysnet: &Netns, sysfw: &Netns) -> Result<Started<Box<Routers>>> {
     }
 }
 
+/// The fallbacks a running forwarder's self-test chose for this kernel,
+/// from its log; empty when the kernel runs the datapath as compiled.
+pub fn fallbacks(fwd: &Forwarder) -> Vec<String> {
+    fwd.log_text()
+        .lines()
+        .filter_map(|l| l.split_once("fallback for this kernel: "))
+        .map(|(_, what)| what.to_string())
+        .collect()
+}
+
 /// The hook a running forwarder's uplink program sits on, as the instance
 /// recorded it.
 fn hook(fwd: &Forwarder) -> Result<HookKind> {
