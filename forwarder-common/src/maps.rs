@@ -310,6 +310,25 @@ map_type! {
         pub pad2: u16,
         pub created_ns: u64,
         pub seen_ns: u64,
+        /// The route checks of the peer's packets, passed on the uplink.
+        pub to_target: FlowRoute,
+        /// The route checks of the target's packets, passed on a downstream
+        /// interface.
+        pub to_peer: FlowRoute,
+    }
+}
+
+map_type! {
+    /// A flow's route, remembered once a packet passed the reverse-path
+    /// check and the forward lookup, so that its later packets skip both
+    /// while the FIB generation holds. It serves only packets that arrive
+    /// on `ingress`: the reverse-path verdict is about that interface.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct FlowRoute {
+        /// 0: nothing remembered.
+        pub ingress: u32,
+        pub route: RouteEntry,
     }
 }
 
@@ -515,6 +534,7 @@ const _: () = {
     assert!(size_of::<RelayCounters>() == 48);
     assert!(size_of::<RouteKey>() == 16);
     assert!(size_of::<RouteEntry>() == 24);
+    assert!(size_of::<FlowRoute>() == 28);
     assert!(size_of::<UplinkState>() == 16);
     assert!(size_of::<RuleKey>() == 4);
     assert!(size_of::<Cidr>() == 8);
@@ -522,7 +542,7 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 8);
     assert!(size_of::<RuleCounters>() == 32);
     assert!(size_of::<FlowKey>() == 12);
-    assert!(size_of::<FlowEntry>() == 24);
+    assert!(size_of::<FlowEntry>() == 80);
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentTrain>() == 16);
 };

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use forwarder_common::{
-    maps::{ROUTE_KIND_REVERSE_PATH, RouteEntry, RouteKey},
+    maps::{FlowRoute, ROUTE_KIND_REVERSE_PATH, RouteEntry, RouteKey},
     reason::Reason,
 };
 
@@ -90,7 +90,9 @@ pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u
 }
 
 /// What the stack would do with a packet from `saddr` to `daddr` arriving on
-/// `ifindex`. A non-zero `tot_len` is checked against the route's MTU.
+/// `ifindex`. A non-zero `tot_len` is checked against the route's MTU. The
+/// entry, when there is one, is a complete answer that holds for later
+/// packets until the FIB generation changes.
 #[inline(always)]
 pub fn lookup(
     ctx: &TcContext,
@@ -99,7 +101,7 @@ pub fn lookup(
     daddr: u32,
     proto: u8,
     tot_len: u16,
-) -> Result<Route, Reason> {
+) -> Result<(Route, Option<RouteEntry>), Reason> {
     let key = RouteKey {
         daddr,
         saddr,
@@ -107,6 +109,33 @@ pub fn lookup(
         kind: u32::from(proto),
     };
     cached_fib(ctx, &key, tot_len)
+}
+
+/// The route of a packet of a flow that arrived on `ifindex`: the one the
+/// flow remembered while the FIB generation holds, or else what `check`
+/// finds, with the answer the flow should remember from now on.
+#[inline(always)]
+pub fn flow_route(
+    remembered: Option<&FlowRoute>,
+    ifindex: u32,
+    tot_len: u16,
+    check: impl FnOnce() -> Result<(Route, Option<RouteEntry>), Reason>,
+) -> Result<(Route, Option<FlowRoute>), Reason> {
+    if let Some(flow) = remembered
+        && flow.ingress == ifindex
+        && flow.route.ifindex != 0
+        && flow.route.generation == maps::fib_generation()
+    {
+        return Ok((resolved(&flow.route, tot_len)?, None));
+    }
+    let (route, lasting) = check()?;
+    Ok((
+        route,
+        lasting.map(|route| FlowRoute {
+            ingress: ifindex,
+            route,
+        }),
+    ))
 }
 
 /// Strict reverse-path check: `saddr` must route back out of `ifindex`, the
@@ -129,7 +158,7 @@ pub fn reverse_path(
         kind: ROUTE_KIND_REVERSE_PATH | u32::from(proto),
     };
     match cached_fib(ctx, &key, 0) {
-        Ok(route) if route.ifindex() == ifindex => Ok(()),
+        Ok((route, _)) if route.ifindex() == ifindex => Ok(()),
         // Not about the source: the kernel would not forward at all.
         Err(reason @ (Reason::FibLookupRejected | Reason::FibFwdDisabled)) => Err(reason),
         _ => Err(Reason::ReversePathFailed),
@@ -150,12 +179,16 @@ pub fn reverse_path(
 /// Reverse-path keys carry no length and are looked up without resolving a
 /// neighbour.
 #[inline(always)]
-fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Reason> {
+fn cached_fib(
+    ctx: &TcContext,
+    key: &RouteKey,
+    tot_len: u16,
+) -> Result<(Route, Option<RouteEntry>), Reason> {
     let generation = maps::fib_generation();
     if let Some(entry) = maps::cached_route(key)
         && entry.generation == generation
     {
-        return resolved(&entry, tot_len);
+        return Ok((resolved(&entry, tot_len)?, Some(entry)));
     }
     let reverse_path = key.kind & ROUTE_KIND_REVERSE_PATH != 0;
     let flags = if reverse_path { no_neigh_flags() } else { 0 };
@@ -189,15 +222,19 @@ fn cached_fib(ctx: &TcContext, key: &RouteKey, tot_len: u16) -> Result<Route, Re
                 dmac: params.dmac,
                 pad: 0,
             };
-            if reverse_path || (mtu_result && !gso) {
-                maps::cache_route(key, &entry);
+            let lasting = (reverse_path || (mtu_result && !gso)).then_some(entry);
+            if let Some(entry) = &lasting {
+                maps::cache_route(key, entry);
             }
-            resolved(&entry, tot_len)
+            Ok((resolved(&entry, tot_len)?, lasting))
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved {
-            ifindex: params.ifindex,
-            nexthop,
-        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok((
+            Route::Unresolved {
+                ifindex: params.ifindex,
+                nexthop,
+            },
+            None,
+        )),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::FibFragNeeded),
         BPF_FIB_LKUP_RET_FWD_DISABLED => Err(Reason::FibFwdDisabled),
         // Blackhole, unreachable, prohibit, not forwarded (local or

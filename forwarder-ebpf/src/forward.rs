@@ -87,24 +87,22 @@ fn forward(
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
-    fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
-    let route = fib::lookup(
-        ctx,
+    let flow_key = FlowKey::new(ip.saddr, l4.sport, ip.proto, l4.dport);
+    let live = flow::of_peer(&flow_key, rule.id, l4.tcp_flags, now);
+    let tot_len = parse::wire_len(ctx, ip, &l4);
+    let (route, remember) = fib::flow_route(
+        live.as_deref().map(|entry| &entry.to_target),
         ifindex,
-        ip.saddr,
-        rule.target_addr,
-        ip.proto,
-        parse::wire_len(ctx, ip, &l4),
+        tot_len,
+        || {
+            fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
+            fib::lookup(ctx, ifindex, ip.saddr, rule.target_addr, ip.proto, tot_len)
+        },
     )?;
     if route.ifindex() == ifindex {
         return Err(Reason::TargetViaUplink);
     }
-    flow::from_peer(
-        &FlowKey::new(ip.saddr, l4.sport, ip.proto, l4.dport),
-        rule.id,
-        l4.tcp_flags,
-        now,
-    );
+    flow::from_peer(&flow_key, live, rule.id, l4.tcp_flags, now, remember);
 
     nat::translate(
         ctx,

@@ -67,7 +67,7 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if fib::is_martian(ip.daddr) || !rule.allow.allows(ip.daddr, &uplink) {
         return Err(Reason::PeerNotAllowed);
     }
-    flow::from_target(
+    let flow = flow::from_target(
         &FlowKey::new(ip.daddr, l4.dport, ip.proto, key.port),
         rule.id,
         l4.tcp_flags,
@@ -78,17 +78,16 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     }
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
-    let route = fib::lookup(
-        ctx,
-        ifindex,
-        uplink.addr,
-        ip.daddr,
-        ip.proto,
-        parse::wire_len(ctx, ip, &l4),
-    )?;
+    let tot_len = parse::wire_len(ctx, ip, &l4);
+    let (route, remember) = fib::flow_route(Some(&flow.to_peer), ifindex, tot_len, || {
+        fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
+        fib::lookup(ctx, ifindex, uplink.addr, ip.daddr, ip.proto, tot_len)
+    })?;
     if route.ifindex() != uplink.ifindex {
         return Err(Reason::ReplyNotViaUplink);
+    }
+    if let Some(route) = remember {
+        flow.to_peer = route;
     }
 
     nat::translate(ctx, ip, &l4, End::Source, uplink.addr, key.port)?;

@@ -383,3 +383,39 @@ fn a_port_range_maps_each_port_to_its_own_target_port_and_back() {
     );
     assert_eq!(views[0].flows, 3);
 }
+
+#[test]
+fn a_flows_remembered_routes_hold_for_one_interface_and_one_fib_generation() {
+    let mut h = harness();
+    assert_eq!(send_peer(&h, TCP, TCP_SYN), TC_ACT_REDIRECT);
+    assert_eq!(send_target(&h, TCP, TCP_SYN | TCP_ACK), TC_ACT_REDIRECT);
+    let remembered = entry(&h, TCP).unwrap();
+    assert_eq!(remembered.to_target.ingress, h.uplink.index);
+    assert_eq!(remembered.to_target.route.ifindex, h.vif1.index);
+    assert_eq!(remembered.to_peer.ingress, h.vif1.index);
+    assert_eq!(remembered.to_peer.route.ifindex, h.uplink.index);
+
+    // Another VM sending as the target: the reverse-path verdict the flow
+    // remembers is about vif1.0, so vif2.0 is checked afresh and fails.
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif2.index,
+        &from_target(TCP, TCP_ACK),
+        Reason::ReversePathFailed,
+    );
+
+    // The peer's MAC changes: the remembered route stands until the daemon
+    // bumps the generation, then the FIB is asked again.
+    h.ns.ip(&format!(
+        "neigh replace {LAN_PEER} lladdr 02:00:00:00:00:66 dev up0 nud permanent"
+    ))
+    .unwrap();
+    let dst_mac = |h: &Harness| {
+        packet::parse(&run_target(h, TCP, TCP_ACK).1)
+            .unwrap()
+            .dst_mac
+    };
+    assert_eq!(dst_mac(&h), LAN_PEER_MAC, "served from the flow");
+    h.datapath.tables.bump_fib_generation().unwrap();
+    assert_eq!(dst_mac(&h), [0x02, 0, 0, 0, 0, 0x66]);
+}
