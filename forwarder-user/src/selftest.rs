@@ -107,14 +107,7 @@ const LOOPBACK: u32 = 1;
 /// lacks. `scratch` is a directory on a bpffs for the throwaway maps.
 pub fn run(scratch: &Path, flow_table_size: u32) -> Result<Support> {
     let kernel = Kernel::running();
-    if kernel.version < FLOOR {
-        bail!(
-            "{kernel} is older than the forwarder's floor, Linux {}.{}: its datapath needs \
-             bpf_redirect_neigh with a next hop (5.10)",
-            FLOOR.0,
-            FLOOR.1
-        );
-    }
+    above_floor(&kernel)?;
     let fib_mtu_result = kernel.version >= MTU_RESULT_SINCE;
     let mut last = None;
     for fib_skip_neigh in [true, false] {
@@ -136,6 +129,20 @@ pub fn run(scratch: &Path, flow_table_size: u32) -> Result<Support> {
         FLOOR.0,
         FLOOR.1
     )
+}
+
+/// Refuses a kernel older than the floor, naming it and what it lacks; no
+/// self-test could make up for a missing helper.
+fn above_floor(kernel: &Kernel) -> Result<()> {
+    if kernel.version < FLOOR {
+        bail!(
+            "{kernel} is older than the forwarder's floor, Linux {}.{}: its datapath needs \
+             bpf_redirect_neigh with a next hop (5.10)",
+            FLOOR.0,
+            FLOOR.1
+        );
+    }
+    Ok(())
 }
 
 /// Loads an instance with `support`'s fallbacks into `scratch`, runs both
@@ -265,5 +272,21 @@ mod tests {
         assert_eq!(parse_version("6.18.2"), Some((6, 18)));
         assert_eq!(parse_version("garbage"), None);
         assert!((5, 10) < (6, 1) && (5, 9) < FLOOR && (6, 12) >= MTU_RESULT_SINCE);
+    }
+
+    #[test]
+    fn a_kernel_below_the_floor_is_refused_by_name() {
+        let kernel = |release: &str| Kernel {
+            release: release.into(),
+            version: parse_version(release).unwrap(),
+        };
+        let err = above_floor(&kernel("4.19.0-27-amd64"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Linux 4.19.0-27-amd64") && err.contains("bpf_redirect_neigh"),
+            "{err}"
+        );
+        assert!(above_floor(&kernel("5.10.0-32-amd64")).is_ok());
     }
 }
