@@ -307,6 +307,13 @@ fn multicast_ttl(sock: &UdpSocket, ttl: u32) -> Result<()> {
 }
 
 impl Announcer {
+    /// LocalSend's announcement as a VM or a LAN peer sends it: to its group
+    /// and port with TTL 1.
+    pub fn localsend(ns: &Netns, tag: &str, interval: Duration) -> Result<Self> {
+        use crate::topology::{LOCALSEND_GROUP, LOCALSEND_PORT};
+        Self::start(ns, tag, LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval)
+    }
+
     /// Payloads are "<tag> <sequence number>".
     pub fn start(
         ns: &Netns,
@@ -408,6 +415,15 @@ impl MulticastListener {
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// The senders of what arrived from anywhere but `source`.
+    pub fn senders_other_than(&self, source: Ipv4Addr) -> Vec<SocketAddr> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.from.ip() != source)
+            .map(|r| r.from)
+            .collect()
     }
 
     /// Waits until a datagram from `source` whose payload starts with `tag`

@@ -149,10 +149,8 @@ fn everything_works(t: &Topology, tag: &str) {
     let at_lan = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT).unwrap();
     let at_app = MulticastListener::start(&t.app, LOCALSEND_GROUP, LOCALSEND_PORT).unwrap();
     let interval = Duration::from_millis(50);
-    let _from_app =
-        Announcer::start(&t.app, tag, LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
-    let _from_lan =
-        Announcer::start(&t.lan, tag, LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
+    let _from_app = Announcer::localsend(&t.app, tag, interval).unwrap();
+    let _from_lan = Announcer::localsend(&t.lan, tag, interval).unwrap();
     assert!(
         at_lan
             .wait_from(SYSNET_LAN, tag, Duration::from_secs(3))
@@ -397,10 +395,8 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
     let at_lan = Capture::start(&lan, "br0").unwrap();
     let at_vm = Capture::start(&vm, "eth0").unwrap();
     let interval = Duration::from_millis(50);
-    let from_vm =
-        Announcer::start(&vm, "vm", LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
-    let from_lan =
-        Announcer::start(&lan, "lan", LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval).unwrap();
+    let from_vm = Announcer::localsend(&vm, "vm", interval).unwrap();
+    let from_lan = Announcer::localsend(&lan, "lan", interval).unwrap();
     // (reflected, relay_not_target) per router: the guards against a loop.
     let guards = || {
         fwds.iter()

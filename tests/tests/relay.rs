@@ -32,14 +32,7 @@ enum Contender {
 }
 
 fn announce(ns: &Netns, tag: &str) -> Result<Announcer> {
-    Announcer::start(
-        ns,
-        tag,
-        LOCALSEND_GROUP,
-        LOCALSEND_PORT,
-        1,
-        Duration::from_millis(20),
-    )
+    Announcer::localsend(ns, tag, Duration::from_millis(20))
 }
 
 /// A VM announcement must reach the LAN from sys-net's current address.
@@ -51,12 +44,7 @@ fn vm_to_lan(t: &Topology, tag: &str, expected_source: Ipv4Addr) -> Result<()> {
         .ok_or_else(|| {
             anyhow!("no announcement tagged {tag:?} from {expected_source} on the LAN")
         })?;
-    let foreign: Vec<_> = listener
-        .received()
-        .into_iter()
-        .filter(|r| r.from.ip() != expected_source)
-        .map(|r| r.from)
-        .collect();
+    let foreign = listener.senders_other_than(expected_source);
     ensure!(
         foreign.is_empty(),
         "announcements from other sources: {foreign:?}"

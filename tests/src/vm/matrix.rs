@@ -152,14 +152,7 @@ fn udp(t: &Topology) -> Result<String> {
 }
 
 fn announce(ns: &Netns, tag: &str) -> Result<Announcer> {
-    Announcer::start(
-        ns,
-        tag,
-        LOCALSEND_GROUP,
-        LOCALSEND_PORT,
-        1,
-        Duration::from_millis(50),
-    )
+    Announcer::localsend(ns, tag, Duration::from_millis(50))
 }
 
 fn relay_down(t: &Topology, routers: &Routers) -> Result<String> {
@@ -190,12 +183,7 @@ fn relay_up(t: &Topology, routers: &Routers) -> Result<String> {
             routers::counters(&routers.sysnet)
         )
     })?;
-    let foreign: Vec<_> = listener
-        .received()
-        .into_iter()
-        .filter(|r| r.from.ip() != SYSNET_LAN)
-        .map(|r| r.from)
-        .collect();
+    let foreign = listener.senders_other_than(SYSNET_LAN);
     ensure!(
         foreign.is_empty(),
         "announcements from other sources: {foreign:?}"

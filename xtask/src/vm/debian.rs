@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::Kernel;
-use crate::setup::{command, run_cmd};
+use crate::setup::{command, output, run_cmd};
 
 /// A kernel unpacked from its package: the image virtme-ng boots, next to
 /// the modules directory it finds by itself (lib/modules/<release> or, in
@@ -143,17 +143,6 @@ fn private_apt(program: &str, dir: &Path) -> Command {
         .arg(format!("-oDir::Cache={}", dir.join("cache").display()))
         .arg("-oAPT::Sandbox::User=root");
     cmd
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The versioned package `linux-image-amd64` depends on.
