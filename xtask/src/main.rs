@@ -131,7 +131,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             update_docs,
         } => bench::run(quick, json, update_docs),
         Task::Test { filter } => test::run(&filter),
-        Task::SystemdTest => systemd_vm::run(),
+        Task::SystemdTest => systemd_vm::run().map(drop),
         Task::VmTest { kernels } => vm::run(&kernels).map(drop),
     }
 }

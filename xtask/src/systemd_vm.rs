@@ -353,7 +353,8 @@ fn results(share: &Path) -> Result<(Vec<Check>, bool)> {
     Ok((checks, finished))
 }
 
-pub fn run() -> Result<()> {
+/// Returns how many checks passed.
+pub fn run() -> Result<u64> {
     let started = Instant::now();
     install_host_tools()?;
     let packages = crate::package::run()?;
@@ -401,5 +402,5 @@ pub fn run() -> Result<()> {
     if failed > 0 {
         bail!("{failed} of {} checks failed", checks.len());
     }
-    Ok(())
+    Ok(checks.len() as u64)
 }

@@ -136,10 +136,16 @@ pub fn run(filter: &[String]) -> Result<()> {
     let n = cargo_test(&targets(&integration), &verbose, Some(&packages))?;
     summary.push(("integration tests", n));
 
-    step("tier 4: the kernels users run, each booted under QEMU (cargo xtask vm-test)");
+    step(
+        "tier 4: the kernels users run, and the .deb under systemd, each booted under QEMU \
+         (cargo xtask vm-test, cargo xtask systemd-test)",
+    );
     match crate::vm::unavailable() {
         Some(reason) => println!("    skipped: {reason}"),
-        None => summary.push(("VM kernel checks", crate::vm::run(&[])?)),
+        None => {
+            summary.push(("VM kernel checks", crate::vm::run(&[])?));
+            summary.push(("systemd VM checks", crate::systemd_vm::run()?));
+        }
     }
 
     step("summary");
