@@ -448,6 +448,9 @@ impl Drop for Forwarder {
         };
         // A failed stop's error already quotes the log.
         let _ = std::fs::remove_file(&self.log);
+        // A daemon killed by the test, or that failed its stop, leaves its
+        // control socket; the pins go with the PinDir.
+        let _ = std::fs::remove_file(forwarder::control::socket_path(self.pins.path()));
         if let Err(err) = stopped {
             // Every test checks the daemon cleans up; a test already failing
             // must not abort on a second panic.
