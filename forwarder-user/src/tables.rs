@@ -148,17 +148,23 @@ impl Tables {
     }
 
     /// Makes the rule maps hold exactly `rules`. A rule already installed
-    /// keeps its counter slot, so counters survive a restart or a reload,
+    /// over the same ports keeps its counter slot, so counters survive a restart or a reload,
     /// and, while its target stays the same, its id and so its flows; a new
     /// rule gets a free slot with its counters zeroed and a new id. Flows of
     /// rules that are gone or retargeted are removed. Returns the rules
     /// removed, as `proto:port`.
     pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<Vec<String>> {
         let installed = self.installed()?;
-        let installed_first = |rule: &Rule| installed.get(&(rule.proto.number(), rule.ports.first));
+        // A rule is the one installed only over the very same ports: a
+        // range split or shrunk is a new rule, with its own slot and id.
+        let ranges: BTreeMap<(u8, crate::spec::Ports), ForwardRule> = rule_ranges(&installed)
+            .into_iter()
+            .map(|(proto, ports, value)| ((proto, ports), value))
+            .collect();
+        let same_ports = |rule: &Rule| ranges.get(&(rule.proto.number(), rule.ports));
         let kept: Vec<Option<u32>> = rules
             .iter()
-            .map(|rule| installed_first(rule).map(|(_, value)| value.slot))
+            .map(|rule| same_ports(rule).map(|value| value.slot))
             .collect();
         let cpus = nr_cpus().map_err(|(_, e)| e)?;
         let slots = assign_slots(kept, MAX_RULES, |fresh| {
@@ -171,13 +177,10 @@ impl Tables {
         let now = Now::read();
         let mut live_ids = BTreeSet::new();
         for (rule, slot) in rules.iter().zip(slots) {
-            // The same rule as installed: same target, same ports.
-            let unchanged = installed_first(rule).map(|(_, v)| v).filter(|v| {
+            // The same rule as installed: same ports, same target.
+            let unchanged = same_ports(rule).filter(|v| {
                 v.target_addr == u32::from_ne_bytes(rule.target.octets())
                     && u16::from_be(v.target_port) == rule.target_port
-                    && installed
-                        .get(&(rule.proto.number(), rule.ports.last))
-                        .is_some_and(|(_, last)| last.id == v.id)
             });
             let id = match unchanged {
                 Some(value) => value.id,

@@ -419,3 +419,52 @@ fn a_flows_remembered_routes_hold_for_one_interface_and_one_fib_generation() {
     h.datapath.tables.bump_fib_generation().unwrap();
     assert_eq!(dst_mac(&h), [0x02, 0, 0, 0, 0, 0x66]);
 }
+
+#[test]
+fn a_range_split_or_shrunk_is_a_new_rule_and_ends_the_flows_of_the_old_one() {
+    netns::sweep_leftovers();
+    let range = |text: &str| {
+        let spec: forwarder::spec::ForwardSpec = text.parse().unwrap();
+        Rule::from_spec(&spec, TARGET, AllowFrom::Auto, Origin::Flag)
+    };
+    let whole = range("tcp:1714-1764=10.137.0.5:2714");
+    let mut h = Harness::new(std::slice::from_ref(&whole)).unwrap();
+    let open = |h: &Harness, port: u16| {
+        let mut f = frame(TCP, LAN_PEER, PEER_PORT, UPLINK_ADDR, port, TCP_SYN);
+        f.src_mac = LAN_PEER_MAC;
+        let (action, _) = h.run(Role::Uplink, h.uplink.index, &f.build()).unwrap();
+        assert_eq!(action, TC_ACT_REDIRECT, "{port}");
+    };
+    let flow_on = |h: &Harness, port: u16| h.flow(TCP, LAN_PEER, PEER_PORT, port);
+
+    // Shrunk: the ports it lost must not keep flows under the old id.
+    open(&h, 1750);
+    let shrunk = range("tcp:1714-1740=10.137.0.5:2714");
+    h.datapath.tables.sync_rules(&[shrunk]).unwrap();
+    assert!(
+        flow_on(&h, 1750).is_none(),
+        "a flow on a port the rule lost"
+    );
+
+    // Split, same target and shift: two rules with their own ids.
+    h.datapath.tables.sync_rules(&[whole]).unwrap();
+    open(&h, 1720);
+    open(&h, 1750);
+    let halves = [
+        range("tcp:1714-1740=10.137.0.5:2714"),
+        range("tcp:1741-1764=10.137.0.5:2741"),
+    ];
+    h.datapath.tables.sync_rules(&halves).unwrap();
+    let views = h.datapath.tables.rule_views().unwrap();
+    let names: Vec<String> = views.iter().map(|v| v.name()).collect();
+    assert_eq!(names, ["tcp:1714-1740", "tcp:1741-1764"]);
+    assert_ne!(h.rule_id(TCP, 1714), h.rule_id(TCP, 1741));
+    assert!(flow_on(&h, 1720).is_none() && flow_on(&h, 1750).is_none());
+
+    // Unchanged: the same two rules again keep their ids and flows.
+    open(&h, 1720);
+    let id = h.rule_id(TCP, 1714);
+    h.datapath.tables.sync_rules(&halves).unwrap();
+    assert_eq!(h.rule_id(TCP, 1714), id);
+    assert!(flow_on(&h, 1720).is_some());
+}
