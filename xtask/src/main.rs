@@ -75,10 +75,12 @@ enum Task {
     Package,
     /// Install the .deb in a Debian 12 VM (QEMU, TCG) with systemd as PID 1
     /// and check forwarder.service there: the qvm-service gate, forwarding
-    /// and relaying, the watchdog, a clean stop and `apt remove` (needs root).
+    /// and relaying, the watchdog, a clean stop, `apt remove` and `apt purge`
+    /// (needs root).
     SystemdTest,
     /// Set up, then run every test tier: host unit tests, BPF_PROG_TEST_RUN
-    /// tests and the network-namespace integration tests (needs root).
+    /// tests, the network-namespace integration tests and, where QEMU runs,
+    /// the VM tier (vm-test, systemd-test) (needs root).
     Test {
         /// Arguments passed to the privileged test binaries (e.g. a filter).
         #[arg(last = true)]
@@ -131,7 +133,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             update_docs,
         } => bench::run(quick, json, update_docs),
         Task::Test { filter } => test::run(&filter),
-        Task::SystemdTest => systemd_vm::run().map(drop),
+        Task::SystemdTest => systemd_vm::run(&package::run()?).map(drop),
         Task::VmTest { kernels } => vm::run(&kernels).map(drop),
     }
 }

@@ -28,11 +28,12 @@ const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-deb", "3.8.0"), ("cargo-generate-
 /// KDE Connect's daemon (about 180 MB without recommends) with a session
 /// bus of its own (dbus-daemon) that dbus-send queries (dbus-bin).
 const APP_PACKAGES: &[&str] = &["syncthing", "kdeconnect", "dbus-daemon", "dbus-bin"];
-/// And the VM tier's: QEMU, the busybox virtme-ng builds its initramfs
-/// with, and kmod (depmod for the unpacked kernels on the host, modprobe
-/// for the kernel's module requests in the guest, which shares the host's
-/// root file system).
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
+/// And the VM tier's (QEMU aside, see `install_qemu`): the busybox
+/// virtme-ng builds its initramfs with, kmod (depmod for the unpacked
+/// kernels on the host, modprobe for the kernel's module requests in the
+/// guest, which shares the host's root file system), and mmdebstrap, which
+/// builds the systemd VM's root file system.
+const VM_PACKAGES: &[&str] = &["busybox-static", "kmod", "mmdebstrap"];
 
 pub fn step(what: &str) {
     println!("==> {what}");
@@ -95,7 +96,7 @@ fn nightly_llvm_major() -> Result<u32> {
 }
 
 /// The installed version of a Debian package, if it is installed.
-pub fn installed_version(package: &str) -> Option<String> {
+fn installed_version(package: &str) -> Option<String> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Status}\t${Version}", package])
         .stderr(Stdio::null())
@@ -138,7 +139,7 @@ const APT_LOCK_WAIT: &str = "-oDPkg::Lock::Timeout=600";
 
 /// `apt-get install` of `packages` without recommends or questions, with
 /// apt `options` (a sources list, a target release).
-pub fn apt_get_install(options: &[&str], packages: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
+fn apt_get_install(options: &[&str], packages: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
     run_cmd(
         command("apt-get")
             .args([
@@ -292,7 +293,9 @@ pub fn run() -> Result<()> {
             .chain(VM_PACKAGES)
             .map(|p| p.to_string()),
     );
+    packages.extend(APP_PACKAGES.iter().map(|p| p.to_string()));
     apt_install(&packages)?;
+    install_qemu()?;
 
     step("bpf-linker");
     if bpf_linker_ok() {
@@ -323,17 +326,6 @@ pub fn run() -> Result<()> {
     pip_install(&localsend_dir(), LOCALSENDD)?;
 
     step(&format!(
-        "Debian's {} for the discovery tests",
-        APP_PACKAGES.join(", ")
-    ));
-    apt_install(
-        &APP_PACKAGES
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>(),
-    )?;
-
-    step(&format!(
         "{ZEROCONF} from PyPI, the mDNS responder and browser of the discovery tests"
     ));
     pip_install(&zeroconf_dir(), ZEROCONF)?;
@@ -343,4 +335,37 @@ pub fn run() -> Result<()> {
     ));
     pip_install(&virtme_ng_dir(), VIRTME_NG)?;
     Ok(())
+}
+
+/// QEMU for the VM tier, from the suite of the installed qemu-utils: this
+/// machine ships backports' qemu-utils, which bookworm's own
+/// qemu-system-x86 would remove.
+fn install_qemu() -> Result<()> {
+    if installed_version("qemu-system-x86").is_some() {
+        println!("    qemu-system-x86 present");
+        return Ok(());
+    }
+    let utils = installed_version("qemu-utils").unwrap_or_default();
+    if !utils.contains("~bpo") {
+        return apt_install(&["qemu-system-x86".into()]);
+    }
+    let codename = std::fs::read_to_string("/etc/os-release")?
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(str::to_string))
+        .context("no VERSION_CODENAME in /etc/os-release")?;
+    // A private sources list: the system's own stays as it is.
+    let list = workspace_root().join("target/apt/backports.list");
+    std::fs::create_dir_all(list.parent().unwrap())?;
+    std::fs::write(
+        &list,
+        format!(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} {codename}-backports main\n",
+            crate::systemd_vm::MIRROR
+        ),
+    )?;
+    let source = format!("Dir::Etc::SourceList={}", list.display());
+    println!("    qemu-system-x86 from {codename}-backports, like qemu-utils {utils}");
+    run_cmd(command("apt-get").args(["-q", "-o", &source, "update"]))?;
+    let release = format!("{codename}-backports");
+    apt_get_install(&["-o", &source, "-t", &release], &["qemu-system-x86"])
 }

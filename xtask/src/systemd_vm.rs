@@ -20,12 +20,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::{
-    apt_get_install, apt_install, command, installed_version, run_cmd, step, workspace_root,
-};
+use crate::setup::{command, run_cmd, step, workspace_root};
 
 const SUITE: &str = "bookworm";
-const MIRROR: &str = "http://deb.debian.org/debian";
+pub const MIRROR: &str = "http://deb.debian.org/debian";
 /// Beyond mmdebstrap's minbase: the kernel and systemd as init, and what the
 /// checks use. nftables is the package's dependency (the VM has no network,
 /// so apt must find it installed); socat plays the LAN peer and the app.
@@ -84,40 +82,6 @@ const VM_DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 fn dir() -> PathBuf {
     workspace_root().join("target/systemd-vm")
-}
-
-/// mmdebstrap builds the root filesystem, qemu-system-x86 boots it. QEMU
-/// comes from the suite of the installed qemu-utils: this machine ships
-/// backports' qemu-utils, which bookworm's own qemu-system-x86 would remove.
-fn install_host_tools() -> Result<()> {
-    step("mmdebstrap and QEMU for the VM");
-    apt_install(&["mmdebstrap".into()])?;
-    if installed_version("qemu-system-x86").is_some() {
-        println!("    qemu-system-x86 present");
-        return Ok(());
-    }
-    let utils = installed_version("qemu-utils").unwrap_or_default();
-    if !utils.contains("~bpo") {
-        return apt_install(&["qemu-system-x86".into()]);
-    }
-    let codename = fs::read_to_string("/etc/os-release")?
-        .lines()
-        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(str::to_string))
-        .context("no VERSION_CODENAME in /etc/os-release")?;
-    // A private sources list: the system's own stays as it is.
-    let list = dir().join("apt/backports.list");
-    fs::create_dir_all(list.parent().unwrap())?;
-    fs::write(
-        &list,
-        format!(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {MIRROR} {codename}-backports main\n"
-        ),
-    )?;
-    let source = format!("Dir::Etc::SourceList={}", list.display());
-    println!("    qemu-system-x86 from {codename}-backports, like qemu-utils {utils}");
-    run_cmd(command("apt-get").args(["-q", "-o", &source, "update"]))?;
-    let release = format!("{codename}-backports");
-    apt_get_install(&["-o", &source, "-t", &release], &["qemu-system-x86"])
 }
 
 /// The cached boot files: a raw ext4 root filesystem and its kernel.
@@ -353,11 +317,9 @@ fn results(share: &Path) -> Result<(Vec<Check>, bool)> {
     Ok((checks, finished))
 }
 
-/// Returns how many checks passed.
-pub fn run() -> Result<u64> {
+/// Boots the VM with `packages`' .deb; returns how many checks passed.
+pub fn run(packages: &crate::package::Packages) -> Result<u64> {
     let started = Instant::now();
-    install_host_tools()?;
-    let packages = crate::package::run()?;
     step(&format!(
         "Debian {SUITE} image with systemd and linux-image-amd64"
     ));

@@ -144,7 +144,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         Some(reason) => println!("    skipped: {reason}"),
         None => {
             summary.push(("VM kernel checks", crate::vm::run(&[])?));
-            summary.push(("systemd VM checks", crate::systemd_vm::run()?));
+            summary.push(("systemd VM checks", crate::systemd_vm::run(&packages)?));
         }
     }
 

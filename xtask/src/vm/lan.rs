@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::command;
+use crate::setup::{command, output};
 
 const PREFIX: &str = "fwvm-";
 pub const TAP: &str = "fwtap0";
@@ -20,18 +20,7 @@ pub const TAP: &str = "fwtap0";
 pub const NIC_MAC: &str = "52:54:00:f0:00:01";
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = command("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    output(command("ip").args(args)).map(drop)
 }
 
 /// Namespaces a run that no longer exists left behind (named after its
