@@ -119,9 +119,11 @@ impl Advertiser {
             .die_with_parent()
             .spawn()
             .context("starting the mDNS advertiser")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("advertiser stdout")?).read_line(&mut line)?;
+        let stdout = child.stdout.take().context("advertiser stdout")?;
+        // Guarded before the first read, so no error path leaves it running.
         let advertiser = Advertiser { child, log };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
         if line.trim() != "registered" {
             bail!(
                 "the mDNS advertiser for {instance} did not register: {}",

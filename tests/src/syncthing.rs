@@ -315,7 +315,7 @@ pub fn admit(t: &crate::topology::Topology) -> Result<()> {
          add rule ip qubes custom-input tcp dport {SYNC_PORT} counter accept\n\
          add rule ip qubes custom-input udp dport {SYNC_PORT} counter accept\n"
     ))?;
-    let chain = format!("qbs-{}", APP.to_string().replace('.', "-"));
+    let chain = crate::topology::qbs_chain(APP);
     t.sysfw.nft(&format!(
         "insert rule ip qubes-firewall {chain} ip daddr {LAN_PEER} tcp dport {SYNC_PORT} accept\n\
          insert rule ip qubes-firewall {chain} ip daddr {LAN_PEER} udp dport {SYNC_PORT} accept\n"

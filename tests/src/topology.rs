@@ -112,6 +112,11 @@ pub(crate) fn qubes_netvm_tables(downstream: &[(&str, Ipv4Addr)]) -> String {
     )
 }
 
+/// The `qubes-firewall` chain holding `vm`'s qvm-firewall rules.
+pub fn qbs_chain(vm: Ipv4Addr) -> String {
+    format!("qbs-{}", vm.to_string().replace('.', "-"))
+}
+
 /// sys-firewall's `qubes-firewall` table, with each VM's qvm-firewall
 /// rules (ending in drop) in its `qbs-*` chain.
 fn qubes_firewall_table(vms: &[(Ipv4Addr, String)]) -> String {
@@ -119,10 +124,7 @@ fn qubes_firewall_table(vms: &[(Ipv4Addr, String)]) -> String {
         "table ip qubes-firewall {\n    chain forward {\n        type filter hook forward priority filter; policy drop;\n        ct state established,related accept\n        iifname != \"vif*\" accept\n",
     );
     for (vm, _) in vms {
-        out += &format!(
-            "        ip saddr {vm} jump qbs-{}\n",
-            vm.to_string().replace('.', "-")
-        );
+        out += &format!("        ip saddr {vm} jump {}\n", qbs_chain(*vm));
     }
     out += "    }\n    chain prerouting {\n        type filter hook prerouting priority raw; policy accept;\n";
     for (vm, _) in vms {
@@ -135,8 +137,8 @@ fn qubes_firewall_table(vms: &[(Ipv4Addr, String)]) -> String {
     out += "    }\n";
     for (vm, rules) in vms {
         out += &format!(
-            "    chain qbs-{} {{\n{rules}        counter drop\n    }}\n",
-            vm.to_string().replace('.', "-")
+            "    chain {} {{\n{rules}        counter drop\n    }}\n",
+            qbs_chain(*vm)
         );
     }
     out += "}\n";

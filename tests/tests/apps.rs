@@ -362,31 +362,6 @@ fn mdns_in_the_app_answers_and_queries_on_its_own_link_only() {
     );
 }
 
-/// `frame` (an IPv4 datagram larger than the MTU) as the IP fragments a
-/// sender's kernel would make of it.
-fn fragments(frame: &[u8], mtu: usize) -> Vec<Vec<u8>> {
-    let (eth, ip) = frame.split_at(14);
-    let (header, body) = ip.split_at(20);
-    let chunk = (mtu - 20) / 8 * 8;
-    body.chunks(chunk)
-        .enumerate()
-        .map(|(i, part)| {
-            let mut h = header.to_vec();
-            let more = if (i + 1) * chunk < body.len() {
-                0x2000
-            } else {
-                0
-            };
-            h[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
-            h[6..8].copy_from_slice(&(more | (i * chunk / 8) as u16).to_be_bytes());
-            h[10..12].copy_from_slice(&[0, 0]);
-            let c = forwarder_common::csum::checksum(&h);
-            h[10..12].copy_from_slice(&c.to_be_bytes());
-            [eth, &h, part].concat()
-        })
-        .collect()
-}
-
 /// The real daemon in the app VM, over plain routing: a LAN identity
 /// (fragmented, from an off-subnet source) copied into the app as the relay
 /// will copy it makes it dial the LAN peer through qvm-firewall and both
@@ -416,7 +391,8 @@ fn kdeconnect_in_the_app_dials_out_and_is_reached_through_the_routers() {
         .with_payload(&identity)
     }
     .build();
-    let pieces = fragments(&datagram, 1500);
+    // What a 1500-byte MTU leaves for IP payload, in eighths.
+    let pieces = packet::fragments(&datagram, 1480);
     assert_eq!(pieces.len(), 2);
     let copied = Instant::now();
     capture::inject_all(&t.sysfw, "vif3.0", pieces.into_iter()).unwrap();

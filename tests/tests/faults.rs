@@ -499,13 +499,12 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
     kernel_objects::wait_released(idle, Duration::from_secs(5)).unwrap();
 }
 
-/// The ingress filters on `dev` in `ns`, as `tc` lists them.
+/// The BPF ingress filters on `dev` in `ns`, as `tc` lists them.
 fn tc_filters(ns: &Netns, dev: &str) -> Vec<String> {
-    ns.sh(&format!("tc filter show dev {dev} ingress"))
+    forwarder_tests::tc::ingress_filters(ns.name(), dev)
         .unwrap()
-        .lines()
-        .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
-        .map(str::to_string)
+        .into_iter()
+        .filter(|l| l.contains(" bpf "))
         .collect()
 }
 
