@@ -17,7 +17,8 @@ pub mod multicast;
 pub mod netlink;
 pub mod nft;
 pub mod notify;
-pub mod object_check;
+#[cfg(test)]
+mod object_check;
 pub mod pin;
 pub mod presets;
 pub mod raw_map;

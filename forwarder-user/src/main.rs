@@ -34,10 +34,7 @@ fn main() -> ExitCode {
                     println!("  relay {relay}");
                 }
                 for (preset, target) in &config.presets {
-                    println!(
-                        "  {} preset: {target} must admit in its own firewall {}",
-                        preset.name, preset.vm_admits
-                    );
+                    println!("  {}", preset.advice(*target));
                 }
                 return ExitCode::SUCCESS;
             }

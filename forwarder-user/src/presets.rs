@@ -18,6 +18,17 @@ pub struct Preset {
     pub vm_admits: &'static str,
 }
 
+impl Preset {
+    /// What `target` must admit, as check-config prints it and the daemon
+    /// logs it.
+    pub fn advice(&self, target: Ipv4Addr) -> String {
+        format!(
+            "{} preset: {target} must admit in its own firewall {}",
+            self.name, self.vm_admits
+        )
+    }
+}
+
 pub const LOCALSEND: Preset = Preset {
     name: "localsend",
     forwards: &[

@@ -176,6 +176,8 @@ impl Tables {
         let mut next_id = installed.values().map(|(_, v)| v.id).max().unwrap_or(0);
         let now = Now::read();
         let mut live_ids = BTreeSet::new();
+        let mut wanted_forward = BTreeSet::new();
+        let mut wanted_reverse = BTreeSet::new();
         for (rule, slot) in rules.iter().zip(slots) {
             // The same rule as installed: same ports, same target.
             let unchanged = same_ports(rule).filter(|v| {
@@ -198,16 +200,11 @@ impl Tables {
                 self.forward
                     .insert(key, rule.encode(target_port, slot, id, &now), 0)
                     .with_context(|| format!("installing {rule}"))?;
+                wanted_forward.insert((key.proto, u16::from_be(key.port)));
+                wanted_reverse.insert(reverse_tuple(&reverse));
             }
         }
 
-        let wanted_forward: BTreeSet<(u8, u16)> = rules
-            .iter()
-            .flat_map(|r| {
-                let proto = r.proto.number();
-                (r.ports.first..=r.ports.last).map(move |port| (proto, port))
-            })
-            .collect();
         let mut removed = BTreeMap::new();
         for ((proto, port), (key, value)) in &installed {
             if !wanted_forward.contains(&(*proto, *port)) {
@@ -223,10 +220,6 @@ impl Tables {
                 let name = crate::spec::Proto::from_number(proto).map_or("?", |p| p.name());
                 format!("{name}:{ports}")
             })
-            .collect();
-        let wanted_reverse: BTreeSet<(u32, u16, u8)> = rules
-            .iter()
-            .flat_map(|r| r.entries().map(|(_, reverse, _)| reverse_tuple(&reverse)))
             .collect();
         let stale: Vec<ReverseKey> = self
             .reverse

@@ -220,10 +220,7 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
             info!("relaying {relay}");
         }
         for (preset, target) in &config.presets {
-            info!(
-                "{} preset: {target} must admit in its own firewall {}",
-                preset.name, preset.vm_admits
-            );
+            info!("{}", preset.advice(*target));
         }
         nft::install_off_thread(&config.uplink, &config.rules).await?;
         info!(
