@@ -4,7 +4,7 @@ use std::{
     fs::File,
     path::{Path, PathBuf},
     process::{Child, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -418,24 +418,13 @@ impl Forwarder {
             .child
             .take()
             .ok_or_else(|| anyhow!("{} already stopped", self.label))?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{} ignored SIGTERM for 10 s; log:\n{}",
-                    self.label,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        crate::child::terminate(&mut child, Duration::from_secs(10)).ok_or_else(|| {
+            anyhow!(
+                "{} ignored SIGTERM for 10 s; log:\n{}",
+                self.label,
+                self.log_text()
+            )
+        })
     }
 }
 

@@ -166,7 +166,7 @@ impl<'a> Syncthing<'a> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        if !child::terminate(&mut child, Duration::from_secs(10)) {
+        if child::terminate(&mut child, Duration::from_secs(10)).is_none() {
             bail!("syncthing {} ignored SIGTERM for 10 s", self.name);
         }
         Ok(())

@@ -53,9 +53,7 @@ fn hooked(t: &Topology) -> [(&'static str, &Netns, &'static [&'static str]); 2] 
 /// would start it).
 pub fn run(results: &mut Results) -> bool {
     let skip_rest = |results: &mut Results, why: &str| {
-        for id in AFTER_START {
-            results.record(id, Status::Skip, why);
-        }
+        results.record_all(AFTER_START, Status::Skip, why);
     };
     let building = Instant::now();
     let t = match Topology::build(Offload::On) {
@@ -105,9 +103,7 @@ pub fn run(results: &mut Results) -> bool {
         Ok(server) => server,
         Err(err) => {
             let err = format!("{:#}", err.context("the app's echo server"));
-            for id in &AFTER_START[2..] {
-                results.record(id, Status::Fail, &err);
-            }
+            results.record_all(&AFTER_START[2..], Status::Fail, &err);
             return false;
         }
     };

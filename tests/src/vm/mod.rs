@@ -87,6 +87,14 @@ impl Results {
         }
     }
 
+    /// Records each of `ids` with one status and detail (skipped, or
+    /// failed by what stopped them all).
+    pub fn record_all(&mut self, ids: &[&str], status: Status, detail: &str) {
+        for id in ids {
+            self.record(id, status, detail);
+        }
+    }
+
     pub fn record(&mut self, id: &str, status: Status, detail: &str) {
         let detail = detail.split_whitespace().collect::<Vec<_>>().join(" ");
         self.line(&format!(

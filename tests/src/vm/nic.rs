@@ -98,9 +98,7 @@ impl NicTopology {
 }
 
 pub fn skip(results: &mut Results, why: &str) {
-    for id in CHECKS {
-        results.record(id, Status::Skip, why);
-    }
+    results.record_all(CHECKS, Status::Skip, why);
 }
 
 /// The NIC scenario on the VM's network device with MAC `mac`.
@@ -109,9 +107,7 @@ pub fn run(results: &mut Results, mac: &str) {
         Ok(t) => t,
         Err(err) => {
             let err = format!("{:#}", err.context("building the NIC topology"));
-            for id in CHECKS {
-                results.record(id, Status::Fail, &err);
-            }
+            results.record_all(CHECKS, Status::Fail, &err);
             return;
         }
     };
@@ -120,9 +116,7 @@ pub fn run(results: &mut Results, mac: &str) {
         Ok(Started::Refused(_)) => return skip(results, super::REFUSED),
         Err(err) => {
             let err = format!("{err:#}");
-            for id in CHECKS {
-                results.record(id, Status::Fail, &err);
-            }
+            results.record_all(CHECKS, Status::Fail, &err);
             return;
         }
     };
@@ -130,9 +124,7 @@ pub fn run(results: &mut Results, mac: &str) {
         Ok(control) => control,
         Err(err) => {
             let err = format!("{err:#}");
-            for id in CHECKS {
-                results.record(id, Status::Fail, &err);
-            }
+            results.record_all(CHECKS, Status::Fail, &err);
             return;
         }
     };
