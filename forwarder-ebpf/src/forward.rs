@@ -10,7 +10,7 @@ use forwarder_common::{
 };
 
 use crate::{
-    Verdict, fib, flow, kernel,
+    Verdict, fib, flow, kernel, lan,
     maps::{self, Direction},
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF},
@@ -43,7 +43,7 @@ fn try_uplink(ctx: &TcContext) -> Result<Verdict, Reason> {
     if !uplink.usable() {
         return Err(Reason::NoUplinkAddress);
     }
-    if let Some(group) = relay::lan_group(ip.daddr, &uplink) {
+    if let Some(group) = lan::relay_group(ip.daddr, &uplink) {
         return relay::from_lan(ctx, &ip, &uplink, group);
     }
     if ip.daddr != uplink.addr {
@@ -51,15 +51,6 @@ fn try_uplink(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     ip.whole()?;
     forward(ctx, &ip, &uplink, ifindex)
-}
-
-/// No LAN host may use a martian source or the router's own address.
-#[inline(always)]
-pub fn plausible_lan_source(ip: &Ipv4, uplink: &UplinkState) -> Result<(), Reason> {
-    if fib::is_martian(ip.saddr) || ip.saddr == uplink.addr {
-        return Err(Reason::MartianSource);
-    }
-    Ok(())
 }
 
 #[inline(always)]
@@ -80,7 +71,7 @@ fn forward(
     if rule.expired(now) {
         return Err(Reason::RuleExpired);
     }
-    plausible_lan_source(ip, uplink)?;
+    lan::plausible_source(ip, uplink)?;
     if !rule.allow.allows(ip.saddr, uplink) {
         return Err(Reason::SourceNotAllowed);
     }

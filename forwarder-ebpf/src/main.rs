@@ -11,6 +11,7 @@ mod fib;
 mod flow;
 mod forward;
 mod kernel;
+mod lan;
 mod maps;
 mod mem;
 mod nat;

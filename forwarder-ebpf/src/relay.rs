@@ -9,15 +9,14 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use forwarder_common::{
     maps::{
-        BROADCAST, FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP,
+        FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP,
         Relay, RelayKey, UplinkState, among_first, relay_dst_mac,
     },
     reason::Reason,
 };
 
 use crate::{
-    Verdict, fib,
-    forward::plausible_lan_source,
+    Verdict, fib, lan,
     maps::{self, RelayDirection, RelayEvent},
     mem,
     nat::{self, End},
@@ -127,7 +126,7 @@ pub fn from_lan(
     if src_mac == uplink.mac || ip.saddr == uplink.addr {
         return Err(Reason::Reflected);
     }
-    plausible_lan_source(ip, uplink)?;
+    lan::plausible_source(ip, uplink)?;
     if !relay.allow.allows(ip.saddr, uplink) {
         return Err(Reason::SourceNotAllowed);
     }
@@ -293,15 +292,4 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     }
     maps::count_relay(relay.slot, RelayEvent::Up(ip.tot_len));
     Ok(Verdict::Relayed)
-}
-
-/// Whether `daddr` is a relay's business on the uplink: the group itself,
-/// or the broadcast group for a limited or directed broadcast.
-#[inline(always)]
-pub fn lan_group(daddr: u32, uplink: &UplinkState) -> Option<u32> {
-    if forwarder_common::maps::is_multicast(daddr) || daddr == BROADCAST {
-        return Some(daddr);
-    }
-    let mask = uplink.netmask();
-    (uplink.prefix_len < 31 && daddr == uplink.addr | !mask).then_some(BROADCAST)
 }
