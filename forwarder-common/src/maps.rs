@@ -315,6 +315,25 @@ map_type! {
         /// The route checks of the target's packets, passed on a downstream
         /// interface.
         pub to_peer: FlowRoute,
+        /// What each side of a TCP flow has shown, to judge the other
+        /// side's resets by.
+        pub peer: TcpSide,
+        pub target: TcpSide,
+    }
+}
+
+map_type! {
+    /// One side of a TCP flow: the sequence number and window scale of its
+    /// SYN, and the acknowledgement and window of its latest segment, all
+    /// in host order. `flags` says which of them it has sent (`SIDE_*`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct TcpSide {
+        pub isn: u32,
+        pub ack: u32,
+        pub window: u16,
+        pub wscale: u8,
+        pub flags: u8,
     }
 }
 
@@ -542,7 +561,8 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 8);
     assert!(size_of::<RuleCounters>() == 32);
     assert!(size_of::<FlowKey>() == 12);
-    assert!(size_of::<FlowEntry>() == 80);
+    assert!(size_of::<TcpSide>() == 12);
+    assert!(size_of::<FlowEntry>() == 80 + 2 * size_of::<TcpSide>());
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentTrain>() == 16);
 };

@@ -82,6 +82,7 @@ reasons! {
     RelayCarriesAddress = "relay_carries_address", Passed, "a VM's mDNS query carrying its own internal address (or over 512 bytes, too long to check) is not relayed to the LAN";
     IcmpErrorDropped = "icmp_error_dropped", Dropped, "ICMP error quoting a forwarded flow from the downstream side";
     RewriteFailed = "rewrite_failed", Dropped, "the kernel refused a checksum update mid-rewrite";
+    TcpOutOfWindow = "tcp_out_of_window", Passed, "a TCP reset outside the window the other side advertised: not believed, not forwarded";
 }
 
 impl Reason {

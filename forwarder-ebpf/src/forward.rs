@@ -79,7 +79,7 @@ fn forward(
         return Err(Reason::TtlExpired);
     }
     let flow_key = FlowKey::new(ip.saddr, l4.sport, ip.proto, l4.dport);
-    let live = flow::of_peer(&flow_key, rule.id, l4.tcp_flags, now);
+    let live = flow::of_peer(&flow_key, rule.id, &l4.segment, now);
     let tot_len = parse::wire_len(ctx, ip, &l4);
     let (route, remember) = fib::flow_route(
         live.as_deref().map(|entry| &entry.to_target),
@@ -93,7 +93,8 @@ fn forward(
     if route.ifindex() == ifindex {
         return Err(Reason::TargetViaUplink);
     }
-    flow::from_peer(&flow_key, live, rule.id, l4.tcp_flags, now, remember);
+    flow::believable(live.as_deref(), true, &l4.segment)?;
+    flow::from_peer(&flow_key, live, rule.id, &l4.segment, now, remember);
 
     nat::translate(
         ctx,

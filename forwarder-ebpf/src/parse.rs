@@ -4,6 +4,7 @@
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
+    flow::{Segment, TCP_SYN},
     maps::{PROTO_TCP, PROTO_UDP},
     reason::Reason,
 };
@@ -45,11 +46,21 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
-/// The first eight bytes of TCP and UDP: ports at the same place in both.
+/// The first four bytes of TCP and UDP: ports at the same place in both.
 #[repr(C)]
 pub struct Ports {
     pub sport: u16,
     pub dport: u16,
+}
+
+/// TCP's fixed header after the ports.
+#[repr(C)]
+pub struct TcpFields {
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub offset: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
 }
 
 #[repr(C)]
@@ -171,14 +182,14 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
 }
 
 /// Ports of a TCP or UDP segment, with its checksum's offset in the packet,
-/// its header length and (TCP only) its flags.
+/// its header length and (TCP only) what moves a flow.
 #[derive(Clone, Copy)]
 pub struct L4 {
     pub sport: u16,
     pub dport: u16,
     pub check_off: usize,
     pub hlen: u16,
-    pub tcp_flags: u8,
+    pub segment: Segment,
 }
 
 #[inline(always)]
@@ -194,25 +205,95 @@ pub fn parse_l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Reason> {
     let ports: *const Ports = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { &*ports };
-    let (hlen, tcp_flags) = if ip.proto == PROTO_TCP {
-        let offset_flags: *const [u8; 2] = ptr_at(ctx, L4_OFF + 12).ok_or(Reason::Truncated)?;
-        // SAFETY: bounds checked by ptr_at.
-        let [offset, flags] = unsafe { *offset_flags };
-        let data_offset = offset >> 4;
-        if data_offset < 5 || (ip.tot_len as usize) < IPV4_HLEN + usize::from(data_offset) * 4 {
-            return Err(Reason::BadLength);
-        }
-        (u16::from(data_offset) * 4, flags)
+    let (sport, dport) = (ports.sport, ports.dport);
+    let (hlen, segment) = if ip.proto == PROTO_TCP {
+        let (hlen, segment) = parse_tcp(ctx, ip)?;
+        (u16::from(hlen), segment)
     } else {
-        (hlen as u16, 0)
+        (hlen as u16, Segment::default())
     };
     Ok(L4 {
-        sport: ports.sport,
-        dport: ports.dport,
+        sport,
+        dport,
         check_off,
         hlen,
-        tcp_flags,
+        segment,
     })
+}
+
+/// TCP's header length and the fields that move a flow; a SYN's options
+/// are read for its window scale.
+#[inline(always)]
+fn parse_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<(u8, Segment), Reason> {
+    let tcp: *const TcpFields = ptr_at(ctx, L4_OFF + 4).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let tcp = unsafe { &*tcp };
+    let data_offset = tcp.offset >> 4;
+    if data_offset < 5 || (ip.tot_len as usize) < IPV4_HLEN + usize::from(data_offset) * 4 {
+        return Err(Reason::BadLength);
+    }
+    let hlen = data_offset * 4;
+    let mut segment = Segment {
+        flags: tcp.flags,
+        seq: u32::from_be_bytes(tcp.seq),
+        ack: u32::from_be_bytes(tcp.ack),
+        window: u16::from_be_bytes(tcp.window),
+        wscale: None,
+    };
+    if segment.flags & TCP_SYN != 0 && hlen > TCP_HLEN as u8 {
+        segment.wscale = window_scale(ctx, usize::from(hlen));
+    }
+    Ok((hlen, segment))
+}
+
+/// The longest TCP options area.
+const TCP_OPTIONS_MAX: usize = 40;
+/// How many options are looked at for the window scale: each is a loop
+/// iteration the verifier walks on every path to here. Stacks send four or
+/// five in a SYN; a SYN whose scale comes later is judged unscaled, which
+/// only makes its resets' window narrower.
+const WSCALE_SEARCH: usize = 8;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_WINDOW: u8 = 3;
+
+/// The window-scale option among a SYN's options, if it is there and well
+/// formed. Pulls the options into the linear area first.
+#[inline(always)]
+fn window_scale(ctx: &TcContext, hlen: usize) -> Option<u8> {
+    pull_headers(ctx, L4_OFF + TCP_HLEN + TCP_OPTIONS_MAX);
+    let end = L4_OFF + hlen.min(TCP_HLEN + TCP_OPTIONS_MAX);
+    let mut off = L4_OFF + TCP_HLEN;
+    for _ in 0..WSCALE_SEARCH {
+        if off >= end {
+            return None;
+        }
+        // Kind and length read as one: LLVM turns a one-byte bounds check
+        // at a variable offset into a form the verifier cannot use. A NOP
+        // that is the packet's very last byte ends the walk early, and
+        // nothing could follow it anyway.
+        // SAFETY: bounds checked by ptr_at.
+        let [kind, len] = unsafe { *ptr_at::<[u8; 2]>(ctx, off)? };
+        match kind {
+            TCPOPT_EOL => return None,
+            TCPOPT_NOP => {
+                off += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let len = usize::from(len);
+        if kind == TCPOPT_WINDOW && len == 3 && off + 3 <= end {
+            // SAFETY: as above.
+            let [_, _, shift] = unsafe { *ptr_at::<[u8; 3]>(ctx, off)? };
+            return Some(shift);
+        }
+        if len < 2 {
+            return None;
+        }
+        off += len;
+    }
+    None
 }
 
 /// What an ICMP error quotes of the offending packet: where it was going.

@@ -9,8 +9,8 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use forwarder_common::{
     maps::{
-        FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP,
-        Relay, RelayKey, UplinkState, among_first, relay_dst_mac,
+        FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP, Relay,
+        RelayKey, UplinkState, among_first, relay_dst_mac,
     },
     reason::Reason,
 };

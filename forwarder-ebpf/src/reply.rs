@@ -67,10 +67,9 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if fib::is_martian(ip.daddr) || !rule.allow.allows(ip.daddr, &uplink) {
         return Err(Reason::PeerNotAllowed);
     }
-    let flow = flow::from_target(
+    let flow = flow::of_target(
         &FlowKey::new(ip.daddr, l4.dport, ip.proto, key.port),
         rule.id,
-        l4.tcp_flags,
         now,
     )?;
     if ip.ttl <= 1 {
@@ -86,9 +85,8 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if route.ifindex() != uplink.ifindex {
         return Err(Reason::ReplyNotViaUplink);
     }
-    if let Some(route) = remember {
-        flow.to_peer = route;
-    }
+    flow::believable(Some(flow), false, &l4.segment)?;
+    flow::from_target(flow, &l4.segment, now, remember);
 
     nat::translate(ctx, ip, &l4, End::Source, uplink.addr, key.port)?;
     let action = nat::redirect(ctx, route)?;

@@ -121,7 +121,7 @@ pub fn run(args: &FlowsArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use forwarder_common::{
-        flow::{FLOW_REPLIED, TCP_ESTABLISHED_NS},
+        flow::{FLOW_ESTABLISHED, FLOW_REPLIED, TCP_ESTABLISHED_NS},
         maps::PROTO_TCP,
     };
 
@@ -138,7 +138,7 @@ mod tests {
         };
         let second = 1_000_000_000;
         let entry = FlowEntry {
-            state: FLOW_REPLIED,
+            state: FLOW_REPLIED | FLOW_ESTABLISHED,
             created_ns: 10 * second,
             seen_ns: 70 * second,
             ..Default::default()

@@ -34,6 +34,11 @@ pub struct Frame {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    pub tcp_window: u16,
+    /// TCP options, padded by the caller to a multiple of four bytes.
+    pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
     /// Send UDP with checksum 0 ("none").
     pub udp_no_checksum: bool,
@@ -57,6 +62,10 @@ impl Frame {
             sport,
             dport,
             tcp_flags: 0x02,
+            tcp_seq: 0x0101_0101,
+            tcp_ack: 0,
+            tcp_window: 64240,
+            tcp_options: Vec::new(),
             payload: Vec::new(),
             udp_no_checksum: false,
         }
@@ -81,10 +90,12 @@ impl Frame {
                 let mut h = vec![0u8; 20];
                 h[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 h[2..4].copy_from_slice(&self.dport.to_be_bytes());
-                h[4..8].copy_from_slice(&0x0101_0101u32.to_be_bytes());
-                h[12] = 5 << 4;
+                h[4..8].copy_from_slice(&self.tcp_seq.to_be_bytes());
+                h[8..12].copy_from_slice(&self.tcp_ack.to_be_bytes());
+                h[12] = (((20 + self.tcp_options.len()) / 4) << 4) as u8;
                 h[13] = self.tcp_flags;
-                h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                h[14..16].copy_from_slice(&self.tcp_window.to_be_bytes());
+                h.extend_from_slice(&self.tcp_options);
                 h.extend_from_slice(&self.payload);
                 h
             }

@@ -18,8 +18,8 @@ use forwarder::{
 };
 use forwarder_common::{
     flow::{
-        self, FLOW_FIN_PEER, FLOW_FIN_TARGET, FLOW_REPLIED, FLOW_RST, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN,
+        self, FLOW_ESTABLISHED, FLOW_FIN_PEER, FLOW_FIN_TARGET, FLOW_REPLIED, FLOW_RST, TCP_ACK,
+        TCP_FIN, TCP_RST, TCP_SYN,
     },
     maps::FlowEntry,
     reason::Reason,
@@ -86,6 +86,53 @@ fn entry(h: &Harness, proto: u8) -> Option<FlowEntry> {
     h.flow(proto, LAN_PEER, PEER_PORT, 53317)
 }
 
+const PEER_ISN: u32 = 1_000;
+const TARGET_ISN: u32 = 5_000;
+/// The window both sides advertise in these tests, unscaled.
+const WINDOW: u32 = 64_240;
+/// TCP options of a SYN: MSS 1460, a NOP and a window scale of 7.
+const SYN_OPTIONS_WSCALE_7: [u8; 8] = [2, 4, 0x05, 0xb4, 1, 3, 3, 7];
+
+/// A segment of the peer's connection, from the peer.
+fn peer_segment(flags: u8, seq: u32, ack: u32) -> Frame {
+    let mut f = frame(TCP, LAN_PEER, PEER_PORT, UPLINK_ADDR, 53317, flags);
+    f.src_mac = LAN_PEER_MAC;
+    (f.tcp_seq, f.tcp_ack) = (seq, ack);
+    f
+}
+
+/// A segment of the peer's connection, from the target.
+fn target_segment(flags: u8, seq: u32, ack: u32) -> Frame {
+    let mut f = frame(TCP, TARGET, 53317, LAN_PEER, PEER_PORT, flags);
+    (f.tcp_seq, f.tcp_ack) = (seq, ack);
+    f
+}
+
+fn action(h: &Harness, role: Role, ifindex: u32, frame: &Frame) -> i32 {
+    h.run(role, ifindex, &frame.build()).unwrap().0
+}
+
+/// SYN, SYN-ACK and the peer's ACK, each forwarded; `syn_options` go into
+/// both SYNs.
+fn handshake(h: &Harness, syn_options: &[u8]) {
+    let mut syn = peer_segment(TCP_SYN, PEER_ISN, 0);
+    syn.tcp_options = syn_options.to_vec();
+    let mut syn_ack = target_segment(TCP_SYN | TCP_ACK, TARGET_ISN, PEER_ISN + 1);
+    syn_ack.tcp_options = syn_options.to_vec();
+    let ack = peer_segment(TCP_ACK, PEER_ISN + 1, TARGET_ISN + 1);
+    for (role, ifindex, frame) in [
+        (Role::Uplink, h.uplink.index, syn),
+        (Role::Downstream, h.vif1.index, syn_ack),
+        (Role::Uplink, h.uplink.index, ack),
+    ] {
+        assert_eq!(action(h, role, ifindex, &frame), TC_ACT_REDIRECT);
+    }
+    assert_eq!(
+        flow::state_name(TCP, entry(h, TCP).unwrap().state),
+        "established"
+    );
+}
+
 #[test]
 fn a_target_packet_without_a_flow_is_left_to_the_stack() {
     let h = harness();
@@ -118,7 +165,7 @@ fn flows_start_on_the_uplink_side_and_replies_follow_them() {
     );
     assert_eq!(
         flow::state_name(TCP, entry(&h, TCP).unwrap().state),
-        "established"
+        "syn_recv"
     );
 
     // Another peer port of the same peer has no flow.
@@ -170,7 +217,12 @@ fn tcp_states_follow_fins_and_resets_and_a_syn_reopens() {
     assert_eq!(flow::state_name(TCP, reopened.state), "opening");
     assert!(reopened.created_ns > closed.created_ns);
 
-    send_target(&h, TCP, TCP_RST);
+    // The VM refuses it, acknowledging the SYN as a refusal must.
+    let refusal = target_segment(TCP_RST | TCP_ACK, 0, 0x0101_0102);
+    assert_eq!(
+        action(&h, Role::Downstream, h.vif1.index, &refusal),
+        TC_ACT_REDIRECT
+    );
     assert!(entry(&h, TCP).unwrap().state & FLOW_RST != 0);
 }
 
@@ -182,7 +234,12 @@ fn every_state_times_out_after_its_idle_timeout() {
         (UDP, 0, flow::UDP_UNREPLIED_NS),
         (UDP, FLOW_REPLIED, flow::UDP_REPLIED_NS),
         (TCP, 0, flow::TCP_OPENING_NS),
-        (TCP, FLOW_REPLIED, flow::TCP_ESTABLISHED_NS),
+        (TCP, FLOW_REPLIED, flow::TCP_OPENING_NS),
+        (
+            TCP,
+            FLOW_REPLIED | FLOW_ESTABLISHED,
+            flow::TCP_ESTABLISHED_NS,
+        ),
         (TCP, FLOW_REPLIED | FLOW_FIN_PEER, flow::TCP_HALF_CLOSED_NS),
         (
             TCP,
@@ -467,4 +524,176 @@ fn a_range_split_or_shrunk_is_a_new_rule_and_ends_the_flows_of_the_old_one() {
     h.datapath.tables.sync_rules(&halves).unwrap();
     assert_eq!(h.rule_id(TCP, 1714), id);
     assert!(flow_on(&h, 1720).is_some());
+}
+
+#[test]
+fn another_vm_cannot_reset_refresh_or_answer_a_vms_flow() {
+    let mut h = harness();
+    handshake(&h, &[]);
+    // Idle for 5 s, so that any refresh would show in seen_ns.
+    let mut idle = entry(&h, TCP).unwrap();
+    idle.seen_ns -= 5_000_000_000;
+    h.set_flow(TCP, LAN_PEER, PEER_PORT, 53317, &idle);
+    // VM B, behind vif2.0, sends as VM A: an in-window reset, a FIN and a
+    // plain ACK. Each fails the reverse-path check and changes nothing.
+    for flags in [TCP_RST, TCP_FIN | TCP_ACK, TCP_ACK] {
+        let spoofed = target_segment(flags, TARGET_ISN + 1, PEER_ISN + 1).build();
+        h.assert_untouched(
+            Role::Downstream,
+            h.vif2.index,
+            &spoofed,
+            Reason::ReversePathFailed,
+        );
+        assert_eq!(
+            entry(&h, TCP).unwrap(),
+            idle,
+            "flags {flags:#x} from vif2.0"
+        );
+    }
+    // A UDP flow the target has not answered stays unanswered.
+    assert_eq!(send_peer(&h, UDP, 0), TC_ACT_REDIRECT);
+    let unanswered = entry(&h, UDP).unwrap();
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif2.index,
+        &from_target(UDP, 0),
+        Reason::ReversePathFailed,
+    );
+    assert_eq!(entry(&h, UDP).unwrap(), unanswered);
+    assert_eq!(flow::state_name(UDP, unanswered.state), "unreplied");
+
+    // Positive control: the same reset from VM A itself is believed.
+    let reset = target_segment(TCP_RST, TARGET_ISN + 1, PEER_ISN + 1);
+    assert_eq!(
+        action(&h, Role::Downstream, h.vif1.index, &reset),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        flow::state_name(TCP, entry(&h, TCP).unwrap().state),
+        "reset"
+    );
+}
+
+#[test]
+fn a_syn_the_vm_answers_is_established_only_by_the_peers_ack() {
+    let h = harness();
+    // A spoofed SYN the VM answers: the spoofer never sees the SYN-ACK.
+    assert_eq!(
+        action(
+            &h,
+            Role::Uplink,
+            h.uplink.index,
+            &peer_segment(TCP_SYN, PEER_ISN, 0)
+        ),
+        TC_ACT_REDIRECT
+    );
+    let syn_ack = target_segment(TCP_SYN | TCP_ACK, TARGET_ISN, PEER_ISN + 1);
+    assert_eq!(
+        action(&h, Role::Downstream, h.vif1.index, &syn_ack),
+        TC_ACT_REDIRECT
+    );
+    let answered = entry(&h, TCP).unwrap();
+    assert_eq!(flow::state_name(TCP, answered.state), "syn_recv");
+    assert_eq!(
+        flow::idle_timeout_ns(TCP, answered.state),
+        flow::TCP_OPENING_NS,
+        "not the 6 h of an established flow"
+    );
+    // ACKs that do not acknowledge the SYN-ACK are forwarded (the VM
+    // judges them) but establish nothing.
+    for ack in [TARGET_ISN, TARGET_ISN + 2, 0] {
+        let guess = peer_segment(TCP_ACK, PEER_ISN + 1, ack);
+        assert_eq!(
+            action(&h, Role::Uplink, h.uplink.index, &guess),
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(
+            flow::state_name(TCP, entry(&h, TCP).unwrap().state),
+            "syn_recv",
+            "ack {ack}"
+        );
+    }
+    let ack = peer_segment(TCP_ACK, PEER_ISN + 1, TARGET_ISN + 1);
+    assert_eq!(
+        action(&h, Role::Uplink, h.uplink.index, &ack),
+        TC_ACT_REDIRECT
+    );
+    let established = entry(&h, TCP).unwrap();
+    assert_eq!(flow::state_name(TCP, established.state), "established");
+    assert_eq!(
+        flow::idle_timeout_ns(TCP, established.state),
+        flow::TCP_ESTABLISHED_NS
+    );
+}
+
+#[test]
+fn resets_outside_the_window_are_neither_believed_nor_forwarded() {
+    let h = harness();
+    handshake(&h, &[]);
+    let established = entry(&h, TCP).unwrap();
+    for (role, ifindex, reset) in [
+        (
+            Role::Uplink,
+            h.uplink.index,
+            peer_segment(TCP_RST, PEER_ISN + 1 + WINDOW + 1, 0),
+        ),
+        (
+            Role::Uplink,
+            h.uplink.index,
+            peer_segment(TCP_RST, PEER_ISN, 0),
+        ),
+        (
+            Role::Downstream,
+            h.vif1.index,
+            target_segment(TCP_RST | TCP_ACK, TARGET_ISN + 1 + WINDOW + 1, PEER_ISN + 1),
+        ),
+        (
+            Role::Downstream,
+            h.vif1.index,
+            target_segment(TCP_RST, 0x8000_0000, 0),
+        ),
+    ] {
+        h.assert_untouched(role, ifindex, &reset.build(), Reason::TcpOutOfWindow);
+        assert_eq!(entry(&h, TCP).unwrap().state, established.state);
+    }
+    // Inside the window, at its far edge: believed and forwarded.
+    let reset = peer_segment(TCP_RST, PEER_ISN + 1 + WINDOW, 0);
+    assert_eq!(
+        action(&h, Role::Uplink, h.uplink.index, &reset),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        flow::state_name(TCP, entry(&h, TCP).unwrap().state),
+        "reset"
+    );
+}
+
+#[test]
+fn window_scale_options_are_read_from_both_syns() {
+    let scaled_edge = TARGET_ISN + 1 + WINDOW * 128;
+    let h = harness();
+    handshake(&h, &SYN_OPTIONS_WSCALE_7);
+    let beyond = target_segment(TCP_RST, scaled_edge + 1, PEER_ISN + 1);
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif1.index,
+        &beyond.build(),
+        Reason::TcpOutOfWindow,
+    );
+    let edge = target_segment(TCP_RST, scaled_edge, PEER_ISN + 1);
+    assert_eq!(
+        action(&h, Role::Downstream, h.vif1.index, &edge),
+        TC_ACT_REDIRECT
+    );
+    // Without the option the same reset is far outside the window.
+    drop(h);
+    let h = harness();
+    handshake(&h, &[]);
+    let edge = target_segment(TCP_RST, scaled_edge, PEER_ISN + 1);
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif1.index,
+        &edge.build(),
+        Reason::TcpOutOfWindow,
+    );
 }
