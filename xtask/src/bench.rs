@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 
 use crate::{
-    setup::{command, is_root, run_cmd, step, workspace_root},
+    process::{command, is_root, run_cmd, step, workspace_root},
     test::{build_driver, build_release},
 };
 

@@ -4,7 +4,8 @@
 use anyhow::{Result, bail};
 
 use crate::{
-    setup::{command, is_root, localsend_dir, run_cmd, step},
+    process::{command, is_root, run_cmd, step},
+    setup::localsend_dir,
     test::{build_driver, build_release},
 };
 

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod package;
+mod process;
 mod setup;
 mod systemd_vm;
 mod test;
@@ -101,7 +102,7 @@ enum Task {
 /// Builds one of the test crate's drivers and runs it.
 fn driver(name: &str, args: &[&str]) -> anyhow::Result<()> {
     test::build_driver(name)?;
-    setup::run_cmd(setup::command(&format!("target/release/{name}")).args(args))
+    process::run_cmd(process::command(&format!("target/release/{name}")).args(args))
 }
 
 /// Every task but `setup` needs what setup installs; it runs first, and is
@@ -114,9 +115,9 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::BuildAndLoad { args } => {
             test::build_release()?;
-            setup::step(&format!("forwarder run {}", args.join(" ")));
-            setup::run_cmd(
-                setup::command("target/release/forwarder")
+            process::step(&format!("forwarder run {}", args.join(" ")));
+            process::run_cmd(
+                process::command("target/release/forwarder")
                     .arg("run")
                     .args(&args),
             )

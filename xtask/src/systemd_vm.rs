@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::{command, run_cmd, step, workspace_root};
+use crate::process::{command, run_cmd, step, workspace_root};
 
 const SUITE: &str = "bookworm";
 pub const MIRROR: &str = "http://deb.debian.org/debian";

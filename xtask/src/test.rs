@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     package::Packages,
-    setup::{command, is_root, run_cmd, step},
+    process::{command, is_root, run_cmd, step},
 };
 
 /// Runs cargo with its stdout echoed, returning how many tests passed.

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::Kernel;
-use crate::setup::{command, output, run_cmd};
+use crate::process::{command, output, run_cmd};
 
 /// A kernel unpacked from its package: the image virtme-ng boots, next to
 /// the modules directory it finds by itself (lib/modules/<release> or, in

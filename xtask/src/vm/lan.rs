@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::{command, output};
+use crate::process::{command, output};
 
 const PREFIX: &str = "fwvm-";
 pub const TAP: &str = "fwtap0";

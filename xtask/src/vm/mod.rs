@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::ValueEnum;
 
 use crate::{
-    setup::{is_root, step, workspace_root},
+    process::{is_root, step, workspace_root},
     test::{build_driver, build_release},
 };
 

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::debian::KernelImage;
-use crate::setup::command;
+use crate::process::{command, path_env};
 
 /// QEMU's x86 system emulator, from Debian's qemu-system-x86.
 const QEMU: &str = "qemu-system-x86_64";
@@ -171,8 +171,7 @@ impl Boot<'_> {
         // guest's console is only shown with --verbose when nothing in the
         // guest creates the virtio ports of a quiet run (udev).
         let path = std::env::join_paths(
-            std::iter::once(vng_dir.join("bin"))
-                .chain(std::env::split_paths(&crate::setup::path_env())),
+            std::iter::once(vng_dir.join("bin")).chain(std::env::split_paths(&path_env())),
         )?;
         cmd.arg(vng_dir.join("bin/vng"))
             .env("PYTHONPATH", vng_dir)
