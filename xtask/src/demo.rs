@@ -4,9 +4,9 @@
 use anyhow::{Result, bail};
 
 use crate::{
+    build::{build_driver, build_release},
     process::{command, is_root, run_cmd, step},
     setup::localsend_dir,
-    test::{build_driver, build_release},
 };
 
 pub fn run() -> Result<()> {

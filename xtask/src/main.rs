@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <setup|build|test|vm-test|...>`.
 
 mod bench;
+mod build;
 mod demo;
 mod package;
 mod process;
@@ -101,7 +102,7 @@ enum Task {
 
 /// Builds one of the test crate's drivers and runs it.
 fn driver(name: &str, args: &[&str]) -> anyhow::Result<()> {
-    test::build_driver(name)?;
+    build::build_driver(name)?;
     process::run_cmd(process::command(&format!("target/release/{name}")).args(args))
 }
 
@@ -111,10 +112,10 @@ fn run(task: Task) -> anyhow::Result<()> {
     setup::run()?;
     match task {
         Task::Setup => Ok(()),
-        Task::Build => test::build_release(),
+        Task::Build => build::build_release(),
         Task::Demo => demo::run(),
         Task::BuildAndLoad { args } => {
-            test::build_release()?;
+            build::build_release()?;
             process::step(&format!("forwarder run {}", args.join(" ")));
             process::run_cmd(
                 process::command("target/release/forwarder")
@@ -125,7 +126,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Package => package::run().map(drop),
         Task::Fuzz { seconds } => driver("fuzz", &["--seconds", &seconds.to_string()]),
         Task::Soak { minutes } => {
-            test::build_release()?;
+            build::build_release()?;
             driver("soak", &["--minutes", &minutes.to_string()])
         }
         Task::Bench {

@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
+    build::build_release,
     process::{command, run_cmd, step, workspace_root},
-    test::build_release,
 };
 
 fn copy(from: &Path, to: &Path) -> Result<()> {

@@ -48,20 +48,6 @@ fn cargo_test(args: &[String], after: &[String], packages: Option<&Packages>) ->
     Ok(passed)
 }
 
-/// Builds one of the test crate's drivers (demo, bench, fuzz, soak) into
-/// target/release.
-pub fn build_driver(name: &str) -> Result<()> {
-    step(&format!("building the {name} driver"));
-    run_cmd(command("cargo").args(["build", "--release", "-p", "forwarder-tests", "--bin", name]))
-}
-
-pub fn build_release() -> Result<()> {
-    step("building the forwarder (release)");
-    run_cmd(command("cargo").args(["build", "--release", "-p", "forwarder-user"]))?;
-    println!("    target/release/forwarder (eBPF object embedded)");
-    Ok(())
-}
-
 /// `cargo test` arguments selecting the given test targets of forwarder-tests.
 fn targets(names: &[&str]) -> Vec<String> {
     let mut args = vec!["-p".to_string(), "forwarder-tests".to_string()];

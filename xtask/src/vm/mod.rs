@@ -20,8 +20,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::ValueEnum;
 
 use crate::{
+    build::{build_driver, build_release},
     process::{is_root, step, workspace_root},
-    test::{build_driver, build_release},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
