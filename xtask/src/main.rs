@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod mirror;
 mod package;
 mod process;
 mod setup;

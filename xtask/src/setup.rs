@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::process::{cargo_bin, command, is_root, output, run_cmd, step, workspace_root};
+use crate::{
+    mirror::{KEYRING, MIRROR},
+    process::{cargo_bin, command, is_root, output, run_cmd, step, workspace_root},
+};
 
 /// Debian packages the tests drive: nftables (the baseline recipe and the
 /// forwarder's own table), iproute2 (namespaces), ethtool (checksum
@@ -299,10 +302,7 @@ fn install_qemu() -> Result<()> {
     std::fs::create_dir_all(list.parent().unwrap())?;
     std::fs::write(
         &list,
-        format!(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} {codename}-backports main\n",
-            crate::systemd_vm::MIRROR
-        ),
+        format!("deb [signed-by={KEYRING}] {MIRROR} {codename}-backports main\n"),
     )?;
     let source = format!("Dir::Etc::SourceList={}", list.display());
     println!("    qemu-system-x86 from {codename}-backports, like qemu-utils {utils}");

@@ -20,10 +20,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::process::{command, run_cmd, step, workspace_root};
+use crate::{
+    mirror::MIRROR,
+    process::{command, run_cmd, step, workspace_root},
+};
 
 const SUITE: &str = "bookworm";
-pub const MIRROR: &str = "http://deb.debian.org/debian";
 /// Beyond mmdebstrap's minbase: the kernel and systemd as init, and what the
 /// checks use. nftables is the package's dependency (the VM has no network,
 /// so apt must find it installed); socat plays the LAN peer and the app.

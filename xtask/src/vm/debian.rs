@@ -16,7 +16,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::Kernel;
-use crate::process::{command, output, run_cmd};
+use crate::{
+    mirror::KEYRING,
+    process::{command, output, run_cmd},
+};
 
 /// A kernel unpacked from its package: the image virtme-ng boots, next to
 /// the modules directory it finds by itself (lib/modules/<release> or, in
@@ -32,8 +35,6 @@ struct Archive {
     uri: String,
     keyring: String,
 }
-
-const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// The first source of Debian's main archive in the system's apt
 /// configuration: a `deb` entry for a plain release (no -security or
@@ -87,7 +88,7 @@ fn deb822_archive(text: &str) -> Option<Archive> {
         if types.split_whitespace().any(|t| t == "deb") && is_main_archive(uri, &suites) {
             let keyring = field("Signed-By:")
                 .filter(|k| k.starts_with('/'))
-                .unwrap_or(DEFAULT_KEYRING);
+                .unwrap_or(KEYRING);
             return Some(Archive {
                 uri: uri.trim_end_matches('/').to_string(),
                 keyring: keyring.to_string(),
@@ -115,7 +116,7 @@ fn one_line_archive(text: &str) -> Option<Archive> {
             let keyring = options
                 .split_whitespace()
                 .find_map(|o| o.strip_prefix("signed-by="))
-                .unwrap_or(DEFAULT_KEYRING);
+                .unwrap_or(KEYRING);
             return Some(Archive {
                 uri: uri.trim_end_matches('/').to_string(),
                 keyring: keyring.to_string(),
@@ -257,7 +258,7 @@ mod tests {
         let text = "Types: deb\n# a comment\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
         let archive = deb822_archive(text).unwrap();
         assert_eq!(archive.uri, "http://deb.debian.org/debian");
-        assert_eq!(archive.keyring, DEFAULT_KEYRING);
+        assert_eq!(archive.keyring, KEYRING);
         assert!(deb822_archive("Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n").is_none());
     }
 
