@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod guarded;
 mod mirror;
 mod package;
 mod process;
