@@ -15,7 +15,6 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::Kernel;
 use crate::{
     mirror::KEYRING,
     process::{command, output, run_cmd},
@@ -175,19 +174,18 @@ fn unpacked(dir: &Path) -> Option<KernelImage> {
     None
 }
 
-/// The kernel's image, downloaded and unpacked on first use.
-pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
-    let dir = vm_dir.join("kernels").join(kernel.version());
+/// The image of `suite`'s kernel, known as `version`, downloaded and
+/// unpacked on first use.
+pub fn fetch(vm_dir: &Path, version: &str, suite: &str) -> Result<KernelImage> {
+    let dir = vm_dir.join("kernels").join(version);
     if let Some(image) = unpacked(&dir) {
         println!(
-            "    {}: {} (cached in {})",
-            kernel.version(),
+            "    {version}: {} (cached in {})",
             image.release,
             dir.display()
         );
         return Ok(image);
     }
-    let suite = kernel.suite();
     let apt_dir = vm_dir.join("apt").join(suite);
     fs::create_dir_all(apt_dir.join("lists/partial"))?;
     fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
@@ -200,8 +198,7 @@ pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
         ),
     )?;
     println!(
-        "    {}: {suite}'s package lists from {}",
-        kernel.version(),
+        "    {version}: {suite}'s package lists from {}",
         archive.uri
     );
     run_cmd(private_apt("apt-get", &apt_dir).arg("update"))?;
@@ -214,7 +211,7 @@ pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
         .with_context(|| format!("{suite}'s linux-image-amd64 names no image package"))?;
     let debs = vm_dir.join("debs");
     fs::create_dir_all(&debs)?;
-    println!("    {}: apt-get download {package}", kernel.version());
+    println!("    {version}: apt-get download {package}");
     run_cmd(
         private_apt("apt-get", &apt_dir)
             .current_dir(&debs)
@@ -241,8 +238,7 @@ pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
     let image = unpacked(&dir)
         .with_context(|| format!("{} holds no kernel image with modules", deb.display()))?;
     println!(
-        "    {}: {} unpacked in {}",
-        kernel.version(),
+        "    {version}: {} unpacked in {}",
         image.release,
         dir.display()
     );

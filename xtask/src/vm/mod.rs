@@ -162,7 +162,7 @@ pub fn run(kernels: &[Kernel]) -> Result<u64> {
     step("Debian's kernel packages");
     let mut images = Vec::new();
     for kernel in kernels {
-        images.push(debian::fetch(&vm_dir, *kernel)?);
+        images.push(debian::fetch(&vm_dir, kernel.version(), kernel.suite())?);
     }
     let accel = qemu::probe_accel(&images[0]);
     println!("    QEMU acceleration: {}", accel.name());
