@@ -4,8 +4,8 @@
 use anyhow::{Result, bail};
 
 use crate::{
-    setup::{command, is_root, run_cmd, step, workspace_root},
-    test::{build_driver, build_release},
+    build::{build_driver, build_release},
+    process::{command, is_root, run_cmd, step, workspace_root},
 };
 
 pub fn run(quick: bool, json: bool, update_docs: bool) -> Result<()> {

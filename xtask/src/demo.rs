@@ -4,8 +4,9 @@
 use anyhow::{Result, bail};
 
 use crate::{
-    setup::{command, is_root, localsend_dir, run_cmd, step},
-    test::{build_driver, build_release},
+    build::{build_driver, build_release},
+    process::{command, is_root, run_cmd, step},
+    setup::localsend_dir,
 };
 
 pub fn run() -> Result<()> {

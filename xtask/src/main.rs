@@ -1,8 +1,12 @@
 //! Project tasks: `cargo xtask <setup|build|test|vm-test|...>`.
 
 mod bench;
+mod build;
 mod demo;
+mod guarded;
+mod mirror;
 mod package;
+mod process;
 mod setup;
 mod systemd_vm;
 mod test;
@@ -100,8 +104,8 @@ enum Task {
 
 /// Builds one of the test crate's drivers and runs it.
 fn driver(name: &str, args: &[&str]) -> anyhow::Result<()> {
-    test::build_driver(name)?;
-    setup::run_cmd(setup::command(&format!("target/release/{name}")).args(args))
+    build::build_driver(name)?;
+    process::run_cmd(process::command(&format!("target/release/{name}")).args(args))
 }
 
 /// Every task but `setup` needs what setup installs; it runs first, and is
@@ -110,13 +114,13 @@ fn run(task: Task) -> anyhow::Result<()> {
     setup::run()?;
     match task {
         Task::Setup => Ok(()),
-        Task::Build => test::build_release(),
+        Task::Build => build::build_release(),
         Task::Demo => demo::run(),
         Task::BuildAndLoad { args } => {
-            test::build_release()?;
-            setup::step(&format!("forwarder run {}", args.join(" ")));
-            setup::run_cmd(
-                setup::command("target/release/forwarder")
+            build::build_release()?;
+            process::step(&format!("forwarder run {}", args.join(" ")));
+            process::run_cmd(
+                process::command("target/release/forwarder")
                     .arg("run")
                     .args(&args),
             )
@@ -124,7 +128,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Package => package::run().map(drop),
         Task::Fuzz { seconds } => driver("fuzz", &["--seconds", &seconds.to_string()]),
         Task::Soak { minutes } => {
-            test::build_release()?;
+            build::build_release()?;
             driver("soak", &["--minutes", &minutes.to_string()])
         }
         Task::Bench {

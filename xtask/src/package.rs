@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    setup::{command, run_cmd, step},
-    test::build_release,
+    build::build_release,
+    process::{command, run_cmd, step, workspace_root},
 };
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
@@ -38,7 +38,7 @@ pub struct Packages {
 pub fn run() -> Result<Packages> {
     build_release()?;
     let tarball = tarball()?;
-    let out = crate::setup::workspace_root().join("target/package");
+    let out = workspace_root().join("target/package");
     step("building the .deb (cargo-deb)");
     // Qubes runs on x86_64 only; Debian calls it amd64.
     let deb = out.join(format!("forwarder_{VERSION}-1_amd64.deb"));
@@ -63,7 +63,7 @@ pub fn run() -> Result<Packages> {
             .args(["generate-rpm", "-p", "forwarder-user", "-o"])
             .arg(&rpm)
             // Asset paths in its metadata are relative to the workspace root.
-            .current_dir(crate::setup::workspace_root()),
+            .current_dir(workspace_root()),
     )?;
     println!("    {}", rpm.display());
     Ok(Packages { tarball, deb, rpm })
@@ -73,7 +73,7 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Assembles the tarball from the release binary and returns its path.
 fn tarball() -> Result<PathBuf> {
-    let root = crate::setup::workspace_root();
+    let root = workspace_root();
     let name = format!("forwarder-{VERSION}-{}", std::env::consts::ARCH);
     let out = root.join("target/package");
     let dir = out.join(&name);

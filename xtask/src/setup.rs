@@ -2,12 +2,16 @@
 //! Each step says what it checks and only acts when something is missing.
 
 use std::{
-    env,
     path::PathBuf,
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    mirror::{KEYRING, MIRROR},
+    process::{cargo_bin, command, is_root, output, run_cmd, step, workspace_root},
+};
 
 /// Debian packages the tests drive: nftables (the baseline recipe and the
 /// forwarder's own table), iproute2 (namespaces), ethtool (checksum
@@ -34,54 +38,6 @@ const APP_PACKAGES: &[&str] = &["syncthing", "kdeconnect", "dbus-daemon", "dbus-
 /// guest, which shares the host's root file system), and mmdebstrap, which
 /// builds the systemd VM's root file system.
 const VM_PACKAGES: &[&str] = &["busybox-static", "kmod", "mmdebstrap"];
-
-pub fn step(what: &str) {
-    println!("==> {what}");
-}
-
-/// `$CARGO_HOME/bin`, where `cargo install` puts bpf-linker.
-pub fn cargo_bin() -> PathBuf {
-    env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
-        .join("bin")
-}
-
-/// PATH with `$CARGO_HOME/bin` first, for every command xtask runs.
-pub fn path_env() -> std::ffi::OsString {
-    let mut paths = vec![cargo_bin()];
-    if let Some(path) = env::var_os("PATH") {
-        paths.extend(env::split_paths(&path));
-    }
-    env::join_paths(paths).expect("PATH entries contain no separator")
-}
-
-pub fn command(program: &str) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.env("PATH", path_env());
-    cmd
-}
-
-pub fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
-/// A command's standard output; its standard error names the failure.
-pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The LLVM major version of the installed nightly: bpf-linker must link
 /// against the same one, or the bitcode it reads is not its own.
@@ -117,7 +73,7 @@ fn missing_packages(packages: &[String]) -> Vec<String> {
         .collect()
 }
 
-pub fn apt_install(packages: &[String]) -> Result<()> {
+fn apt_install(packages: &[String]) -> Result<()> {
     let missing = missing_packages(packages);
     if missing.is_empty() {
         println!("    all present: {}", packages.join(" "));
@@ -153,11 +109,6 @@ fn apt_get_install(options: &[&str], packages: &[impl AsRef<std::ffi::OsStr>]) -
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 fn bpf_linker_ok() -> bool {
@@ -196,16 +147,9 @@ fn install_cargo_tool(tool: &str, version: &str) -> Result<()> {
 /// on this project wrote it. Pinned, installed under target/.
 const LOCALSENDD: &str = "localsendd==0.1.1";
 
-/// The repository root (xtask lives one level below it).
-pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
-}
-
 /// Where the test set-up installs localsendd (a `pip --target` directory).
 pub fn localsend_dir() -> PathBuf {
-    let root = crate::setup::workspace_root();
-    root.join("target").join("localsend")
+    workspace_root().join("target").join("localsend")
 }
 
 /// python-zeroconf, the mDNS responder and browser of the discovery tests
@@ -358,10 +302,7 @@ fn install_qemu() -> Result<()> {
     std::fs::create_dir_all(list.parent().unwrap())?;
     std::fs::write(
         &list,
-        format!(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} {codename}-backports main\n",
-            crate::systemd_vm::MIRROR
-        ),
+        format!("deb [signed-by={KEYRING}] {MIRROR} {codename}-backports main\n"),
     )?;
     let source = format!("Dir::Etc::SourceList={}", list.display());
     println!("    qemu-system-x86 from {codename}-backports, like qemu-utils {utils}");

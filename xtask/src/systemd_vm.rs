@@ -11,19 +11,22 @@ use std::{
     fs,
     hash::{Hash as _, Hasher as _},
     io::{Read as _, Seek as _, SeekFrom},
-    os::unix::{fs::symlink, process::CommandExt as _},
+    os::unix::fs::symlink,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::{command, run_cmd, step, workspace_root};
+use crate::{
+    guarded::Guarded,
+    mirror::MIRROR,
+    process::{command, run_cmd, step, workspace_root},
+};
 
 const SUITE: &str = "bookworm";
-pub const MIRROR: &str = "http://deb.debian.org/debian";
 /// Beyond mmdebstrap's minbase: the kernel and systemd as init, and what the
 /// checks use. nftables is the package's dependency (the VM has no network,
 /// so apt must find it installed); socat plays the LAN peer and the app.
@@ -193,17 +196,8 @@ fn customize(rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
-/// QEMU, killed (and reaped) when dropped: no VM outlives the task.
-struct Vm(Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn boot(image: &Image, share: &Path, console: &Path) -> Result<Vm> {
+/// QEMU, guarded: no VM outlives the task.
+fn boot(image: &Image, share: &Path, console: &Path) -> Result<Guarded> {
     let mut cmd = command("qemu-system-x86_64");
     cmd.args(["-machine", "pc", "-accel", "tcg", "-smp", "2", "-m", "1024"])
         .args([
@@ -236,26 +230,17 @@ fn boot(image: &Image, share: &Path, console: &Path) -> Result<Vm> {
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .stdin(Stdio::null());
-    // SAFETY: prctl is async-signal-safe and touches only the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(Vm(cmd.spawn().context("starting qemu-system-x86_64")?))
+    Guarded::spawn(&mut cmd).context("starting qemu-system-x86_64")
 }
 
 /// Echoes the script's progress lines from the console until QEMU exits or
 /// the deadline passes.
-fn follow(vm: &mut Vm, console: &Path) -> Result<()> {
+fn follow(vm: &mut Guarded, console: &Path) -> Result<()> {
     let deadline = Instant::now() + VM_DEADLINE;
     let mut offset = 0;
     let mut partial = String::new();
     loop {
-        let exited = vm.0.try_wait()?;
+        let exited = vm.try_wait()?;
         if let Ok(mut file) = fs::File::open(console) {
             file.seek(SeekFrom::Start(offset))?;
             let mut bytes = Vec::new();

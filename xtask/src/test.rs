@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     package::Packages,
-    setup::{command, is_root, run_cmd, step},
+    process::{command, is_root, run_cmd, step},
 };
 
 /// Runs cargo with its stdout echoed, returning how many tests passed.
@@ -46,20 +46,6 @@ fn cargo_test(args: &[String], after: &[String], packages: Option<&Packages>) ->
         bail!("{cmd:?} failed: {status}");
     }
     Ok(passed)
-}
-
-/// Builds one of the test crate's drivers (demo, bench, fuzz, soak) into
-/// target/release.
-pub fn build_driver(name: &str) -> Result<()> {
-    step(&format!("building the {name} driver"));
-    run_cmd(command("cargo").args(["build", "--release", "-p", "forwarder-tests", "--bin", name]))
-}
-
-pub fn build_release() -> Result<()> {
-    step("building the forwarder (release)");
-    run_cmd(command("cargo").args(["build", "--release", "-p", "forwarder-user"]))?;
-    println!("    target/release/forwarder (eBPF object embedded)");
-    Ok(())
 }
 
 /// `cargo test` arguments selecting the given test targets of forwarder-tests.

@@ -15,8 +15,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::Kernel;
-use crate::setup::{command, output, run_cmd};
+use crate::{
+    mirror::KEYRING,
+    process::{command, output, run_cmd},
+};
 
 /// A kernel unpacked from its package: the image virtme-ng boots, next to
 /// the modules directory it finds by itself (lib/modules/<release> or, in
@@ -32,8 +34,6 @@ struct Archive {
     uri: String,
     keyring: String,
 }
-
-const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// The first source of Debian's main archive in the system's apt
 /// configuration: a `deb` entry for a plain release (no -security or
@@ -87,7 +87,7 @@ fn deb822_archive(text: &str) -> Option<Archive> {
         if types.split_whitespace().any(|t| t == "deb") && is_main_archive(uri, &suites) {
             let keyring = field("Signed-By:")
                 .filter(|k| k.starts_with('/'))
-                .unwrap_or(DEFAULT_KEYRING);
+                .unwrap_or(KEYRING);
             return Some(Archive {
                 uri: uri.trim_end_matches('/').to_string(),
                 keyring: keyring.to_string(),
@@ -115,7 +115,7 @@ fn one_line_archive(text: &str) -> Option<Archive> {
             let keyring = options
                 .split_whitespace()
                 .find_map(|o| o.strip_prefix("signed-by="))
-                .unwrap_or(DEFAULT_KEYRING);
+                .unwrap_or(KEYRING);
             return Some(Archive {
                 uri: uri.trim_end_matches('/').to_string(),
                 keyring: keyring.to_string(),
@@ -174,19 +174,18 @@ fn unpacked(dir: &Path) -> Option<KernelImage> {
     None
 }
 
-/// The kernel's image, downloaded and unpacked on first use.
-pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
-    let dir = vm_dir.join("kernels").join(kernel.version());
+/// The image of `suite`'s kernel, known as `version`, downloaded and
+/// unpacked on first use.
+pub fn fetch(vm_dir: &Path, version: &str, suite: &str) -> Result<KernelImage> {
+    let dir = vm_dir.join("kernels").join(version);
     if let Some(image) = unpacked(&dir) {
         println!(
-            "    {}: {} (cached in {})",
-            kernel.version(),
+            "    {version}: {} (cached in {})",
             image.release,
             dir.display()
         );
         return Ok(image);
     }
-    let suite = kernel.suite();
     let apt_dir = vm_dir.join("apt").join(suite);
     fs::create_dir_all(apt_dir.join("lists/partial"))?;
     fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
@@ -199,8 +198,7 @@ pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
         ),
     )?;
     println!(
-        "    {}: {suite}'s package lists from {}",
-        kernel.version(),
+        "    {version}: {suite}'s package lists from {}",
         archive.uri
     );
     run_cmd(private_apt("apt-get", &apt_dir).arg("update"))?;
@@ -213,7 +211,7 @@ pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
         .with_context(|| format!("{suite}'s linux-image-amd64 names no image package"))?;
     let debs = vm_dir.join("debs");
     fs::create_dir_all(&debs)?;
-    println!("    {}: apt-get download {package}", kernel.version());
+    println!("    {version}: apt-get download {package}");
     run_cmd(
         private_apt("apt-get", &apt_dir)
             .current_dir(&debs)
@@ -240,8 +238,7 @@ pub fn fetch(vm_dir: &Path, kernel: Kernel) -> Result<KernelImage> {
     let image = unpacked(&dir)
         .with_context(|| format!("{} holds no kernel image with modules", deb.display()))?;
     println!(
-        "    {}: {} unpacked in {}",
-        kernel.version(),
+        "    {version}: {} unpacked in {}",
         image.release,
         dir.display()
     );
@@ -257,7 +254,7 @@ mod tests {
         let text = "Types: deb\n# a comment\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
         let archive = deb822_archive(text).unwrap();
         assert_eq!(archive.uri, "http://deb.debian.org/debian");
-        assert_eq!(archive.keyring, DEFAULT_KEYRING);
+        assert_eq!(archive.keyring, KEYRING);
         assert!(deb822_archive("Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n").is_none());
     }
 

@@ -4,15 +4,17 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    os::unix::process::CommandExt as _,
     path::Path,
-    process::{Child, ChildStdin, Command, Stdio},
-    time::Duration,
+    process::{ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::{command, output};
+use crate::{
+    guarded::Guarded,
+    process::{command, output},
+};
 
 const PREFIX: &str = "fwvm-";
 pub const TAP: &str = "fwtap0";
@@ -43,7 +45,7 @@ fn sweep_leftovers() {
 
 pub struct Lan {
     netns: String,
-    peer: Child,
+    peer: Guarded,
     /// Held open for as long as the peer should serve; closing it ends the
     /// peer.
     stdin: Option<ChildStdin>,
@@ -63,16 +65,7 @@ impl Lan {
                 .args(["lan-peer", "--tap", TAP])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped());
-            // SAFETY: prctl only affects the calling (child) process.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let mut peer = cmd.spawn().context("starting the LAN peer")?;
+            let mut peer = Guarded::spawn(&mut cmd).context("starting the LAN peer")?;
             let stdin = peer.stdin.take();
             let stdout = peer.stdout.take().context("the LAN peer's stdout")?;
             let lan = Lan {
@@ -113,13 +106,9 @@ impl Drop for Lan {
         // End of input asks the peer to exit; it gets a moment before the
         // kill.
         drop(self.stdin.take());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if self.peer.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let _ = self.peer.wait_until(deadline);
+        // Stopped before its namespace goes.
         let _ = self.peer.kill();
         let _ = self.peer.wait();
         if let Err(err) = ip(&["netns", "del", &self.netns]) {

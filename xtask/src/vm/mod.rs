@@ -20,8 +20,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::ValueEnum;
 
 use crate::{
-    setup::{is_root, step, workspace_root},
-    test::{build_driver, build_release},
+    build::{build_driver, build_release},
+    process::{is_root, step, workspace_root},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -162,7 +162,7 @@ pub fn run(kernels: &[Kernel]) -> Result<u64> {
     step("Debian's kernel packages");
     let mut images = Vec::new();
     for kernel in kernels {
-        images.push(debian::fetch(&vm_dir, *kernel)?);
+        images.push(debian::fetch(&vm_dir, kernel.version(), kernel.suite())?);
     }
     let accel = qemu::probe_accel(&images[0]);
     println!("    QEMU acceleration: {}", accel.name());

@@ -6,16 +6,18 @@
 use std::{
     fs::File,
     io::Read as _,
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 
 use super::debian::KernelImage;
-use crate::setup::command;
+use crate::{
+    guarded::Guarded,
+    process::{command, path_env},
+};
 
 /// QEMU's x86 system emulator, from Debian's qemu-system-x86.
 const QEMU: &str = "qemu-system-x86_64";
@@ -55,47 +57,6 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
-/// A child that must not outlive this process: killed when dropped, and
-/// by the kernel when this process dies (PR_SET_PDEATHSIG).
-struct Guarded(Child);
-
-impl Guarded {
-    fn spawn(cmd: &mut Command) -> Result<Self> {
-        // SAFETY: prctl only affects the calling (child) process.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-        Ok(Guarded(child))
-    }
-
-    /// Waits for the child until `deadline`; `None` when it is still
-    /// running then.
-    fn wait_until(&mut self, deadline: Instant) -> Result<Option<ExitStatus>> {
-        loop {
-            if let Some(status) = self.0.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// KVM if a short boot of `image` with it gets as far as the kernel's
 /// panic over the missing root file system, TCG otherwise.
 pub fn probe_accel(image: &KernelImage) -> Accel {
@@ -103,19 +64,18 @@ pub fn probe_accel(image: &KernelImage) -> Accel {
         return Accel::Tcg;
     }
     let probe = || -> Result<bool> {
-        let mut qemu = Guarded::spawn(
-            Command::new(QEMU)
-                .args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-no-reboot"])
-                .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
-                .arg("-kernel")
-                .arg(&image.vmlinuz)
-                .args(["-append", "console=ttyS0 panic=-1"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null()),
-        )?;
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-no-reboot"])
+            .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+            .arg("-kernel")
+            .arg(&image.vmlinuz)
+            .args(["-append", "console=ttyS0 panic=-1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut qemu = Guarded::spawn(&mut cmd).with_context(|| format!("spawning {cmd:?}"))?;
         // Drained while QEMU runs: a full pipe would stall it.
-        let mut out = qemu.0.stdout.take().context("QEMU's stdout")?;
+        let mut out = qemu.stdout.take().context("QEMU's stdout")?;
         let reader = std::thread::spawn(move || {
             let mut console = String::new();
             let _ = out.read_to_string(&mut console);
@@ -171,8 +131,7 @@ impl Boot<'_> {
         // guest's console is only shown with --verbose when nothing in the
         // guest creates the virtio ports of a quiet run (udev).
         let path = std::env::join_paths(
-            std::iter::once(vng_dir.join("bin"))
-                .chain(std::env::split_paths(&crate::setup::path_env())),
+            std::iter::once(vng_dir.join("bin")).chain(std::env::split_paths(&path_env())),
         )?;
         cmd.arg(vng_dir.join("bin/vng"))
             .env("PYTHONPATH", vng_dir)
@@ -194,7 +153,7 @@ impl Boot<'_> {
             .with_context(|| format!("creating {}", self.console.display()))?;
         cmd.stdout(console.try_clone()?).stderr(console);
         let started = Instant::now();
-        let mut vng = Guarded::spawn(&mut cmd)?;
+        let mut vng = Guarded::spawn(&mut cmd).with_context(|| format!("spawning {cmd:?}"))?;
         let status = vng.wait_until(started + self.timeout)?;
         let elapsed = started.elapsed();
         drop(vng);
