@@ -91,7 +91,13 @@ pub fn run(filter: &[String]) -> Result<()> {
 
     step("tier 2: packet-in/packet-out tests through BPF_PROG_TEST_RUN");
     let n = cargo_test(
-        &targets(&["test_run", "flow_test_run", "relay_test_run", "hostile"]),
+        &targets(&[
+            "test_run",
+            "flow_test_run",
+            "relay_test_run",
+            "hostile",
+            "verifier_budget",
+        ]),
         &privileged,
         None,
     )?;

@@ -1,0 +1,39 @@
+//! How much of the verifier's budget each program takes, for every
+//! combination of fallbacks the self-test can pick. Kernels before 6.x
+//! prune states less well than the one this runs on, so a program must
+//! leave most of the budget (1,000,000 processed instructions) unused here
+//! to load there too; the VM tier then proves it on those kernels.
+
+use forwarder::{datapath::Role, selftest::Support};
+use forwarder_tests::{netns, testrun::Harness};
+
+/// Half the verifier's limit: what the old kernels' weaker pruning may need
+/// on top of this kernel's count.
+const BUDGET: u32 = 500_000;
+
+#[test]
+fn every_program_leaves_half_the_verifiers_budget_for_older_kernels() {
+    netns::sweep_leftovers();
+    let mut over = Vec::new();
+    for fib_skip_neigh in [true, false] {
+        for fib_mtu_result in [true, false] {
+            let support = Support {
+                fib_skip_neigh,
+                fib_mtu_result,
+            };
+            let h = Harness::with_support(&[], &[], support).expect("load");
+            for role in [Role::Uplink, Role::Downstream] {
+                let info = h.datapath.program(role).unwrap().info().unwrap();
+                let Some(count) = info.verified_instruction_count() else {
+                    eprintln!("this kernel does not report verified instructions (before 5.16)");
+                    return;
+                };
+                println!("{support:?} {}: {count} instructions verified", role.name());
+                if count > BUDGET {
+                    over.push(format!("{support:?} {}: {count}", role.name()));
+                }
+            }
+        }
+    }
+    assert!(over.is_empty(), "over {BUDGET}: {over:?}");
+}
