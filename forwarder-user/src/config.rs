@@ -378,13 +378,12 @@ fn expand(
     for (proto, ports) in preset.forwards {
         let mut rule = Rule::new(
             *proto,
-            ports.first,
+            *ports,
             target,
             ports.first,
             allow_from.clone(),
             Origin::Preset,
         );
-        rule.ports = *ports;
         rule.comment = Some(format!("{} preset", preset.name));
         rules.push(rule);
     }

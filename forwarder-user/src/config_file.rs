@@ -177,7 +177,7 @@ mod tests {
     fn rule(port: u16) -> Rule {
         Rule::new(
             Proto::Tcp,
-            port,
+            Ports::one(port),
             Ipv4Addr::new(10, 137, 0, 5),
             port,
             AllowFrom::Any,

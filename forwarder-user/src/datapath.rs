@@ -20,8 +20,8 @@ use forwarder_common::maps::{globals, names, programs};
 use crate::{
     EBPF_OBJECT,
     adopt::{self, Replaced},
+    kernel::{Kernel, Support, TCX_SINCE},
     pin::PinLayout,
-    selftest::{Kernel, Support},
     tables::Tables,
 };
 
@@ -87,7 +87,7 @@ impl HookKind {
     }
 
     pub fn for_kernel(kernel: &Kernel) -> Self {
-        if kernel.version >= (6, 6) {
+        if kernel.version >= TCX_SINCE {
             HookKind::Tcx
         } else {
             HookKind::Clsact

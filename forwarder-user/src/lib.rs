@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod flows;
 pub mod inspect;
 pub mod interfaces;
+pub mod kernel;
 pub mod multicast;
 pub mod netlink;
 pub mod nft;
