@@ -23,6 +23,7 @@ mod object_check;
 pub mod pin;
 pub mod presets;
 pub mod raw_map;
+pub mod replace_file;
 pub mod rule_view;
 pub mod rules;
 pub mod selftest;

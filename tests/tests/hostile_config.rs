@@ -1,0 +1,148 @@
+//! What a user, a config file or a CLI value could do to the daemon, tried
+//! with real processes:
+//! - `--save` in a directory another user can write follows nothing that
+//!   user planted.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _, lchown, symlink},
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use forwarder_tests::{
+    daemon::{Forwarder, cli},
+    netns::Netns,
+};
+
+const UPLINK: &str = "up0";
+const TARGET: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
+
+/// A router namespace with an uplink that has an address, enough for the
+/// daemon to become ready.
+fn router(label: &str) -> Netns {
+    let ns = Netns::new(label).unwrap();
+    ns.ip(&format!("link add {UPLINK} type veth peer name lan0"))
+        .unwrap();
+    ns.ip(&format!("addr add 192.0.2.1/24 dev {UPLINK}"))
+        .unwrap();
+    ns.ip(&format!("link set {UPLINK} up")).unwrap();
+    ns.ip("link set lan0 up").unwrap();
+    ns
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(ns: &Netns) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-hostile-config", ns.name()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn file(&self, name: &str, text: &str, mode: u32) -> PathBuf {
+        let path = self.0.join(name);
+        fs::write(&path, text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn text_of(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The user who may write the config's directory: nobody.
+const OTHER_UID: u32 = 65534;
+
+/// A file's bytes, owner and mode, to see that nothing touched it.
+fn snapshot(path: &Path) -> (String, u32, u32, u32) {
+    let meta = fs::metadata(path).unwrap();
+    let text = fs::read_to_string(path).unwrap();
+    (text, meta.uid(), meta.gid(), meta.mode() & 0o7777)
+}
+
+/// A symlink at `link` to `to`, made by the other user.
+fn plant(link: &Path, to: &Path) {
+    symlink(to, link).unwrap();
+    lchown(link, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+}
+
+#[test]
+fn save_follows_nothing_another_user_planted() {
+    let ns = router("save");
+    let scratch = Scratch::new(&ns);
+    let victim = scratch.file("victim", "root's secret\n", 0o600);
+    let victim_toml = scratch.file("victim.toml", "# root's own TOML\n", 0o600);
+    let conf = scratch.0.join("conf");
+    fs::create_dir(&conf).unwrap();
+    std::os::unix::fs::chown(&conf, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    let config = conf.join("forwarder.toml");
+    fs::write(&config, format!("uplink = \"{UPLINK}\"\n")).unwrap();
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o640)).unwrap();
+    // Where releases before this one put their temporary file.
+    let old_tmp = conf.join(".forwarder.toml.forwarder-save");
+    plant(&old_tmp, &victim);
+    let before = (snapshot(&victim), snapshot(&victim_toml));
+
+    let config_arg = config.display().to_string();
+    let fwd = Forwarder::start(&ns, "save", &["--config", &config_arg]).unwrap();
+    let save = |spec: &str| {
+        cli(
+            &ns,
+            &["rules", "add", spec, "--save", "--pin-dir", &fwd.pin_arg()],
+        )
+        .unwrap()
+    };
+    let out = save(&format!("tcp:8080={TARGET}"));
+    assert!(out.status.success(), "{}", text_of(&out));
+    assert_eq!(
+        snapshot(&victim),
+        before.0,
+        "the file a planted symlink points at was written"
+    );
+    let saved = fs::read_to_string(&config).unwrap();
+    assert!(saved.contains(&format!("tcp:8080={TARGET}")), "{saved}");
+    let meta = fs::metadata(&config).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o640));
+    assert_eq!(fs::read_link(&old_tmp).unwrap(), victim, "left as planted");
+    let mut left: Vec<String> = fs::read_dir(&conf)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, [".forwarder.toml.forwarder-save", "forwarder.toml"]);
+
+    // The other user swaps the config itself for a symlink to root's file.
+    fs::remove_file(&config).unwrap();
+    plant(&config, &victim_toml);
+    let out = save(&format!("tcp:8081={TARGET}"));
+    let text = text_of(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("not saved")
+            && text.contains(&format!("made by uid {OTHER_UID}"))
+            && text.contains("victim.toml"),
+        "{text}"
+    );
+    assert_eq!(
+        (snapshot(&victim), snapshot(&victim_toml)),
+        before,
+        "root's files are untouched, content, owner and mode"
+    );
+    println!("planted symlinks left alone; save through a foreign symlink refused: {text}");
+}
