@@ -6,7 +6,7 @@
 //! `replace_file`); a symlink to it is followed, not replaced, when root or
 //! the file's owner made it.
 
-use std::{fmt::Display, path::Path};
+use std::{fmt::Display, path::Path, time::SystemTime};
 
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
 
@@ -78,14 +78,26 @@ pub fn save_rule(path: &Path, rule: &Rule) -> Result<(), String> {
         None => drop(table.remove("comment")),
     }
     match rule.expires {
-        Some(expires) => {
-            table["expires"] = value(humantime::format_rfc3339_seconds(expires).to_string());
-        }
+        Some(expires) => table["expires"] = value(rfc3339(expires).map_err(|e| fail(path, e))?),
         None => drop(table.remove("expires")),
     }
     original
         .replace(&doc.to_string())
         .map_err(|e| fail(path, e))
+}
+
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+const LAST_RFC3339_SECS: u64 = 253_402_300_799;
+
+/// `expires` as the file holds it; refused, not panicking, past what
+/// RFC 3339 can write.
+fn rfc3339(time: SystemTime) -> Result<String, String> {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) if since.as_secs() <= LAST_RFC3339_SECS => {
+            Ok(humantime::format_rfc3339_seconds(time).to_string())
+        }
+        _ => Err("the rule's expiry is not between 1970 and 9999, which `expires` holds".into()),
+    }
 }
 
 /// Removes the tables forwarding `proto:ports`; returns whether there were
@@ -119,7 +131,7 @@ mod tests {
         net::Ipv4Addr,
         os::unix::fs::{MetadataExt as _, PermissionsExt as _},
         path::PathBuf,
-        time::{Duration, SystemTime},
+        time::Duration,
     };
 
     use super::*;
@@ -257,6 +269,25 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(leftovers.len(), 2, "no temporary file left: {leftovers:?}");
+    }
+
+    #[test]
+    fn an_expiry_past_9999_is_refused_and_the_file_left_alone() {
+        let dir = Dir::new("far");
+        let path = dir.file(USER_FILE);
+        let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_RFC3339_SECS);
+        assert_eq!(rfc3339(last).unwrap(), "9999-12-31T23:59:59Z");
+        let mut r = rule(9090);
+        for far in [
+            last + Duration::from_secs(1),
+            SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40),
+        ] {
+            r.expires = Some(far);
+            let err = save_rule(&path, &r).unwrap_err();
+            assert!(err.contains("9999"), "{err}");
+        }
+        assert_eq!(fs::read_to_string(&path).unwrap(), USER_FILE);
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! Forward rules as the daemon holds them, their checks, and their encoding
 //! into the datapath's map entries.
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr, time::SystemTime};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::Ipv4Addr,
+    time::{Duration, SystemTime},
+};
 
 use forwarder_common::maps::{
     ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Allow, ForwardRule, MAX_RELAYS, MAX_RULES,
@@ -37,6 +42,26 @@ impl Origin {
             Origin::Live => "live",
         }
     }
+}
+
+/// The longest `--expire`: 100 years of 365.25 days, humantime's `100y`.
+/// Longer is as good as never, and would not fit the file's RFC 3339
+/// times for long.
+pub const MAX_EXPIRE: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// The wall-clock time `wait` from now, for a rule's expiry; refused past
+/// `MAX_EXPIRE` (the control socket takes any number).
+pub fn expiry_after(wait: Duration) -> Result<SystemTime, String> {
+    if wait > MAX_EXPIRE {
+        return Err(format!(
+            "an expiry {} s away is past the longest, 100y ({} s)",
+            wait.as_secs(),
+            MAX_EXPIRE.as_secs()
+        ));
+    }
+    SystemTime::now()
+        .checked_add(wait)
+        .ok_or_else(|| "the clock is too close to its end for this expiry".into())
 }
 
 /// A forward rule with its target resolved: one port, or a range of ports
@@ -500,6 +525,22 @@ mod tests {
             err.contains("udp:1714-1764") && err.contains("run past 65535"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn expiries_are_checked_not_overflowed() {
+        let now = SystemTime::now();
+        let max = expiry_after(MAX_EXPIRE).unwrap();
+        assert!(max >= now + MAX_EXPIRE);
+        for wait in [
+            MAX_EXPIRE + Duration::from_secs(1),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ] {
+            let err = expiry_after(wait).unwrap_err();
+            assert!(err.contains("100y"), "{err}");
+        }
+        assert!(expiry_after(Duration::ZERO).unwrap() >= now);
     }
 
     #[test]

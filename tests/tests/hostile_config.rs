@@ -1,7 +1,9 @@
 //! What a user, a config file or a CLI value could do to the daemon, tried
 //! with real processes:
 //! - `--save` in a directory another user can write follows nothing that
-//!   user planted.
+//!   user planted;
+//! - no `--expire` value, from the CLI or straight over the control socket,
+//!   makes anything panic.
 
 use std::{
     fs,
@@ -11,6 +13,7 @@ use std::{
     process::Output,
 };
 
+use forwarder::control::{self, Request};
 use forwarder_tests::{
     daemon::{Forwarder, cli},
     netns::Netns,
@@ -145,4 +148,80 @@ fn save_follows_nothing_another_user_planted() {
         "root's files are untouched, content, owner and mode"
     );
     println!("planted symlinks left alone; save through a foreign symlink refused: {text}");
+}
+
+#[test]
+fn no_expiry_makes_anything_panic() {
+    let ns = router("expire");
+    let scratch = Scratch::new(&ns);
+    let config = scratch.file("forwarder.toml", &format!("uplink = \"{UPLINK}\"\n"), 0o600);
+    let config_arg = config.display().to_string();
+    let mut fwd = Forwarder::start(&ns, "expire", &["--config", &config_arg]).unwrap();
+    let pin = fwd.pin_arg();
+    for expire in [
+        "8000y",
+        "300000000000y",
+        "101y",
+        "99999999999999999999999999s",
+    ] {
+        let out = cli(
+            &ns,
+            &[
+                "rules",
+                "add",
+                &format!("tcp:8080={TARGET}"),
+                "--expire",
+                expire,
+                "--save",
+                "--pin-dir",
+                &pin,
+            ],
+        )
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--expire {expire}: {err}");
+        assert!(
+            err.contains("--expire") && err.contains("at most 100 years"),
+            "--expire {expire}: {err}"
+        );
+    }
+    // Straight over the control socket, past what the CLI lets through.
+    for secs in [u64::MAX, 8000 * 31_557_600, 100 * 31_557_600 + 1] {
+        let response = control::request(
+            fwd.pins.path(),
+            &Request::Add {
+                spec: format!("tcp:8080={TARGET}"),
+                allow_from: None,
+                expire_secs: Some(secs),
+                comment: None,
+                save: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{secs} s: no answer: {e:#}\n{}", fwd.log_text()));
+        let error = response.error.unwrap_or_default();
+        assert!(!response.ok && error.contains("100y"), "{secs} s: {error}");
+        assert!(
+            fwd.running(),
+            "{secs} s: the daemon died:\n{}",
+            fwd.log_text()
+        );
+    }
+    let out = cli(
+        &ns,
+        &[
+            "rules",
+            "add",
+            &format!("tcp:8080={TARGET}"),
+            "--expire",
+            "100y",
+            "--save",
+            "--pin-dir",
+            &pin,
+        ],
+    )
+    .unwrap();
+    assert!(out.status.success(), "the longest: {}", text_of(&out));
+    let saved = fs::read_to_string(&config).unwrap();
+    assert!(saved.contains("expires = \"21"), "{saved}");
+    assert!(!fwd.log_text().contains("panicked"), "{}", fwd.log_text());
 }
