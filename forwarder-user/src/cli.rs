@@ -48,7 +48,8 @@ pub enum Command {
     /// List the forwarded flows the datapath tracks, like `conntrack -L`,
     /// read from the pinned maps.
     Flows(FlowsArgs),
-    /// Validate a configuration file without loading anything.
+    /// Validate a configuration file as `run` would, against this host's
+    /// limits, without loading anything.
     CheckConfig {
         /// The TOML file `run --config` would read.
         file: PathBuf,

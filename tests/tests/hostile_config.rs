@@ -2,6 +2,8 @@
 //! with real processes:
 //! - `--save` in a directory another user can write follows nothing that
 //!   user planted;
+//! - a config the host cannot run is refused by `check-config` and `run`
+//!   alike, before anything loads;
 //! - no `--expire` value, from the CLI or straight over the control socket,
 //!   makes anything panic.
 
@@ -10,13 +12,16 @@ use std::{
     net::Ipv4Addr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _, lchown, symlink},
     path::{Path, PathBuf},
-    process::Output,
+    process::{Output, Stdio},
+    time::Duration,
 };
 
 use forwarder::control::{self, Request};
 use forwarder_tests::{
-    daemon::{Forwarder, cli},
+    bpffs::PinDir,
+    daemon::{Forwarder, binary, cli},
     netns::Netns,
+    wait::wait_until,
 };
 
 const UPLINK: &str = "up0";
@@ -224,4 +229,127 @@ fn no_expiry_makes_anything_panic() {
     let saved = fs::read_to_string(&config).unwrap();
     assert!(saved.contains("expires = \"21"), "{saved}");
     assert!(!fwd.log_text().contains("panicked"), "{}", fwd.log_text());
+}
+/// `forwarder run <args>` in `ns`, which must exit within `timeout`
+/// (killed, by its own PID, if it does not): its exit code and stderr.
+fn run_to_exit(ns: &Netns, args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = ns
+        .command(binary().unwrap().to_str().unwrap())
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    let exited = wait_until(timeout, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        forwarder_tests::child::terminate(&mut child, Duration::from_secs(10));
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.and_then(|s| s.code()), err)
+}
+
+fn relays(n: u8) -> String {
+    (1..=n)
+        .map(|i| format!("[[relay]]\nspec = \"239.1.1.{i}:9={TARGET}\"\n"))
+        .collect()
+}
+
+#[test]
+fn check_config_and_run_refuse_what_this_host_cannot_run() {
+    let ns = router("limits");
+    let scratch = Scratch::new(&ns);
+    let max: u32 = ns
+        .sh("cat /proc/sys/net/ipv4/igmp_max_memberships")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(max, 20, "a new namespace has the kernel's default");
+    let uplink = format!("uplink = \"{UPLINK}\"\n");
+    let fits = scratch.file("twenty.toml", &(uplink.clone() + &relays(20)), 0o600);
+    let out = cli(&ns, &["check-config", fits.to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "20 groups fit: {}", text_of(&out));
+
+    let too_many = scratch.file("many.toml", &(uplink.clone() + &relays(21)), 0o600);
+    let too_many_arg = too_many.display().to_string();
+    let pins = PinDir::new("limits").unwrap();
+    let pin_arg = pins.path().display().to_string();
+    let check = cli(&ns, &["check-config", &too_many_arg]).unwrap();
+    let (code, run_err) = run_to_exit(
+        &ns,
+        &["--config", &too_many_arg, "--pin-dir", &pin_arg],
+        Duration::from_secs(10),
+    );
+    for (what, code, err) in [
+        ("check-config", check.status.code(), text_of(&check)),
+        ("run", code, run_err),
+    ] {
+        assert_eq!(code, Some(2), "{what}: {err}");
+        assert!(
+            err.contains(&format!("{too_many_arg}: relays"))
+                && err.contains("21 multicast groups")
+                && err.contains("net.ipv4.igmp_max_memberships is 20")
+                && err.contains("at most 20"),
+            "{what}: {err}"
+        );
+    }
+    assert!(!pins.path().exists(), "run loaded nothing");
+    assert!(ns.sh("nft list tables").unwrap().trim().is_empty());
+
+    // An ordinary directory with files in it never gets a bpffs over it.
+    let busy = scratch.0.join("busy");
+    fs::create_dir(&busy).unwrap();
+    fs::write(busy.join("keep"), "mine").unwrap();
+    let busy_arg = busy.display().to_string();
+    let in_file = scratch.file(
+        "pin-dir.toml",
+        &format!("{uplink}pin_dir = \"{busy_arg}\"\n"),
+        0o600,
+    );
+    let in_file_arg = in_file.display().to_string();
+    let check = cli(&ns, &["check-config", &in_file_arg]).unwrap();
+    let (code, run_err) = run_to_exit(
+        &ns,
+        &["--uplink", UPLINK, "--pin-dir", &busy_arg],
+        Duration::from_secs(10),
+    );
+    for (what, code, err, key) in [
+        (
+            "check-config",
+            check.status.code(),
+            text_of(&check),
+            format!("{in_file_arg}: key `pin_dir`"),
+        ),
+        ("run", code, run_err, "--pin-dir".to_string()),
+    ] {
+        assert_eq!(code, Some(2), "{what}: {err}");
+        assert!(
+            err.contains(&key)
+                && err.contains(&busy_arg)
+                && err.contains("not on a bpffs")
+                && err.contains("does not exist yet or is empty"),
+            "{what}: {err}"
+        );
+    }
+    assert_eq!(fs::read_to_string(busy.join("keep")).unwrap(), "mine");
+    let empty = scratch.0.join("empty");
+    fs::create_dir(&empty).unwrap();
+    let usable = scratch.file(
+        "empty.toml",
+        &format!("{uplink}pin_dir = \"{}\"\n", empty.display()),
+        0o600,
+    );
+    let out = cli(&ns, &["check-config", usable.to_str().unwrap()]).unwrap();
+    assert!(
+        out.status.success(),
+        "an empty directory: {}",
+        text_of(&out)
+    );
 }
