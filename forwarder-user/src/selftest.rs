@@ -23,7 +23,7 @@ use crate::{
     pin,
     rules::{Origin, Rule},
     spec::{AllowFrom, Ports, Proto},
-    tables::Tables,
+    tables::{RuleIds, Tables},
 };
 
 const PEER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
@@ -88,7 +88,7 @@ fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64
                 flow_table_size,
             },
         )?;
-        let mut tables = Tables::from_ebpf(&mut ebpf)?;
+        let mut tables = Tables::from_ebpf(&mut ebpf, RuleIds::unpinned()?)?;
         prepare(&mut tables)?;
         // Neither packet can pass the reverse-path check on the loopback
         // device, so each ends at its first FIB lookup: refused, answered

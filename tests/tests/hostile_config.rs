@@ -2,12 +2,15 @@
 //! with real processes:
 //! - `--save` in a directory another user can write follows nothing that
 //!   user planted;
+//! - a rule deleted and added again gets a new id, across restarts too,
+//!   and never one a kept flow table holds;
 //! - a config the host cannot run is refused by `check-config` and `run`
 //!   alike, before anything loads;
 //! - no `--expire` value, from the CLI or straight over the control socket,
 //!   makes anything panic.
 
 use std::{
+    collections::BTreeSet,
     fs,
     net::Ipv4Addr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _, lchown, symlink},
@@ -16,7 +19,14 @@ use std::{
     time::Duration,
 };
 
-use forwarder::control::{self, Request};
+use forwarder::{
+    control::{self, Request},
+    pin::PinLayout,
+};
+use forwarder_common::{
+    flow::FLOW_REPLIED,
+    maps::{FlowEntry, FlowKey},
+};
 use forwarder_tests::{
     bpffs::PinDir,
     daemon::{Forwarder, binary, cli},
@@ -352,4 +362,93 @@ fn check_config_and_run_refuse_what_this_host_cannot_run() {
         "an empty directory: {}",
         text_of(&out)
     );
+}
+
+/// The id of the installed rule forwarding `tcp:port`.
+fn rule_id(fwd: &Forwarder, port: u16) -> u32 {
+    let installed = fwd.tables().unwrap().installed().unwrap();
+    installed
+        .get(&(6, port))
+        .unwrap_or_else(|| panic!("no rule tcp:{port}"))
+        .1
+        .id
+}
+
+fn rules(ns: &Netns, fwd: &Forwarder, args: &[&str]) {
+    let mut full = vec!["rules"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--pin-dir", fwd.pins.path().to_str().unwrap()]);
+    let out = cli(ns, &full).unwrap();
+    assert!(out.status.success(), "{args:?}: {}", text_of(&out));
+}
+
+/// Checks that `tcp:port` got an id above every one `seen` before.
+fn fresh(seen: &mut BTreeSet<u32>, fwd: &Forwarder, port: u16, when: &str) {
+    let id = rule_id(fwd, port);
+    assert!(
+        seen.iter().all(|old| id > *old),
+        "{when}: tcp:{port} got id {id}, not above every earlier one {seen:?}"
+    );
+    seen.insert(id);
+}
+
+#[test]
+fn rule_ids_never_come_back() {
+    let ns = router("ids");
+    let first = format!("tcp:1000={TARGET}");
+    let args = ["--uplink", UPLINK, "--forward", first.as_str()];
+    let mut fwd = Forwarder::start(&ns, "ids", &args).unwrap();
+    let mut seen = BTreeSet::from([rule_id(&fwd, 1000)]);
+    rules(&ns, &fwd, &["add", &format!("tcp:2000={TARGET}")]);
+    fresh(&mut seen, &fwd, 2000, "added");
+    rules(&ns, &fwd, &["del", "tcp:2000"]);
+    rules(&ns, &fwd, &["add", &format!("tcp:3000={TARGET}")]);
+    fresh(&mut seen, &fwd, 3000, "added after a delete");
+
+    // The highest id is deleted, then the daemon crashes and restarts.
+    rules(&ns, &fwd, &["del", "tcp:3000"]);
+    fwd.kill_hard().unwrap();
+    fwd.respawn(&ns).unwrap();
+    fwd.wait_ready(Duration::from_secs(20)).unwrap();
+    assert!(seen.contains(&rule_id(&fwd, 1000)), "tcp:1000 kept its id");
+    rules(&ns, &fwd, &["add", &format!("tcp:4000={TARGET}")]);
+    fresh(&mut seen, &fwd, 4000, "added after a restart");
+
+    // A flow table kept where the rules map is new (an upgrade that
+    // replaced the rules map, or pins of a build that kept no id record):
+    // a flow of id 1000 waits in it.
+    fwd.kill_hard().unwrap();
+    let layout = PinLayout::new(fwd.pins.path());
+    let kept_flow_id = 1000;
+    let mut tables = fwd.tables().unwrap();
+    let key = FlowKey::new(
+        u32::from_ne_bytes([192, 0, 2, 7]),
+        40000u16.to_be(),
+        6,
+        1000u16.to_be(),
+    );
+    let entry = FlowEntry {
+        rule_id: kept_flow_id,
+        state: FLOW_REPLIED,
+        created_ns: forwarder::clock::boot_ns(),
+        seen_ns: forwarder::clock::boot_ns(),
+        ..Default::default()
+    };
+    tables.set_flow(&key, &entry).unwrap();
+    drop(tables);
+    for pin in [
+        layout.maps.join("FORWARD_RULES"),
+        layout.maps.join("REVERSE_RULES"),
+    ] {
+        fs::remove_file(&pin).unwrap();
+    }
+    let _ = fs::remove_file(layout.meta.join("RULE_IDS"));
+    fwd.respawn(&ns).unwrap();
+    fwd.wait_ready(Duration::from_secs(20)).unwrap();
+    let id = rule_id(&fwd, 1000);
+    assert!(
+        id > kept_flow_id,
+        "tcp:1000 got id {id} in a new rules map beside a kept flow of id {kept_flow_id}"
+    );
+    println!("ids handed out: {seen:?}, then {id} beside a kept flow of id {kept_flow_id}");
 }
