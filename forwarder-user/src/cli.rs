@@ -137,7 +137,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = parse_flow_table_size)]
     pub flow_table_size: Option<u32>,
 
-    /// bpffs directory for this instance's pinned maps and links
+    /// bpffs directory for this instance's pinned maps and links; one off a
+    /// bpffs must not exist yet or be empty, and gets a bpffs mounted
     /// [default: /sys/fs/bpf/forwarder].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
