@@ -8,6 +8,7 @@ use regex::Regex;
 
 use crate::{
     datapath::HookKind,
+    rules::MAX_EXPIRE,
     spec::{AllowFrom, ForwardSpec, RelaySpec, RuleRef, parse_rate, parse_ttl},
 };
 
@@ -47,7 +48,8 @@ pub enum Command {
     /// List the forwarded flows the datapath tracks, like `conntrack -L`,
     /// read from the pinned maps.
     Flows(FlowsArgs),
-    /// Validate a configuration file without loading anything.
+    /// Validate a configuration file as `run` would, against this host's
+    /// limits, without loading anything.
     CheckConfig {
         /// The TOML file `run --config` would read.
         file: PathBuf,
@@ -135,7 +137,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = parse_flow_table_size)]
     pub flow_table_size: Option<u32>,
 
-    /// bpffs directory for this instance's pinned maps and links
+    /// bpffs directory for this instance's pinned maps and links; one off a
+    /// bpffs must not exist yet or be empty, and gets a bpffs mounted
     /// [default: /sys/fs/bpf/forwarder].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
@@ -181,8 +184,9 @@ pub enum RulesCommand {
         /// Peers allowed to use it [default: the instance's --allow-from].
         #[arg(long, value_name = "auto|any|CIDR[,CIDR...]")]
         allow_from: Option<AllowFrom>,
-        /// Remove the rule after this long (e.g. 90s, 30m, 2h).
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        /// Remove the rule after this long (e.g. 90s, 30m, 2h; at most
+        /// 100y).
+        #[arg(long, value_name = "DURATION", value_parser = parse_expire)]
         expire: Option<Duration>,
         /// Free text shown by `rules list`.
         #[arg(long, value_name = "TEXT")]
@@ -247,6 +251,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err(format!(
             "{s:?} is not a duration: expected e.g. 90s, 30m, 2h or 1h30m"
+        )),
+    }
+}
+
+/// `--expire`: a duration of at most `MAX_EXPIRE`. Parsing never
+/// overflows: humantime refuses a number too large for a duration.
+pub fn parse_expire(s: &str) -> Result<Duration, String> {
+    match parse_duration(s) {
+        Ok(d) if d <= MAX_EXPIRE => Ok(d),
+        _ => Err(format!(
+            "{s:?} is not a duration of at most 100 years: expected e.g. 90s, 30m, 2h, 1h30m or 100y"
         )),
     }
 }
@@ -376,6 +391,36 @@ mod tests {
             assert!(err.contains(flag), "{args:?}: {err}");
             assert!(err.contains(form), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn expiries_up_to_100_years_parse_and_nothing_longer_panics() {
+        for (text, secs) in [("1s", 1), ("2h", 7200), ("100y", MAX_EXPIRE.as_secs())] {
+            assert_eq!(parse_expire(text), Ok(Duration::from_secs(secs)), "{text}");
+        }
+        for text in [
+            "0s",
+            "100y1s",
+            "101y",
+            "8000y",
+            "300000000000y",
+            "18446744073709551615s",
+            "18446744073709551616s",
+            "99999999999999999999999999y",
+            "584942417355y",
+            "",
+            "y",
+        ] {
+            let err = parse_expire(text).unwrap_err();
+            assert!(err.contains("at most 100 years"), "{text}: {err}");
+        }
+        let err = parse(&["rules", "add", "tcp:80", "--expire", "8000y"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--expire") && err.contains("at most 100 years"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The configuration of `forwarder run`: flags, a TOML file, or both.
-//! Everything is validated before anything is loaded; an error names the
-//! flag, or the file and key, and the accepted form.
+//! Everything is validated before anything is loaded, by the one function
+//! `run` and `check-config` share, against this host's limits too (the
+//! multicast groups one socket may join, a pin directory a bpffs can be
+//! mounted on without hiding anything); an error names the flag, or the
+//! file and key, and what would be valid.
 //!
 //! How the two combine:
 //! - a setting (uplink, defaults, rates, sizes) comes from its flag if
@@ -25,6 +28,7 @@ use crate::{
         DEFAULT_DOWNSTREAM, DEFAULT_PIN_DIR, DEFAULT_RELAY_RATE, DEFAULT_RELAY_RATE_DOWN, RunArgs,
         TcHook, parse_flow_table_size, parse_ifname, parse_regex, parse_tc_hook,
     },
+    multicast, pin,
     presets::{self, Preset},
     rules::{self, Origin, Relay, Rule},
     spec::{AllowFrom, ForwardSpec, RelaySpec, parse_ipv4, parse_rate, parse_ttl},
@@ -253,10 +257,14 @@ impl RunConfig {
                 parse_tc_hook,
             )?
             .unwrap_or(TcHook::Auto);
-        let pin_dir = args
-            .pin_dir
-            .or(file.pin_dir.clone())
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+        let (pin_dir, pin_dir_source) = match (args.pin_dir, &file.pin_dir) {
+            (Some(dir), _) => (dir, "--pin-dir".to_string()),
+            (None, Some(dir)) => (dir.clone(), format!("{}key `pin_dir`", src.prefix())),
+            (None, None) => (
+                PathBuf::from(DEFAULT_PIN_DIR),
+                "the default pin directory".to_string(),
+            ),
+        };
 
         let resolve = |spec: &ForwardSpec| {
             spec.target.or(target).ok_or_else(|| {
@@ -341,6 +349,14 @@ impl RunConfig {
 
         rules::check(&rules).map_err(|e| format!("{}forward rules: {e}", src.prefix()))?;
         rules::check_relays(&relays).map_err(|e| format!("{}relays: {e}", src.prefix()))?;
+        // What this host allows, checked here too so that `check-config`
+        // (the unit's ExecStartPre) refuses what would stop the daemon. A
+        // sysctl that cannot be read leaves it to the joins to tell.
+        if let Ok(max) = multicast::max_memberships() {
+            multicast::check_groups(&multicast::groups(relays.iter().map(|r| r.group)), max)
+                .map_err(|e| format!("{}relays: {e}", src.prefix()))?;
+        }
+        check_pin_dir(&pin_dir).map_err(|e| format!("{pin_dir_source}: {e}"))?;
         Ok(RunConfig {
             uplink,
             downstream,
@@ -366,6 +382,34 @@ impl RunConfig {
     }
 }
 
+/// A pin directory `run` can use without hiding anything: one on a bpffs,
+/// or one where a bpffs can be mounted over nothing, that is a directory
+/// that does not exist yet or is empty. Never an ordinary directory with
+/// files in it, such as /run, which the mount would hide.
+fn check_pin_dir(dir: &Path) -> Result<(), String> {
+    if dir
+        .ancestors()
+        .find(|p| p.exists())
+        .is_some_and(pin::is_bpffs)
+    {
+        return Ok(());
+    }
+    let has_entries = match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
+        Err(err) => return Err(format!("{}: {err}", dir.display())),
+    };
+    if has_entries {
+        return Err(format!(
+            "{} is a directory with files in it and not on a bpffs, which a bpffs mounted \
+             there would hide: give a directory on a bpffs (e.g. {DEFAULT_PIN_DIR}), or one \
+             that does not exist yet or is empty",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// The rules and relays of `preset` pointed at `target`.
 fn expand(
     preset: &Preset,
@@ -378,13 +422,12 @@ fn expand(
     for (proto, ports) in preset.forwards {
         let mut rule = Rule::new(
             *proto,
-            ports.first,
+            *ports,
             target,
             ports.first,
             allow_from.clone(),
             Origin::Preset,
         );
-        rule.ports = *ports;
         rule.comment = Some(format!("{} preset", preset.name));
         rules.push(rule);
     }
@@ -589,6 +632,46 @@ mod tests {
                 && err.contains("tcp:1740"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pin_dir_with_files_off_a_bpffs_is_refused_naming_its_key() {
+        let base = std::env::temp_dir().join(format!("forwarder-pin-dir-{}", std::process::id()));
+        let busy = base.join("busy");
+        let empty = base.join("empty");
+        std::fs::create_dir_all(&busy).unwrap();
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::write(busy.join("keep"), "mine").unwrap();
+        let (_f, path) = file(&format!(
+            "uplink = \"eth0\"\npin_dir = \"{}\"\n",
+            busy.display()
+        ));
+        let err = RunConfig::check_file(Path::new(&path)).unwrap_err();
+        assert!(
+            err.contains(&format!("{path}: key `pin_dir`"))
+                && err.contains("with files in it")
+                && err.contains("does not exist yet or is empty"),
+            "{err}"
+        );
+        let busy_arg = busy.display().to_string();
+        let err = config(&["--uplink", "eth0", "--pin-dir", &busy_arg]).unwrap_err();
+        assert!(
+            err.starts_with("--pin-dir: ") && err.contains(&busy_arg),
+            "{err}"
+        );
+        for usable in [empty.clone(), base.join("new/deeper")] {
+            let arg = usable.display().to_string();
+            assert!(
+                config(&["--uplink", "eth0", "--pin-dir", &arg]).is_ok(),
+                "{arg}"
+            );
+        }
+        let arg = busy.join("keep").display().to_string();
+        assert!(
+            config(&["--uplink", "eth0", "--pin-dir", &arg]).is_err(),
+            "a file"
+        );
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     const FULL: &str = r#"

@@ -2,19 +2,16 @@
 //! --save`. Only the one rule's `[[forward]]` table is added, updated or
 //! removed: every other byte (comments, layout, other keys, other rules)
 //! stays as the user wrote it. The file is replaced atomically and keeps
-//! its mode and owner; a symlink is followed, not replaced.
+//! its mode and owner, without following anything planted beside it (see
+//! `replace_file`); a symlink to it is followed, not replaced, when root or
+//! the file's owner made it.
 
-use std::{
-    fmt::Display,
-    fs,
-    io::Write as _,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-};
+use std::{fmt::Display, path::Path, time::SystemTime};
 
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
 
 use crate::{
+    replace_file::Original,
     rules::Rule,
     spec::{ForwardSpec, Ports, Proto},
 };
@@ -23,11 +20,10 @@ fn fail(path: &Path, e: impl Display) -> String {
     format!("saving to {}: {e}", path.display())
 }
 
-fn read(path: &Path) -> Result<(PathBuf, DocumentMut), String> {
-    let real = fs::canonicalize(path).map_err(|e| fail(path, e))?;
-    let text = fs::read_to_string(&real).map_err(|e| fail(path, e))?;
-    let doc = text.parse().map_err(|e| fail(path, e))?;
-    Ok((real, doc))
+fn read(path: &Path) -> Result<(Original, DocumentMut), String> {
+    let original = Original::open(path).map_err(|e| fail(path, e))?;
+    let doc = original.text.parse().map_err(|e| fail(path, e))?;
+    Ok((original, doc))
 }
 
 /// The file's `[[forward]]` tables, creating the array if it is missing.
@@ -56,7 +52,7 @@ fn listen_of(table: &Table) -> Option<(Proto, Ports)> {
 /// port, keeping that table's place and comments, or as a new table at the
 /// end of the others.
 pub fn save_rule(path: &Path, rule: &Rule) -> Result<(), String> {
-    let (real, mut doc) = read(path)?;
+    let (original, mut doc) = read(path)?;
     let tables = forward_tables(&mut doc, path)?;
     let existing = tables
         .iter()
@@ -82,18 +78,32 @@ pub fn save_rule(path: &Path, rule: &Rule) -> Result<(), String> {
         None => drop(table.remove("comment")),
     }
     match rule.expires {
-        Some(expires) => {
-            table["expires"] = value(humantime::format_rfc3339_seconds(expires).to_string());
-        }
+        Some(expires) => table["expires"] = value(rfc3339(expires).map_err(|e| fail(path, e))?),
         None => drop(table.remove("expires")),
     }
-    write(&real, &doc.to_string()).map_err(|e| fail(path, e))
+    original
+        .replace(&doc.to_string())
+        .map_err(|e| fail(path, e))
+}
+
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+const LAST_RFC3339_SECS: u64 = 253_402_300_799;
+
+/// `expires` as the file holds it; refused, not panicking, past what
+/// RFC 3339 can write.
+fn rfc3339(time: SystemTime) -> Result<String, String> {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) if since.as_secs() <= LAST_RFC3339_SECS => {
+            Ok(humantime::format_rfc3339_seconds(time).to_string())
+        }
+        _ => Err("the rule's expiry is not between 1970 and 9999, which `expires` holds".into()),
+    }
 }
 
 /// Removes the tables forwarding `proto:ports`; returns whether there were
 /// any. An untouched file is not rewritten.
 pub fn remove_rule(path: &Path, proto: Proto, ports: Ports) -> Result<bool, String> {
-    let (real, mut doc) = read(path)?;
+    let (original, mut doc) = read(path)?;
     let Some(tables) = doc
         .get_mut("forward")
         .and_then(Item::as_array_of_tables_mut)
@@ -108,39 +118,20 @@ pub fn remove_rule(path: &Path, proto: Proto, ports: Ports) -> Result<bool, Stri
     if tables.is_empty() {
         doc.remove("forward");
     }
-    write(&real, &doc.to_string()).map_err(|e| fail(path, e))?;
+    original
+        .replace(&doc.to_string())
+        .map_err(|e| fail(path, e))?;
     Ok(true)
-}
-
-/// Replaces `real` with `text` atomically: a temporary file beside it with
-/// the same mode and owner, synced, then renamed over it.
-fn write(real: &Path, text: &str) -> std::io::Result<()> {
-    let meta = fs::metadata(real)?;
-    let name = real
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = real.with_file_name(format!(".{name}.forwarder-save"));
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
-        file.set_permissions(meta.permissions())?;
-        file.sync_all()?;
-        fs::rename(&tmp, real)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
 mod tests {
     use std::{
+        fs,
         net::Ipv4Addr,
-        os::unix::fs::PermissionsExt as _,
-        time::{Duration, SystemTime},
+        os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+        path::PathBuf,
+        time::Duration,
     };
 
     use super::*;
@@ -177,7 +168,7 @@ mod tests {
     fn rule(port: u16) -> Rule {
         Rule::new(
             Proto::Tcp,
-            port,
+            Ports::one(port),
             Ipv4Addr::new(10, 137, 0, 5),
             port,
             AllowFrom::Any,
@@ -278,6 +269,25 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(leftovers.len(), 2, "no temporary file left: {leftovers:?}");
+    }
+
+    #[test]
+    fn an_expiry_past_9999_is_refused_and_the_file_left_alone() {
+        let dir = Dir::new("far");
+        let path = dir.file(USER_FILE);
+        let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_RFC3339_SECS);
+        assert_eq!(rfc3339(last).unwrap(), "9999-12-31T23:59:59Z");
+        let mut r = rule(9090);
+        for far in [
+            last + Duration::from_secs(1),
+            SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40),
+        ] {
+            r.expires = Some(far);
+            let err = save_rule(&path, &r).unwrap_err();
+            assert!(err.contains("9999"), "{err}");
+        }
+        assert_eq!(fs::read_to_string(&path).unwrap(), USER_FILE);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fs, io, path::Path, path::PathBuf};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData},
+    maps::{Array, HashMap, Map, MapData},
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
@@ -20,9 +20,9 @@ use forwarder_common::maps::{globals, names, programs};
 use crate::{
     EBPF_OBJECT,
     adopt::{self, Replaced},
+    kernel::{Kernel, Support, TCX_SINCE},
     pin::PinLayout,
-    selftest::{Kernel, Support},
-    tables::Tables,
+    tables::{RuleIds, Tables},
 };
 
 /// Which program an interface runs.
@@ -87,7 +87,7 @@ impl HookKind {
     }
 
     pub fn for_kernel(kernel: &Kernel) -> Self {
-        if kernel.version >= (6, 6) {
+        if kernel.version >= TCX_SINCE {
             HookKind::Tcx
         } else {
             HookKind::Clsact
@@ -183,6 +183,8 @@ fn not_found(err: &LinkError) -> bool {
 /// Name of the record of attachments in `<pin-dir>/meta`, which `inspect`
 /// reads: clsact filters cannot be pinned, so the pins alone do not say.
 const ATTACHMENTS: &str = "ATTACHMENTS";
+/// Name of the record of rule ids in `<pin-dir>/meta` (see `RuleIds`).
+const RULE_IDS: &str = "RULE_IDS";
 
 fn attachment_value(role: Role, kind: HookKind) -> u32 {
     u32::from(role == Role::Downstream) | (u32::from(kind.code()) << 8)
@@ -221,8 +223,17 @@ impl Datapath {
         let mut ebpf = load_object(&layout.maps, options)?;
         adopt::carry_over(layout, &mut replaced)?;
         adopt::record(layout, &defs)?;
-        let tables = Tables::from_ebpf(&mut ebpf)?;
-        let attachments = open_or_create(&layout.meta.join(ATTACHMENTS))?;
+        let rule_ids = open_or_create(&layout.meta.join(RULE_IDS), |path| {
+            Ok(Array::<MapData, u32>::create(1, 0)?.pin(path)?)
+        })?;
+        let tables = Tables::from_ebpf(&mut ebpf, RuleIds::from_map(rule_ids)?)?;
+        let attachments = open_or_create(&layout.meta.join(ATTACHMENTS), |path| {
+            Ok(
+                HashMap::<MapData, u32, u32>::create(forwarder_common::maps::MAX_IFACES, 0)?
+                    .pin(path)?,
+            )
+        })?;
+        let attachments = HashMap::try_from(attachments)?;
         Ok((
             Datapath {
                 ebpf,
@@ -340,14 +351,14 @@ impl Datapath {
     }
 }
 
-fn open_or_create(path: &Path) -> Result<HashMap<MapData, u32, u32>> {
+/// The record pinned at `path` in `<pin-dir>/meta`, first made and pinned
+/// there by `create` if there is none.
+fn open_or_create(path: &Path, create: impl FnOnce(&Path) -> Result<()>) -> Result<Map> {
     if MapData::from_pin(path).is_err() {
-        HashMap::<MapData, u32, u32>::create(forwarder_common::maps::MAX_IFACES, 0)?
-            .pin(path)
-            .with_context(|| format!("pinning {}", path.display()))?;
+        create(path).with_context(|| format!("pinning {}", path.display()))?;
     }
     let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(HashMap::try_from(Map::HashMap(data))?)
+    Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
 }
 
 /// TCX: adopt the pinned link by updating its program, or create and pin one.

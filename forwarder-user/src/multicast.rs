@@ -12,6 +12,45 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+/// Where the kernel keeps how many groups one socket may join (per
+/// network namespace; 20 by default).
+const MAX_MEMBERSHIPS: &str = "/proc/sys/net/ipv4/igmp_max_memberships";
+
+/// The sysctl's current value.
+pub fn max_memberships() -> io::Result<u32> {
+    std::fs::read_to_string(MAX_MEMBERSHIPS)?
+        .trim()
+        .parse()
+        .map_err(io::Error::other)
+}
+
+/// The groups to join among the relays' groups: the multicast ones (a
+/// broadcast relay needs no membership), each once.
+pub fn groups(relay_groups: impl IntoIterator<Item = Ipv4Addr>) -> Vec<Ipv4Addr> {
+    let mut groups: Vec<Ipv4Addr> = relay_groups
+        .into_iter()
+        .filter(Ipv4Addr::is_multicast)
+        .collect();
+    groups.sort();
+    groups.dedup();
+    groups
+}
+
+/// Whether one socket may join `groups` under the sysctl's value `max`:
+/// past it, every join fails and the daemon could never start.
+pub fn check_groups(groups: &[Ipv4Addr], max: u32) -> Result<(), String> {
+    if groups.len() <= max as usize {
+        return Ok(());
+    }
+    Err(format!(
+        "the relays need {} multicast groups joined on the uplink, but \
+         net.ipv4.igmp_max_memberships is {max} here: relay at most {max} multicast groups \
+         ([[relay]], --relay and the presets together), or raise the sysctl to {} or more",
+        groups.len(),
+        groups.len()
+    ))
+}
+
 pub struct Memberships {
     groups: Vec<Ipv4Addr>,
     /// The socket holding the memberships, and the interface they are on.
@@ -44,14 +83,10 @@ fn join(socket: &UdpSocket, group: Ipv4Addr, ifindex: u32) -> io::Result<()> {
 }
 
 impl Memberships {
-    /// Joins the multicast groups among `groups` (a broadcast relay needs
-    /// no membership).
-    pub fn new(mut groups: Vec<Ipv4Addr>) -> Self {
-        groups.retain(Ipv4Addr::is_multicast);
-        groups.sort();
-        groups.dedup();
+    /// Joins the multicast groups among `relay_groups`.
+    pub fn new(relay_groups: Vec<Ipv4Addr>) -> Self {
         Memberships {
-            groups,
+            groups: groups(relay_groups),
             joined: None,
         }
     }
@@ -78,5 +113,30 @@ impl Memberships {
         }
         self.joined = Some((ifindex, socket));
         Ok(self.groups.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_past_the_sysctl_are_refused_naming_it() {
+        let relay_groups = |n: u8| {
+            (0..n)
+                .map(|i| Ipv4Addr::new(239, 1, 1, i))
+                .chain([Ipv4Addr::BROADCAST, Ipv4Addr::new(239, 1, 1, 0)])
+        };
+        let twenty = groups(relay_groups(20));
+        assert_eq!(twenty.len(), 20, "broadcast and a repeat join nothing");
+        assert!(check_groups(&twenty, 20).is_ok());
+        let err = check_groups(&groups(relay_groups(21)), 20).unwrap_err();
+        assert!(
+            err.contains("21 multicast groups")
+                && err.contains("net.ipv4.igmp_max_memberships is 20")
+                && err.contains("at most 20"),
+            "{err}"
+        );
+        assert!(max_memberships().is_ok_and(|n| n > 0), "read on Linux");
     }
 }

@@ -152,7 +152,7 @@ mod tests {
         let rule = |proto, port| {
             Rule::new(
                 proto,
-                port,
+                Ports::one(port),
                 Ipv4Addr::new(10, 137, 0, 5),
                 port,
                 AllowFrom::Auto,

@@ -1,7 +1,12 @@
 //! Forward rules as the daemon holds them, their checks, and their encoding
 //! into the datapath's map entries.
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr, time::SystemTime};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::Ipv4Addr,
+    time::{Duration, SystemTime},
+};
 
 use forwarder_common::maps::{
     ALLOW_ANY, ALLOW_AUTO, ALLOW_LIST, Allow, ForwardRule, MAX_RELAYS, MAX_RULES,
@@ -39,6 +44,26 @@ impl Origin {
     }
 }
 
+/// The longest `--expire`: 100 years of 365.25 days, humantime's `100y`.
+/// Longer is as good as never, and would not fit the file's RFC 3339
+/// times for long.
+pub const MAX_EXPIRE: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// The wall-clock time `wait` from now, for a rule's expiry; refused past
+/// `MAX_EXPIRE` (the control socket takes any number).
+pub fn expiry_after(wait: Duration) -> Result<SystemTime, String> {
+    if wait > MAX_EXPIRE {
+        return Err(format!(
+            "an expiry {} s away is past the longest, 100y ({} s)",
+            wait.as_secs(),
+            MAX_EXPIRE.as_secs()
+        ));
+    }
+    SystemTime::now()
+        .checked_add(wait)
+        .ok_or_else(|| "the clock is too close to its end for this expiry".into())
+}
+
 /// A forward rule with its target resolved: one port, or a range of ports
 /// forwarded to a range of the same length.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,10 +81,11 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// A rule for one port, with no metadata.
+    /// A rule forwarding `ports` to as many ports of `target` from
+    /// `target_port` on, with no metadata.
     pub fn new(
         proto: Proto,
-        port: u16,
+        ports: Ports,
         target: Ipv4Addr,
         target_port: u16,
         allow: AllowFrom,
@@ -67,7 +93,7 @@ impl Rule {
     ) -> Self {
         Rule {
             proto,
-            ports: Ports::one(port),
+            ports,
             target,
             target_port,
             allow,
@@ -85,19 +111,20 @@ impl Rule {
         allow: AllowFrom,
         origin: Origin,
     ) -> Self {
-        Rule {
-            ports: spec.ports,
-            target_port: spec.target_port.unwrap_or(spec.ports.first),
-            ..Rule::new(spec.proto, 0, target, 0, allow, origin)
-        }
+        Rule::new(
+            spec.proto,
+            spec.ports,
+            target,
+            spec.target_port.unwrap_or(spec.ports.first),
+            allow,
+            origin,
+        )
     }
 
-    /// The ports of the target, as many as the listen ports.
-    pub fn target_ports(&self) -> Ports {
-        Ports {
-            first: self.target_port,
-            last: self.target_port + (self.ports.last - self.ports.first),
-        }
+    /// The ports of the target, as many as the listen ports; `None` when
+    /// they would run past 65535 (which `check` refuses).
+    pub fn target_ports(&self) -> Option<Ports> {
+        self.ports.starting_at(self.target_port)
     }
 
     /// The rule as operators name it: `tcp:8080` or `tcp:1714-1764`.
@@ -127,22 +154,28 @@ impl Rule {
     /// One map entry per listen port: the listen key, the target's reply
     /// key, and the target port. A range's entries share one counter slot
     /// and one id, so the datapath's lookup stays one hash lookup.
+    /// A rule whose target ports do not fit has none (`check` refuses it).
     pub fn entries(&self) -> impl Iterator<Item = (RuleKey, ReverseKey, u16)> + '_ {
-        (self.ports.first..=self.ports.last).map(move |port| {
-            let target_port = self.target_port + (port - self.ports.first);
-            let key = RuleKey {
-                port: port.to_be(),
-                proto: self.proto.number(),
-                pad: 0,
-            };
-            let reverse = ReverseKey {
-                addr: u32::from_ne_bytes(self.target.octets()),
-                port: target_port.to_be(),
-                proto: self.proto.number(),
-                pad: 0,
-            };
-            (key, reverse, target_port)
-        })
+        let target_ports = self
+            .target_ports()
+            .into_iter()
+            .flat_map(|t| t.first..=t.last);
+        (self.ports.first..=self.ports.last)
+            .zip(target_ports)
+            .map(move |(port, target_port)| {
+                let key = RuleKey {
+                    port: port.to_be(),
+                    proto: self.proto.number(),
+                    pad: 0,
+                };
+                let reverse = ReverseKey {
+                    addr: u32::from_ne_bytes(self.target.octets()),
+                    port: target_port.to_be(),
+                    proto: self.proto.number(),
+                    pad: 0,
+                };
+                (key, reverse, target_port)
+            })
     }
 
     /// The map value of the entry for `target_port`, counting into `slot`,
@@ -180,14 +213,12 @@ pub fn encode_allow(allow: &AllowFrom) -> Allow {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} -> {}:{} (allow-from {})",
-            self.name(),
-            self.target,
-            self.target_ports(),
-            self.allow
-        )
+        write!(f, "{} -> {}:", self.name(), self.target)?;
+        match self.target_ports() {
+            Some(ports) => write!(f, "{ports}")?,
+            None => write!(f, "{}-(past 65535)", self.target_port)?,
+        }
+        write!(f, " (allow-from {})", self.allow)
     }
 }
 
@@ -200,7 +231,8 @@ pub fn check(rules: &[Rule]) -> Result<(), String> {
             "the rules forward {entries} ports; at most {MAX_RULES} are supported"
         ));
     }
-    for (i, rule) in rules.iter().enumerate() {
+    let mut targets = Vec::with_capacity(rules.len());
+    for rule in rules {
         if !is_unicast(rule.target) {
             return Err(format!(
                 "{}: target {} is not a unicast host",
@@ -208,7 +240,18 @@ pub fn check(rules: &[Rule]) -> Result<(), String> {
                 rule.target
             ));
         }
-        for first in &rules[..i] {
+        let Some(target_ports) = rule.target_ports() else {
+            return Err(format!(
+                "{}: {} ports from target port {} run past 65535",
+                rule.name(),
+                rule.ports.count(),
+                rule.target_port
+            ));
+        };
+        targets.push(target_ports);
+    }
+    for (i, (rule, rule_targets)) in rules.iter().zip(&targets).enumerate() {
+        for (first, first_targets) in rules[..i].iter().zip(&targets) {
             if first.proto != rule.proto {
                 continue;
             }
@@ -223,12 +266,12 @@ pub fn check(rules: &[Rule]) -> Result<(), String> {
                     overlap(&first.ports, &rule.ports)
                 ));
             }
-            if first.target == rule.target && first.target_ports().overlaps(&rule.target_ports()) {
+            if first.target == rule.target && first_targets.overlaps(rule_targets) {
                 return Err(format!(
                     "{} target {}:{} is used by two rules ({} from {}, {} from {}); replies could not be told apart",
                     rule.proto,
                     rule.target,
-                    overlap(&first.target_ports(), &rule.target_ports()),
+                    overlap(first_targets, rule_targets),
                     first.name(),
                     first.source(),
                     rule.name(),
@@ -355,7 +398,7 @@ mod tests {
     fn rule(proto: Proto, port: u16, target: [u8; 4], target_port: u16) -> Rule {
         Rule::new(
             proto,
-            port,
+            Ports::one(port),
             Ipv4Addr::from(target),
             target_port,
             AllowFrom::Auto,
@@ -451,6 +494,53 @@ mod tests {
             ..range.clone()
         };
         assert!(check(&[range, udp]).is_ok(), "tcp and udp ranges coexist");
+    }
+
+    #[test]
+    fn target_ports_that_run_past_65535_are_refused_with_no_entries() {
+        let range = |first, last, target_port| {
+            Rule::new(
+                Proto::Udp,
+                Ports { first, last },
+                Ipv4Addr::new(10, 0, 0, 1),
+                target_port,
+                AllowFrom::Auto,
+                Origin::Flag,
+            )
+        };
+        let fits = range(1714, 1764, 65485);
+        assert_eq!(
+            fits.target_ports(),
+            Some(Ports {
+                first: 65485,
+                last: 65535
+            })
+        );
+        assert_eq!(fits.entries().count(), 51);
+        let past = range(1714, 1764, 65486);
+        assert_eq!(past.target_ports(), None);
+        assert_eq!(past.entries().count(), 0, "no wrapped target port");
+        let err = check(&[past]).unwrap_err();
+        assert!(
+            err.contains("udp:1714-1764") && err.contains("run past 65535"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn expiries_are_checked_not_overflowed() {
+        let now = SystemTime::now();
+        let max = expiry_after(MAX_EXPIRE).unwrap();
+        assert!(max >= now + MAX_EXPIRE);
+        for wait in [
+            MAX_EXPIRE + Duration::from_secs(1),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ] {
+            let err = expiry_after(wait).unwrap_err();
+            assert!(err.contains("100y"), "{err}");
+        }
+        assert!(expiry_after(Duration::ZERO).unwrap() >= now);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! refuses selects the fallback compiled in for it; a kernel that cannot
 //! run the datapath at all stops the start, named with what it lacks.
 
-use std::{fmt, net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -19,82 +19,12 @@ use forwarder_common::{
 
 use crate::{
     datapath::{self, LoadOptions},
+    kernel::{FLOOR, Kernel, MTU_RESULT_SINCE, Support},
     pin,
     rules::{Origin, Rule},
-    spec::{AllowFrom, Proto},
-    tables::Tables,
+    spec::{AllowFrom, Ports, Proto},
+    tables::{RuleIds, Tables},
 };
-
-/// The oldest kernel the datapath is built for: `bpf_redirect_neigh` with a
-/// next hop arrived in 5.10.
-pub const FLOOR: (u32, u32) = (5, 10);
-/// `bpf_fib_lookup` reports the route MTU from 5.12 on.
-const MTU_RESULT_SINCE: (u32, u32) = (5, 12);
-
-/// The running kernel, as uname reports it.
-#[derive(Clone, Debug)]
-pub struct Kernel {
-    pub release: String,
-    pub version: (u32, u32),
-}
-
-impl Kernel {
-    pub fn running() -> Self {
-        // SAFETY: utsname is plain data; uname fills it.
-        let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-        // SAFETY: uts is valid for writing.
-        unsafe { libc::uname(&mut uts) };
-        // SAFETY: uname NUL-terminates release.
-        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        let version = parse_version(&release).unwrap_or((0, 0));
-        Kernel { release, version }
-    }
-}
-
-impl fmt::Display for Kernel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Linux {}", self.release)
-    }
-}
-
-/// "6.1.0-28-amd64" -> (6, 1).
-pub fn parse_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-/// What the self-test found the kernel to support.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Support {
-    /// BPF_FIB_LOOKUP_SKIP_NEIGH (6.3+; some stable kernels have it).
-    pub fib_skip_neigh: bool,
-    /// The route MTU in the lookup's answer (5.12+).
-    pub fib_mtu_result: bool,
-}
-
-impl Support {
-    /// What the newest kernels support; what the object is compiled for.
-    pub const NEWEST: Support = Support {
-        fib_skip_neigh: true,
-        fib_mtu_result: true,
-    };
-
-    /// The fallbacks in use, for the log.
-    pub fn fallbacks(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if !self.fib_skip_neigh {
-            out.push("lookups resolve neighbours (no BPF_FIB_LOOKUP_SKIP_NEIGH)");
-        }
-        if !self.fib_mtu_result {
-            out.push("every lookup checks the packet length itself (no route MTU in the answer), so forwarded routes are not cached");
-        }
-        out
-    }
-}
 
 const PEER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const UPLINK_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -158,7 +88,7 @@ fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64
                 flow_table_size,
             },
         )?;
-        let mut tables = Tables::from_ebpf(&mut ebpf)?;
+        let mut tables = Tables::from_ebpf(&mut ebpf, RuleIds::unpinned()?)?;
         prepare(&mut tables)?;
         // Neither packet can pass the reverse-path check on the loopback
         // device, so each ends at its first FIB lookup: refused, answered
@@ -210,7 +140,14 @@ fn prepare(tables: &mut Tables) -> Result<()> {
         flags: UPLINK_UP | UPLINK_HAS_ADDR,
         mac: [2, 0, 0, 0, 0, 1],
     })?;
-    let rule = Rule::new(Proto::Tcp, PORT, TARGET, PORT, AllowFrom::Any, Origin::Flag);
+    let rule = Rule::new(
+        Proto::Tcp,
+        Ports::one(PORT),
+        TARGET,
+        PORT,
+        AllowFrom::Any,
+        Origin::Flag,
+    );
     tables.sync_rules(std::slice::from_ref(&rule))?;
     tables.open_flow(Proto::Tcp, PEER, PEER_PORT, PORT)
 }
@@ -264,15 +201,7 @@ fn from_target() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kernel_versions_parse() {
-        assert_eq!(parse_version("6.1.0-28-amd64"), Some((6, 1)));
-        assert_eq!(parse_version("5.10.0-35-cloud-amd64"), Some((5, 10)));
-        assert_eq!(parse_version("6.18.2"), Some((6, 18)));
-        assert_eq!(parse_version("garbage"), None);
-        assert!((5, 10) < (6, 1) && (5, 9) < FLOOR && (6, 12) >= MTU_RESULT_SINCE);
-    }
+    use crate::kernel::parse_version;
 
     #[test]
     fn a_kernel_below_the_floor_is_refused_by_name() {

@@ -41,6 +41,37 @@ pub struct Tables {
     fib_generation: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     route_mtus: LpmTrie<MapData, u32, u32>,
+    /// Where new rule ids come from; `None` for maps opened from their
+    /// pins, which only read rules.
+    rule_ids: Option<RuleIds>,
+}
+
+/// The highest rule id these maps ever handed out, in a record of its own
+/// (`<pin-dir>/meta/RULE_IDS` for an instance) that lives and dies with
+/// the pins. Ids only grow while it lives, so a flow that outlived its
+/// rule (recreated by a packet in flight while the rule went, or kept in a
+/// flow table while the rules map was replaced) never meets another rule
+/// under its id.
+pub struct RuleIds(Array<MapData, u32>);
+
+impl RuleIds {
+    /// The record in `map`: an array of one id, zero when new.
+    pub fn from_map(map: Map) -> Result<Self> {
+        Ok(RuleIds(Array::try_from(map)?))
+    }
+
+    /// A record nobody else sees, for a throwaway instance (the self-test).
+    pub fn unpinned() -> Result<Self> {
+        Ok(RuleIds(Array::create(1, 0)?))
+    }
+
+    fn high_water(&self) -> Result<u32> {
+        Ok(self.0.get(&0, 0)?)
+    }
+
+    fn set_high_water(&mut self, id: u32) -> Result<()> {
+        self.0.set(0, id, 0).context("recording the rule ids")
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -56,18 +87,23 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
 }
 
 impl Tables {
-    /// Takes the maps out of a freshly loaded object.
-    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
-        Self::from_maps(|name| take(ebpf, name))
+    /// Takes the maps out of a freshly loaded object, with the record new
+    /// rule ids come from.
+    pub fn from_ebpf(ebpf: &mut Ebpf, rule_ids: RuleIds) -> Result<Self> {
+        Self::from_maps(|name| take(ebpf, name), Some(rule_ids))
     }
 
-    /// Opens the maps a running instance pinned in `dir`.
+    /// Opens the maps a running instance pinned in `dir`, to read them.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
-        Self::from_maps(|name| open(dir, name))
+        Self::from_maps(|name| open(dir, name), None)
     }
 
-    fn from_maps(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+    fn from_maps(
+        mut get: impl FnMut(&str) -> Result<Map>,
+        rule_ids: Option<RuleIds>,
+    ) -> Result<Self> {
         Ok(Tables {
+            rule_ids,
             uplink: get(names::UPLINK)?.try_into()?,
             forward: get(names::FORWARD_RULES)?.try_into()?,
             reverse: get(names::REVERSE_RULES)?.try_into()?,
@@ -173,24 +209,24 @@ impl Tables {
                 .set(fresh, zero, 0)
                 .context("zeroing rule counters")
         })?;
-        let mut next_id = installed.values().map(|(_, v)| v.id).max().unwrap_or(0);
+        // The same rule as installed (same ports, same target) keeps its id.
+        let unchanged: Vec<Option<u32>> = rules
+            .iter()
+            .map(|rule| {
+                same_ports(rule)
+                    .filter(|v| {
+                        v.target_addr == u32::from_ne_bytes(rule.target.octets())
+                            && u16::from_be(v.target_port) == rule.target_port
+                    })
+                    .map(|v| v.id)
+            })
+            .collect();
+        let ids = self.new_rule_ids(&installed, &unchanged)?;
         let now = Now::read();
         let mut live_ids = BTreeSet::new();
         let mut wanted_forward = BTreeSet::new();
         let mut wanted_reverse = BTreeSet::new();
-        for (rule, slot) in rules.iter().zip(slots) {
-            // The same rule as installed: same ports, same target.
-            let unchanged = same_ports(rule).filter(|v| {
-                v.target_addr == u32::from_ne_bytes(rule.target.octets())
-                    && u16::from_be(v.target_port) == rule.target_port
-            });
-            let id = match unchanged {
-                Some(value) => value.id,
-                None => {
-                    next_id += 1;
-                    next_id
-                }
-            };
+        for ((rule, slot), id) in rules.iter().zip(slots).zip(ids) {
             live_ids.insert(id);
             for (key, reverse, target_port) in rule.entries() {
                 // Reverse first: a reply can only follow a forwarded packet.
@@ -234,6 +270,35 @@ impl Tables {
         }
         self.remove_flows(|_, entry| !live_ids.contains(&entry.rule_id))?;
         Ok(removed)
+    }
+
+    /// The ids of rules about to be installed: an unchanged rule's own, the
+    /// others above every id these maps ever held, recorded before any is
+    /// used. Without a record yet (a new instance, or pins of a build that
+    /// kept none), the highest id the rules and flows hold is the start.
+    fn new_rule_ids(
+        &mut self,
+        installed: &BTreeMap<(u8, u16), (RuleKey, ForwardRule)>,
+        unchanged: &[Option<u32>],
+    ) -> Result<Vec<u32>> {
+        let read_only =
+            || anyhow!("maps opened from their pins are read-only for rules: no ids to hand out");
+        let mut high_water = self.rule_ids.as_ref().ok_or_else(read_only)?.high_water()?;
+        if high_water == 0 {
+            high_water = self
+                .flows()?
+                .iter()
+                .map(|(_, e)| e.rule_id)
+                .max()
+                .unwrap_or(0);
+        }
+        let installed_max = installed.values().map(|(_, v)| v.id).max().unwrap_or(0);
+        let (ids, high_water) = assign_ids(unchanged, high_water.max(installed_max))?;
+        self.rule_ids
+            .as_mut()
+            .ok_or_else(read_only)?
+            .set_high_water(high_water)?;
+        Ok(ids)
     }
 
     /// Every flow the datapath holds, expired ones included.
@@ -486,6 +551,25 @@ fn assign_slots(
         .collect()
 }
 
+/// Rule ids for a list of rules: one that is unchanged keeps its id
+/// (`kept`), the others get the next ids above `high_water`. Returns them
+/// with the new high-water mark, which never goes down.
+fn assign_ids(kept: &[Option<u32>], mut high_water: u32) -> Result<(Vec<u32>, u32)> {
+    let ids = kept
+        .iter()
+        .map(|id| match id {
+            Some(id) => Ok(*id),
+            None => {
+                high_water = high_water.checked_add(1).ok_or_else(|| {
+                    anyhow!("every rule id has been handed out; restart the daemon with fresh pins")
+                })?;
+                Ok(high_water)
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok((ids, high_water))
+}
+
 /// Installed entries gathered into the rules they came from: a range is
 /// the consecutive ports of one protocol that carry one rule id. Each comes
 /// with its protocol, its ports and the value of its first entry.
@@ -515,6 +599,22 @@ fn reverse_tuple(key: &ReverseKey) -> (u32, u16, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_deleted_and_added_again_gets_an_id_never_used() {
+        // tcp:1000 and tcp:2000 are added.
+        let (ids, high) = assign_ids(&[None, None], 0).unwrap();
+        assert_eq!((ids, high), (vec![1, 2], 2));
+        // tcp:2000 is deleted: tcp:1000 keeps its id, the mark stays.
+        let (ids, high) = assign_ids(&[Some(1)], high).unwrap();
+        assert_eq!((ids, high), (vec![1], 2));
+        // tcp:2000 is added again: not 2, whose flows may still be about.
+        let (ids, high) = assign_ids(&[Some(1), None], high).unwrap();
+        assert_eq!((ids, high), (vec![1, 3], 3));
+        let err = assign_ids(&[None], u32::MAX).unwrap_err().to_string();
+        assert!(err.contains("every rule id"), "{err}");
+        assert_eq!(assign_ids(&[Some(7)], u32::MAX).unwrap().0, [7]);
+    }
 
     #[test]
     fn slots_are_kept_or_the_lowest_free_and_fresh_ones_reset() {

@@ -22,7 +22,7 @@ use anyhow::{Result, bail, ensure};
 use forwarder::{
     datapath::Role,
     rules::{Origin, Relay, Rule},
-    spec::{AllowFrom, Proto},
+    spec::{AllowFrom, Ports, Proto},
 };
 use forwarder_common::{csum, maps::group_mac};
 
@@ -66,10 +66,17 @@ pub fn rules() -> Vec<Rule> {
     vec![
         localsend_rule(Proto::Tcp),
         localsend_rule(Proto::Udp),
-        Rule::new(Proto::Tcp, 8080, TARGET, 80, AllowFrom::Any, Origin::Flag),
+        Rule::new(
+            Proto::Tcp,
+            Ports::one(8080),
+            TARGET,
+            80,
+            AllowFrom::Any,
+            Origin::Flag,
+        ),
         Rule::new(
             Proto::Udp,
-            5000,
+            Ports::one(5000),
             UNRESOLVED,
             5000,
             "192.168.1.0/25".parse().unwrap(),
@@ -431,7 +438,7 @@ pub fn check(
             let dport = u16::from_be_bytes([quoted[22], quoted[23]]);
             ensure!(
                 rules.iter().any(|r| r.target == daddr
-                    && r.target_ports().contains(dport)
+                    && r.target_ports().is_some_and(|t| t.contains(dport))
                     && r.proto.number() == proto),
                 "dropped an ICMP error quoting {daddr}:{dport}, which is no forwarded flow"
             );
@@ -506,7 +513,7 @@ pub fn check(
                         .find(|r| {
                             r.proto.number() == inp.proto
                                 && r.target == inp.saddr
-                                && r.target_ports().contains(inp.sport)
+                                && r.target_ports().is_some_and(|t| t.contains(inp.sport))
                         })
                         .ok_or_else(|| {
                             anyhow::anyhow!(

@@ -9,10 +9,10 @@ use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
 use forwarder::{
     datapath::{Datapath, HookKind, LoadOptions, Role},
     interfaces::mac_text,
+    kernel::Support,
     pin::{self, PinLayout},
     rules::{Origin, Relay, Rule},
-    selftest::Support,
-    spec::{AllowFrom, Proto},
+    spec::{AllowFrom, Ports, Proto},
 };
 use forwarder_common::{
     maps::{DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, UPLINK_HAS_ADDR, UPLINK_UP, UplinkState},
@@ -50,7 +50,14 @@ pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
 
 /// LocalSend's port forwarded to TARGET, from any LAN host, given by flag.
 pub fn localsend_rule(proto: Proto) -> Rule {
-    Rule::new(proto, 53317, TARGET, 53317, AllowFrom::Auto, Origin::Flag)
+    Rule::new(
+        proto,
+        Ports::one(53317),
+        TARGET,
+        53317,
+        AllowFrom::Auto,
+        Origin::Flag,
+    )
 }
 
 /// The flow table key of a peer of the rule `proto:listen_port`.

@@ -12,8 +12,8 @@ use std::{
 use forwarder::{
     clock,
     datapath::Role,
+    kernel::Support,
     rules::{Origin, Rule},
-    selftest::Support,
     spec::{AllowFrom, Proto},
 };
 use forwarder_common::{

@@ -9,7 +9,7 @@ use forwarder::{
     datapath::Role,
     rules::Origin,
     rules::Rule,
-    spec::{AllowFrom, Proto},
+    spec::{AllowFrom, Ports, Proto},
 };
 use forwarder_common::{maps::UPLINK_UP, reason::Reason};
 use forwarder_tests::{
@@ -19,7 +19,14 @@ use forwarder_tests::{
 };
 
 fn rule(proto: Proto, port: u16, target: Ipv4Addr, target_port: u16, allow: AllowFrom) -> Rule {
-    Rule::new(proto, port, target, target_port, allow, Origin::Flag)
+    Rule::new(
+        proto,
+        Ports::one(port),
+        target,
+        target_port,
+        allow,
+        Origin::Flag,
+    )
 }
 
 fn rules() -> Vec<Rule> {

@@ -24,12 +24,13 @@ use crate::{
     control,
     datapath::{Datapath, HookKind, LoadOptions},
     interfaces::Interfaces,
+    kernel::Kernel,
     multicast::Memberships,
     netlink::{Event, Monitor},
     nft,
     notify::Notifier,
     pin::{self, Bpffs, PinLayout},
-    selftest::{self, Kernel},
+    selftest,
 };
 
 /// How often expired flows are swept from the table. The datapath ignores

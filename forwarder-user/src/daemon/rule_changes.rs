@@ -76,7 +76,9 @@ impl Daemon {
         };
         let mut rule = Rule::from_spec(&spec, target, allow, Origin::Live);
         rule.comment = comment;
-        rule.expires = expire_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
+        rule.expires = expire_secs
+            .map(|s| rules::expiry_after(Duration::from_secs(s)))
+            .transpose()?;
         let mut candidate = self.config.rules.clone();
         candidate.push(rule.clone());
         rules::check(&candidate)?;
