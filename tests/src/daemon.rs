@@ -95,16 +95,30 @@ impl Notify {
         })
     }
 
+    /// Reads every message waiting; returns whether one said READY=1.
+    fn drain(&self) -> bool {
+        let mut buf = [0u8; 512];
+        let mut ready = false;
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            ready |= buf[..n]
+                .split(|b| *b == b'\n')
+                .any(|line| line == b"READY=1");
+        }
+        ready
+    }
+
+    /// Before a launch: what a previous instance said and nobody read yet
+    /// (a killed daemon's READY=1) must not pass for the new one's.
+    fn forget(&self) {
+        self.drain();
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether READY=1 has arrived (since the last launch).
     fn ready(&self) -> bool {
-        let mut buf = [0u8; 512];
-        while let Ok(n) = self.socket.recv(&mut buf) {
-            if buf[..n]
-                .split(|b| *b == b'\n')
-                .any(|line| line == b"READY=1")
-            {
-                self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
+        if self.drain() {
+            self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -176,7 +190,8 @@ impl Forwarder {
         ))
     }
 
-    /// Waits until the uplink program is attached and the uplink usable.
+    /// Waits until the daemon launched last says READY=1, its uplink
+    /// program is attached and the uplink usable.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         // A daemon that exited (refusing the kernel, say) will not become
         // ready: no need to wait out the timeout.
@@ -192,8 +207,15 @@ impl Forwarder {
             .child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten());
+        let why = match status {
+            Some(status) => format!("it exited ({status})"),
+            None if !self.notify.ready() => format!("no READY=1 within {timeout:?}"),
+            None => format!(
+                "READY=1, but no uplink program attached to a usable uplink within {timeout:?}"
+            ),
+        };
         bail!(
-            "{} did not become ready (exit: {status:?}); log:\n{}",
+            "{} did not become ready: {why}; log:\n{}",
             self.label,
             self.log_text()
         )
@@ -258,9 +280,7 @@ impl Forwarder {
 
     fn launch(&self, ns: &Netns) -> Result<Child> {
         let stderr = File::create(&self.log)?;
-        self.notify
-            .ready
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.notify.forget();
         ns.command(self.binary.to_str().context("binary path")?)
             .arg("run")
             .args(&self.args)

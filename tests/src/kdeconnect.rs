@@ -15,8 +15,6 @@ use std::{
     ops::RangeInclusive,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -25,7 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     child,
     netns::{DieWithParent as _, Netns, run},
-    sockets::UdpRecorder,
+    sockets::{Recorder, UdpRecorder},
     wait::wait_until,
 };
 
@@ -142,9 +140,7 @@ impl IdentityListener {
 /// broadcast an identity naming that port: records who connects back and
 /// the identity line they send first.
 pub struct ConnectBack {
-    accepted: Arc<Mutex<Vec<(SocketAddr, String)>>>,
-    thread: Option<JoinHandle<()>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    accepted: Recorder<(SocketAddr, String)>,
 }
 
 impl ConnectBack {
@@ -155,61 +151,32 @@ impl ConnectBack {
             listener.set_nonblocking(true)?;
             Ok(listener)
         })?;
-        let accepted = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = {
-            let (accepted, stop) = (accepted.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let Ok((conn, peer)) = listener.accept() else {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    };
-                    let _ = conn.set_nonblocking(false);
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut line = String::new();
-                    let _ = BufReader::new(conn).read_line(&mut line);
-                    accepted.lock().unwrap().push((peer, line));
-                }
-            })
-        };
-        Ok(ConnectBack {
-            accepted,
-            thread: Some(thread),
-            stop,
-        })
+        let accepted = Recorder::start(move || {
+            let Ok((conn, peer)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                return None;
+            };
+            let _ = conn.set_nonblocking(false);
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            let _ = BufReader::new(conn).read_line(&mut line);
+            Some((peer, line))
+        });
+        Ok(ConnectBack { accepted })
     }
 
     /// The first connection whose identity line names `device_id`: the
     /// peer address it came from.
     pub fn wait_for(&self, device_id: &str, timeout: Duration) -> Option<SocketAddr> {
         let prefix = identity_prefix(device_id);
-        let mut found = None;
-        wait_until(timeout, || {
-            found = self
-                .accepted
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, line)| line.starts_with(&prefix))
-                .map(|(peer, _)| *peer);
-            found.is_some()
-        });
-        found
+        self.accepted.wait_for(timeout, |(peer, line)| {
+            line.starts_with(&prefix).then_some(*peer)
+        })
     }
 
     /// Everyone who connected so far, with the start of what they sent.
     pub fn accepted(&self) -> Vec<(SocketAddr, String)> {
-        self.accepted.lock().unwrap().clone()
-    }
-}
-
-impl Drop for ConnectBack {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.accepted.all()
     }
 }
 

@@ -5,7 +5,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -16,11 +16,96 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::netns::Netns;
 
+/// A thread that runs a step over and over until dropped, then is joined.
+/// Each step must return soon (a socket's read timeout, a short sleep), or
+/// dropping waits for it.
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    pub fn spawn(mut step: impl FnMut() + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    step();
+                }
+            })
+        };
+        Background {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Everything a background step came back with (a datagram, a
+/// connection), in order of arrival, until dropped.
+pub struct Recorder<T> {
+    seen: Arc<Mutex<Vec<T>>>,
+    _thread: Background,
+}
+
+impl<T: Send + 'static> Recorder<T> {
+    /// Records what each call of `next` returns; `next` must return soon,
+    /// with `None` when nothing came (see `Background`).
+    pub fn start(mut next: impl FnMut() -> Option<T> + Send + 'static) -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let seen = seen.clone();
+            Background::spawn(move || {
+                if let Some(record) = next() {
+                    seen.lock().unwrap().push(record);
+                }
+            })
+        };
+        Recorder {
+            seen,
+            _thread: thread,
+        }
+    }
+
+    /// The first record `pick` makes something of, waiting up to `timeout`
+    /// for one.
+    pub fn wait_for<R>(
+        &self,
+        timeout: Duration,
+        mut pick: impl FnMut(&T) -> Option<R>,
+    ) -> Option<R> {
+        let mut found = None;
+        crate::wait::wait_until(timeout, || {
+            found = self.seen.lock().unwrap().iter().find_map(&mut pick);
+            found.is_some()
+        });
+        found
+    }
+
+    /// Everything recorded so far.
+    pub fn all(&self) -> Vec<T>
+    where
+        T: Clone,
+    {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
 /// Answers every TCP connection and UDP datagram on a port with
 /// "<peer ip>:<peer port> <what was received>".
 pub struct EchoServer {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    _tcp: Background,
+    _udp: Background,
 }
 
 fn reply_for(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
@@ -31,7 +116,6 @@ fn reply_for(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
 
 impl EchoServer {
     pub fn start(ns: &Netns, port: u16) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
         let (tcp, udp) = ns.run(|| -> Result<_> {
             let tcp = TcpListener::bind(("0.0.0.0", port)).context("binding TCP")?;
             tcp.set_nonblocking(true)?;
@@ -39,63 +123,58 @@ impl EchoServer {
             udp.set_read_timeout(Some(Duration::from_millis(20)))?;
             Ok((tcp, udp))
         })?;
-        let mut threads = Vec::new();
-        {
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((mut conn, peer)) => {
-                            let _ = conn.set_nonblocking(false);
-                            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                            std::thread::spawn(move || {
-                                let mut buf = [0u8; 65536];
-                                while let Ok(n) = conn.read(&mut buf) {
-                                    if n == 0
-                                        || conn.write_all(&reply_for(peer, &buf[..n])).is_err()
-                                    {
-                                        break;
-                                    }
-                                }
-                            });
+        let tcp = Background::spawn(move || match tcp.accept() {
+            Ok((mut conn, peer)) => {
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&reply_for(peer, &buf[..n])).is_err() {
+                            break;
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
-                }
-            }));
-        }
-        {
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                        let _ = udp.send_to(&reply_for(peer, &buf[..n]), peer);
-                    }
-                }
-            }));
-        }
-        Ok(EchoServer { stop, threads })
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        });
+        let mut buf = vec![0u8; 65536];
+        let udp = Background::spawn(move || {
+            if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&reply_for(peer, &buf[..n]), peer);
+            }
+        });
+        Ok(EchoServer {
+            _tcp: tcp,
+            _udp: udp,
+        })
     }
 }
 
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// One datagram a socket received, and when.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub from: SocketAddr,
+    pub payload: Vec<u8>,
+    pub at: Instant,
 }
 
-/// Datagrams as received: source and payload.
-type Datagrams = Arc<std::sync::Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+/// Records every datagram `socket` receives; it needs a read timeout.
+fn record_datagrams(socket: UdpSocket) -> Recorder<Received> {
+    let mut buf = vec![0u8; 65536];
+    Recorder::start(move || {
+        let (n, from) = socket.recv_from(&mut buf).ok()?;
+        Some(Received {
+            from,
+            payload: buf[..n].to_vec(),
+            at: Instant::now(),
+        })
+    })
+}
 
 /// Every UDP datagram that reaches a port of a namespace, with its source.
 pub struct UdpRecorder {
-    stop: Arc<AtomicBool>,
-    seen: Datagrams,
-    thread: Option<JoinHandle<()>>,
+    datagrams: Recorder<Received>,
 }
 
 impl UdpRecorder {
@@ -105,50 +184,17 @@ impl UdpRecorder {
             socket.set_read_timeout(Some(Duration::from_millis(20)))?;
             Ok(socket)
         })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let thread = {
-            let (stop, seen) = (stop.clone(), seen.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                        seen.lock().unwrap().push((peer, buf[..n].to_vec()));
-                    }
-                }
-            })
-        };
         Ok(UdpRecorder {
-            stop,
-            seen,
-            thread: Some(thread),
+            datagrams: record_datagrams(socket),
         })
     }
 
     /// The source of the first datagram carrying `marker`, waiting up to
     /// `timeout` for one.
     pub fn wait_for(&self, marker: &str, timeout: Duration) -> Option<SocketAddr> {
-        let mut found = None;
-        crate::wait::wait_until(timeout, || {
-            found = self
-                .seen
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, data)| data.starts_with(marker.as_bytes()))
-                .map(|(peer, _)| *peer);
-            found.is_some()
-        });
-        found
-    }
-}
-
-impl Drop for UdpRecorder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.datagrams.wait_for(timeout, |d| {
+            d.payload.starts_with(marker.as_bytes()).then_some(d.from)
+        })
     }
 }
 
@@ -296,8 +342,7 @@ pub fn udp_echo(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Echo>
 /// Sends datagrams to a multicast group at a fixed interval until dropped,
 /// each carrying its sequence number.
 pub struct Announcer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
     pub sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -329,53 +374,29 @@ impl Announcer {
             multicast_ttl(&sock, ttl)?;
             Ok(sock)
         })?;
-        let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let thread = {
-            let stop = stop.clone();
             let sent = sent.clone();
-            std::thread::spawn(move || {
-                let mut seq = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let msg = format!("{tag} {seq}");
-                    if sock.send_to(msg.as_bytes(), (group, port)).is_ok() {
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    seq += 1;
-                    std::thread::sleep(interval);
+            let mut seq = 0u64;
+            Background::spawn(move || {
+                let msg = format!("{tag} {seq}");
+                if sock.send_to(msg.as_bytes(), (group, port)).is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
                 }
+                seq += 1;
+                std::thread::sleep(interval);
             })
         };
         Ok(Announcer {
-            stop,
-            thread: Some(thread),
+            _thread: thread,
             sent,
         })
     }
 }
 
-impl Drop for Announcer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// One datagram a listener received, and when.
-#[derive(Clone, Debug)]
-pub struct Received {
-    pub from: SocketAddr,
-    pub payload: Vec<u8>,
-    pub at: Instant,
-}
-
 /// A socket joined to a multicast group, recording what arrives.
 pub struct MulticastListener {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    received: Arc<std::sync::Mutex<Vec<Received>>>,
+    datagrams: Recorder<Received>,
 }
 
 impl MulticastListener {
@@ -387,34 +408,13 @@ impl MulticastListener {
             sock.set_read_timeout(Some(Duration::from_millis(20)))?;
             Ok(sock)
         })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let thread = {
-            let stop = stop.clone();
-            let received = received.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                        let at = Instant::now();
-                        received.lock().unwrap().push(Received {
-                            from,
-                            payload: buf[..n].to_vec(),
-                            at,
-                        });
-                    }
-                }
-            })
-        };
         Ok(MulticastListener {
-            stop,
-            thread: Some(thread),
-            received,
+            datagrams: record_datagrams(sock),
         })
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
+        self.datagrams.all()
     }
 
     /// The senders of what arrived from anywhere but `source`.
@@ -429,24 +429,9 @@ impl MulticastListener {
     /// Waits until a datagram from `source` whose payload starts with `tag`
     /// arrives, returning it.
     pub fn wait_from(&self, source: Ipv4Addr, tag: &str, timeout: Duration) -> Option<Received> {
-        let mut found = None;
-        crate::wait::wait_until(timeout, || {
-            found = self
-                .received()
-                .into_iter()
-                .find(|r| r.from.ip() == source && r.payload.starts_with(tag.as_bytes()));
-            found.is_some()
-        });
-        found
-    }
-}
-
-impl Drop for MulticastListener {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.datagrams.wait_for(timeout, |r| {
+            (r.from.ip() == source && r.payload.starts_with(tag.as_bytes())).then(|| r.clone())
+        })
     }
 }
 

@@ -21,7 +21,6 @@ use crate::{
     sockets::{Announcer, EchoServer, MulticastListener, tcp_echo, udp_echo},
     tc,
     topology::*,
-    wait::until_stable,
 };
 
 /// The checks after `start`, in order; skipped together when the
@@ -270,11 +269,9 @@ fn restart(t: &Topology, routers: &mut Routers) -> Result<String> {
     );
     routers.sysnet.respawn(&t.sysnet)?;
     routers.sysfw.respawn(&t.sysfw)?;
-    routers::wait_restarted(&mut routers.sysnet, SYSNET_UPLINK)?;
-    routers::wait_restarted(&mut routers.sysfw, SYSFW_UPLINK)?;
-    // Downstream interfaces are attached right after the uplink.
-    let (filters_after, _) = until_stable(SLOW, Duration::from_secs(2), || filters(t).ok());
-    let filters_after = filters_after.context("tc stopped answering")?;
+    routers::wait_restarted(&mut routers.sysnet)?;
+    routers::wait_restarted(&mut routers.sysfw)?;
+    let filters_after = filters(t)?;
     let echo =
         tcp_echo(&t.lan, lan_socket(), None, WAIT).context("forwarding after the restart")?;
     ensure!(

@@ -250,7 +250,7 @@ fn join(t: &NicTopology, sysnet: &mut Forwarder, control: &mut Control) -> Resul
     );
 
     sysnet.respawn(&t.sysnet)?;
-    routers::wait_restarted(sysnet, SYSNET_UPLINK)?;
+    routers::wait_restarted(sysnet)?;
     ensure!(
         wait_until(WAIT, || t.member()),
         "the restarted daemon did not join {LOCALSEND_GROUP}"

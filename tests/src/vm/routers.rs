@@ -15,7 +15,6 @@ use crate::{
     daemon::Forwarder,
     netns::Netns,
     topology::{APP, SYSFW, SYSFW_UPLINK, SYSNET_UPLINK},
-    wait::wait_until,
 };
 
 pub struct Routers {
@@ -138,23 +137,13 @@ fn hook(fwd: &Forwarder) -> Result<HookKind> {
         .context("no attachment recorded for the uplink")
 }
 
-/// Waits until a daemon started again after `kill -9` has its uplink
-/// program in place, the predecessor's attachment (TCX link or clsact
-/// filter) adopted or a new one made. The predecessor's attachment is still
-/// there, so the hook alone says nothing; the new daemon's log does.
-pub fn wait_restarted(fwd: &mut Forwarder, uplink: &str) -> Result<()> {
-    let adopted = format!("adopted the uplink program's attachment on {uplink} ");
-    let attached = format!("attached uplink program to {uplink} ");
-    if wait_until(SLOW, || {
-        let log = fwd.log_text();
-        log.contains(&adopted) || log.contains(&attached)
-    }) {
-        return Ok(());
-    }
-    bail!(
-        "the restarted daemon never attached to {uplink}; log:\n{}",
-        fwd.log_text()
-    )
+/// Waits until a daemon started again after `kill -9` says READY=1, which
+/// it says once its first reconcile has put a program on every interface
+/// (the predecessor's attachment adopted, or a new one made). The
+/// predecessor's attachments are still there, so the hooks alone say
+/// nothing; `respawn` forgot the predecessor's READY=1.
+pub fn wait_restarted(fwd: &mut Forwarder) -> Result<()> {
+    fwd.wait_ready(SLOW).context("after the restart")
 }
 
 /// The datapath's own account, for failure messages: relayed copies and
