@@ -10,6 +10,7 @@ pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod flow_table;
 pub mod flows;
 pub mod inspect;
 pub mod interfaces;
