@@ -24,6 +24,12 @@ if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1; then
     systemctl disable --now forwarder.service 2>/dev/null || true
     systemctl daemon-reload
 fi
+# Then what a daemon that had died could not remove itself, while the
+# binary is still there.
+binary=$(grep '/bin/forwarder$' "$manifest" | head -n 1)
+if [ -z "$root" ] && [ -n "$binary" ] && [ -x "$binary" ]; then
+    "$binary" teardown || true
+fi
 while read -r path; do
     rm -f "$root$path" && echo "removed $root$path"
 done < "$manifest"

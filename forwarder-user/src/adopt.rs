@@ -3,11 +3,14 @@
 //! definition and its recorded layout (the fingerprint of its key and value
 //! types, see `forwarder_common::layout`) equals this build's. Any other
 //! pin is migrated: set aside, replaced by a fresh map, its entries carried
-//! over when only the capacity or flags changed, and removed once the links
-//! run the new programs.
+//! over when only the capacity or flags changed (the flow table's twice:
+//! when it is replaced, and again once the links run the new programs, for
+//! the flows opened in between), and removed then. A start that fails
+//! before any link runs its programs puts every pin back as it found it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    ffi::OsString,
     fmt, fs, io,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -16,10 +19,14 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, Map, MapData, MapType};
 use aya_obj::maps::PinningType;
-use forwarder_common::{layout::MapShape as Shape, maps::layout_named};
+use forwarder_common::{
+    layout::MapShape as Shape,
+    maps::{layout_named, names},
+};
 
 use crate::{
     EBPF_OBJECT,
+    flow_table::FlowTable,
     pin::{LEGACY_DIRS, PinLayout},
     raw_map::RawMap,
 };
@@ -109,24 +116,34 @@ fn record_key(name: &str) -> [u8; 16] {
 /// The layouts a previous instance recorded, by map name; empty when there
 /// is no record (a build from before records were kept).
 pub fn recorded(layout: &PinLayout) -> BTreeMap<String, u64> {
-    let path = layout.meta.join(LAYOUTS);
-    let Ok(data) = MapData::from_pin(&path) else {
-        return BTreeMap::new();
-    };
-    let Ok(map) = HashMap::<MapData, [u8; 16], u64>::try_from(Map::HashMap(data)) else {
-        return BTreeMap::new();
-    };
-    map.iter()
-        .filter_map(Result::ok)
-        .map(|(key, value)| {
-            let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
-            (String::from_utf8_lossy(&key[..end]).into_owned(), value)
-        })
-        .collect()
+    record_if_any(layout).unwrap_or_default()
+}
+
+fn record_if_any(layout: &PinLayout) -> Option<BTreeMap<String, u64>> {
+    let data = MapData::from_pin(layout.meta.join(LAYOUTS)).ok()?;
+    let map = HashMap::<MapData, [u8; 16], u64>::try_from(Map::HashMap(data)).ok()?;
+    Some(
+        map.iter()
+            .filter_map(Result::ok)
+            .map(|(key, value)| {
+                let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+                (String::from_utf8_lossy(&key[..end]).into_owned(), value)
+            })
+            .collect(),
+    )
 }
 
 /// Records this build's layouts for the next instance and for `inspect`.
 pub fn record(layout: &PinLayout, defs: &[MapDef]) -> Result<()> {
+    let entries = defs
+        .iter()
+        .map(|def| (def.name.clone(), def.layout))
+        .chain(std::iter::once((IDENTITY_KEY.into(), identity(defs))));
+    write_record(layout, entries)
+}
+
+/// Makes the record hold exactly `entries`.
+fn write_record(layout: &PinLayout, entries: impl Iterator<Item = (String, u64)>) -> Result<()> {
     let path = layout.meta.join(LAYOUTS);
     if MapData::from_pin(&path).is_err() {
         HashMap::<MapData, [u8; 16], u64>::create(LAYOUTS_CAPACITY, 0)?
@@ -139,10 +156,9 @@ pub fn record(layout: &PinLayout, defs: &[MapDef]) -> Result<()> {
     for key in stale {
         map.remove(&key)?;
     }
-    for def in defs {
-        map.insert(record_key(&def.name), def.layout, 0)?;
+    for (name, value) in entries {
+        map.insert(record_key(&name), value, 0)?;
     }
-    map.insert(record_key(IDENTITY_KEY), identity(defs), 0)?;
     Ok(())
 }
 
@@ -214,9 +230,32 @@ pub struct Replaced {
     pub carried: usize,
 }
 
-/// Where set-aside maps wait for the links to move on.
-fn stale_dir(layout: &PinLayout) -> PathBuf {
-    layout.root.join("stale")
+/// The name a map pinned in `origin` (`maps`, or a legacy directory) is
+/// set aside under: `<origin>@<name>`, with a number after it when a map
+/// of that name is already set aside.
+fn aside_name(stale: &Path, origin: &str, name: &str) -> PathBuf {
+    let mut path = stale.join(format!("{origin}@{name}"));
+    let mut n = 0;
+    while path.exists() {
+        n += 1;
+        path = stale.join(format!("{origin}@{name}.{n}"));
+    }
+    path
+}
+
+/// Where a set-aside map came from, by its name in `stale/`.
+fn aside_origin(layout: &PinLayout, aside: &str) -> Option<PathBuf> {
+    let (origin, rest) = aside.split_once('@')?;
+    let name = rest.split('.').next()?;
+    let dir = if origin == "maps" {
+        layout.maps.clone()
+    } else {
+        LEGACY_DIRS
+            .iter()
+            .find(|d| **d == origin)
+            .map(|d| layout.root.join(d).join("maps"))?
+    };
+    Some(dir.join(name))
 }
 
 /// Before loading: moves every pin this build may not adopt out of the way
@@ -224,12 +263,12 @@ fn stale_dir(layout: &PinLayout) -> PathBuf {
 /// maps and links of a release that kept a version in the path; that
 /// release's links move to `links/`, to be adopted like any other.
 pub fn set_aside(layout: &PinLayout, defs: &[MapDef]) -> Result<Vec<Replaced>> {
-    let stale = stale_dir(layout);
-    fs::create_dir_all(&stale).with_context(|| format!("creating {}", stale.display()))?;
+    let stale = &layout.stale;
+    fs::create_dir_all(stale).with_context(|| format!("creating {}", stale.display()))?;
     let recorded = recorded(layout);
     let mut replaced = Vec::new();
-    let mut set_aside_one = |path: &Path, name: &str, why: Mismatch| -> Result<()> {
-        let old_pin = stale.join(format!("{name}-{}", replaced.len()));
+    let mut set_aside_one = |path: &Path, origin: &str, name: &str, why: Mismatch| -> Result<()> {
+        let old_pin = aside_name(stale, origin, name);
         fs::rename(path, &old_pin).with_context(|| format!("moving {} aside", path.display()))?;
         replaced.push(Replaced {
             name: name.to_string(),
@@ -244,13 +283,14 @@ pub fn set_aside(layout: &PinLayout, defs: &[MapDef]) -> Result<Vec<Replaced>> {
         let (_, shape) = shape_of(&entry.path())?;
         let def = defs.iter().find(|d| d.name == name);
         if let Some(why) = compare(shape, recorded.get(&name).copied(), def) {
-            set_aside_one(&entry.path(), &name, why)?;
+            set_aside_one(&entry.path(), "maps", &name, why)?;
         }
     }
-    for legacy in LEGACY_DIRS.iter().map(|d| layout.root.join(d)) {
+    for dir in LEGACY_DIRS {
+        let legacy = layout.root.join(dir);
         for entry in read_dir(&legacy.join("maps"))? {
             let name = entry.file_name().to_string_lossy().into_owned();
-            set_aside_one(&entry.path(), &name, Mismatch::Layout)?;
+            set_aside_one(&entry.path(), dir, &name, Mismatch::Layout)?;
         }
         for entry in read_dir(&legacy.join("links"))? {
             let to = layout.links.join(entry.file_name());
@@ -307,10 +347,105 @@ pub fn carry_over(layout: &PinLayout, replaced: &mut [Replaced]) -> Result<()> {
     Ok(())
 }
 
+/// Once the links run the new programs: carries the flows the old
+/// programs opened or changed at or after `since_ns` (when the table was
+/// first copied) into the new flow table, unless it holds them fresher.
+/// Returns how many, when the flow table was migrated at all.
+pub fn carry_over_again(
+    layout: &PinLayout,
+    replaced: &[Replaced],
+    since_ns: u64,
+) -> Result<Option<usize>> {
+    let Some(flows) = replaced
+        .iter()
+        .find(|r| r.name == names::FLOWS && r.why.carries())
+    else {
+        return Ok(None);
+    };
+    let (old, _) = shape_of(&flows.old_pin)?;
+    let (new, _) = shape_of(&layout.maps.join(names::FLOWS))?;
+    FlowTable::of(&new)
+        .merge_newer(&FlowTable::of(&old), since_ns)
+        .map(Some)
+        .context("carrying the flows opened during the migration over")
+}
+
 /// Once the links run the new programs, nothing uses the set-aside maps.
 pub fn remove_set_aside(layout: &PinLayout) -> Result<()> {
-    let stale = stale_dir(layout);
-    crate::pin::remove_tree(&stale).with_context(|| format!("removing {}", stale.display()))
+    crate::pin::remove_tree(&layout.stale)
+        .with_context(|| format!("removing {}", layout.stale.display()))
+}
+
+fn names_in(dir: &Path) -> Result<BTreeSet<OsString>> {
+    Ok(read_dir(dir)?.iter().map(fs::DirEntry::file_name).collect())
+}
+
+/// The pins a start found, so that a start failing before any link runs
+/// its programs can leave them exactly as they were: the predecessor's
+/// programs keep forwarding, and the next start adopts them.
+#[derive(Debug)]
+pub struct Found {
+    maps: BTreeSet<OsString>,
+    stale: BTreeSet<OsString>,
+    layouts: Option<BTreeMap<String, u64>>,
+    predecessor: bool,
+}
+
+impl Found {
+    pub fn read(layout: &PinLayout) -> Result<Self> {
+        let maps = names_in(&layout.maps)?;
+        let legacy = LEGACY_DIRS.iter().any(|d| layout.root.join(d).exists());
+        let predecessor = !maps.is_empty() || !names_in(&layout.links)?.is_empty() || legacy;
+        Ok(Found {
+            maps,
+            stale: names_in(&layout.stale)?,
+            layouts: record_if_any(layout),
+            predecessor,
+        })
+    }
+
+    /// Whether an instance left maps or links there.
+    pub fn predecessor(&self) -> bool {
+        self.predecessor
+    }
+
+    /// Puts the pins back as they were found: maps pinned since are
+    /// removed, maps set aside go back, and the layout record is restored.
+    /// Links are left alone: nothing attached replaced them. (The links of
+    /// a release that kept a version in the path stay in `links/`, where
+    /// the next start adopts them as well.)
+    pub fn restore(&self, layout: &PinLayout) -> Result<()> {
+        for entry in read_dir(&layout.maps)? {
+            if !self.maps.contains(&entry.file_name()) {
+                fs::remove_file(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
+        for entry in read_dir(&layout.stale)? {
+            if self.stale.contains(&entry.file_name()) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let origin = aside_origin(layout, &name)
+                .ok_or_else(|| anyhow!("{} is no map set aside", entry.path().display()))?;
+            if let Some(dir) = origin.parent() {
+                fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            fs::rename(entry.path(), &origin)
+                .with_context(|| format!("moving {} back", origin.display()))?;
+        }
+        if self.stale.is_empty() {
+            crate::pin::remove_tree(&layout.stale)?;
+        }
+        match &self.layouts {
+            Some(layouts) => write_record(layout, layouts.clone().into_iter())?,
+            None => match fs::remove_file(layout.meta.join(LAYOUTS)) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err.into()),
+                _ => {}
+            },
+        }
+        Ok(())
+    }
 }
 
 /// For readers of the pins (`inspect`, `flows`): an error naming the first
@@ -381,6 +516,33 @@ mod tests {
         let defs = definitions(&[]).unwrap();
         assert!(defs.iter().any(|d| d.name == "FLOWS"));
         assert_eq!(identity(&defs), LAYOUT_ID);
+    }
+
+    #[test]
+    fn a_map_set_aside_knows_where_it_goes_back() {
+        let root = std::env::temp_dir().join(format!("forwarder-aside-{}", std::process::id()));
+        let layout = PinLayout::new(&root);
+        fs::create_dir_all(&layout.stale).unwrap();
+        let first = aside_name(&layout.stale, "maps", "FLOWS");
+        assert_eq!(first, layout.stale.join("maps@FLOWS"));
+        fs::write(&first, b"").unwrap();
+        let second = aside_name(&layout.stale, "maps", "FLOWS");
+        assert_eq!(second, layout.stale.join("maps@FLOWS.1"), "the first stays");
+        for aside in [first, second] {
+            let name = aside.file_name().unwrap().to_str().unwrap();
+            assert_eq!(aside_origin(&layout, name), Some(layout.maps.join("FLOWS")));
+        }
+        assert_eq!(
+            aside_origin(&layout, "v1@UPLINK"),
+            Some(root.join("v1/maps/UPLINK"))
+        );
+        assert_eq!(aside_origin(&layout, "v9@UPLINK"), None, "no such origin");
+        assert_eq!(
+            aside_origin(&layout, "FLOWS-0"),
+            None,
+            "not set aside by this build"
+        );
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

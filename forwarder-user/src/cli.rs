@@ -54,6 +54,22 @@ pub enum Command {
         /// The TOML file `run --config` would read.
         file: PathBuf,
     },
+    /// Remove everything a dead instance left: clsact filters, TCX links,
+    /// pins, records and the nftables table. Refuses while its daemon runs.
+    Teardown(TeardownArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TeardownArgs {
+    /// Pin directory of the instance.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+
+    /// For ExecStopPost=: remove nothing when $SERVICE_RESULT says the
+    /// daemon failed rather than stopped; systemd starts it again, and the
+    /// new daemon adopts what is pinned.
+    #[arg(long)]
+    pub unless_failed: bool,
 }
 
 #[derive(Debug, Default, Args)]

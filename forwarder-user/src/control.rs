@@ -86,7 +86,9 @@ pub fn request(pin_dir: &Path, request: &Request) -> Result<Response> {
             pin_dir.display()
         )
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Every answer counts the flows of each rule: seconds for a flow table
+    // of millions.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
@@ -145,9 +147,17 @@ impl Drop for Server {
     }
 }
 
+/// The longest request line read: a rule with every option is a few
+/// hundred bytes. A client sending more is answered with an error and cut
+/// off, however long it goes on.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// How long a client has to send its request, and to take its answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Reads one request from a client, refusing anyone but root.
 pub async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<Request, Response> {
-    use tokio::io::AsyncBufReadExt as _;
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
 
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == 0 => {}
@@ -163,15 +173,22 @@ pub async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<Request
             )));
         }
     }
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(stream);
-    match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await {
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(stream.take(MAX_REQUEST as u64 + 1));
+    match tokio::time::timeout(CLIENT_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => Err(Response::error(format!(
+            "request longer than {} KiB; refused",
+            MAX_REQUEST / 1024
+        ))),
         Ok(Ok(n)) if n > 0 => {
-            serde_json::from_str(&line).map_err(|e| Response::error(format!("bad request: {e}")))
+            serde_json::from_slice(&line).map_err(|e| Response::error(format!("bad request: {e}")))
         }
         Ok(Ok(_)) => Err(Response::error("empty request")),
         Ok(Err(err)) => Err(Response::error(format!("reading the request: {err}"))),
-        Err(_) => Err(Response::error("no request within 5 s")),
+        Err(_) => Err(Response::error(format!(
+            "no request within {} s",
+            CLIENT_TIMEOUT.as_secs()
+        ))),
     }
 }
 
@@ -183,7 +200,33 @@ pub async fn write_response(stream: &mut tokio::net::UnixStream, response: &Resp
             .unwrap_or_default()
     });
     line.push('\n');
-    let _ = stream.write_all(line.as_bytes()).await;
+    // A client that never reads its answer gives up its task, not more.
+    let _ = tokio::time::timeout(CLIENT_TIMEOUT, stream.write_all(line.as_bytes())).await;
+}
+
+/// The process serving the control socket of the instance at `pin_dir`,
+/// if one answers there.
+pub fn serving_pid(pin_dir: &Path) -> Option<u32> {
+    use std::os::fd::AsRawFd as _;
+
+    let stream = UnixStream::connect(socket_path(pin_dir)).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a connected socket, and a ucred buffer of the length given.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    (ret == 0).then_some(cred.pid as u32)
 }
 
 #[cfg(test)]

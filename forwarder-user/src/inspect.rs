@@ -4,13 +4,13 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CStr,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
+use aya::maps::MapData;
 use forwarder_common::{
     maps::{UPLINK_UP, names},
     reason::Disposition,
@@ -21,7 +21,8 @@ use crate::{
     adopt,
     cli::InspectArgs,
     datapath,
-    interfaces::{address_text, mac_text},
+    flow_table::FlowTable,
+    interfaces::{self, address_text, mac_text},
     pin::{LEGACY_DIRS, PinLayout},
     rule_view::{RuleView, allow_text, expires_text},
     tables::Tables,
@@ -115,21 +116,6 @@ pub struct ReasonView {
     pub help: &'static str,
 }
 
-fn ifname(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
-    let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if ret.is_null() {
-        return None;
-    }
-    // SAFETY: on success the buffer holds a NUL-terminated name.
-    Some(
-        unsafe { CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
-}
-
 /// The maps `inspect` reads; their layouts must be this build's.
 const READ_MAPS: &[&str] = &[
     names::UPLINK,
@@ -172,7 +158,7 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
     let uplink = UplinkView {
         ifindex: state.ifindex,
         name: (state.ifindex != 0)
-            .then(|| ifname(state.ifindex))
+            .then(|| interfaces::name_of(state.ifindex))
             .flatten(),
         address: address_text(&state),
         mac: mac_text(state.mac),
@@ -185,7 +171,7 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
         .into_iter()
         .map(|(ifindex, (role, hook))| InterfaceView {
             ifindex,
-            name: ifname(ifindex),
+            name: interfaces::name_of(ifindex),
             role: role.name().into(),
             hook: hook.name().into(),
         })
@@ -197,8 +183,10 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
         .into_iter()
         .map(|rule| RuleStats { rule, rates: None })
         .collect();
+    let flows_map = MapData::from_pin(layout.maps.join(names::FLOWS))
+        .with_context(|| format!("opening the flow table in {}", layout.maps.display()))?;
     let flows = FlowTableView {
-        entries: tables.flows()?.len() as u64,
+        entries: FlowTable::of(&flows_map).count()?,
         capacity: tables.flow_capacity()?,
     };
 

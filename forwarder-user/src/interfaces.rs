@@ -100,6 +100,22 @@ impl Interfaces {
     }
 }
 
+/// The name of interface `ifindex` in this network namespace, if it exists.
+pub fn name_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if ret.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
 /// The uplink address for log messages.
 pub fn describe(state: &UplinkState) -> String {
     if state.ifindex == 0 {

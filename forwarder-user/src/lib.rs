@@ -10,6 +10,7 @@ pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod flow_table;
 pub mod flows;
 pub mod inspect;
 pub mod interfaces;
@@ -29,6 +30,7 @@ pub mod rules;
 pub mod selftest;
 pub mod spec;
 pub mod tables;
+pub mod teardown;
 
 /// The compiled eBPF object, embedded so the binary is self-contained.
 pub static EBPF_OBJECT: &[u8] =

@@ -5,7 +5,7 @@ use forwarder::{
     cli::{Cli, Command},
     client,
     config::RunConfig,
-    daemon, flows, inspect,
+    daemon, flows, inspect, teardown,
 };
 
 fn main() -> ExitCode {
@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Flows(args) => flows::run(&args),
         Command::Rules(command) => client::run(command),
+        Command::Teardown(args) => teardown::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -103,10 +103,22 @@ pub async fn install_off_thread(uplink: &str, rules: &[Rule]) -> Result<()> {
     tokio::task::spawn_blocking(move || nft(&script)).await?
 }
 
+/// Removes the table if it is there; returns whether it was.
+pub fn remove() -> Result<bool> {
+    let listed = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running nft (the forwarder needs nftables installed)")?;
+    // Create-then-delete: gone either way, even if it appeared meanwhile.
+    nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+    Ok(listed.success())
+}
+
 /// Removes the table, on a blocking thread.
 pub async fn remove_off_thread() -> Result<()> {
-    tokio::task::spawn_blocking(|| nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n")))
-        .await?
+    tokio::task::spawn_blocking(remove).await?.map(drop)
 }
 
 #[cfg(test)]

@@ -16,12 +16,16 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// the TCX links by role and interface, and `<pin-dir>/meta` the daemon's
 /// own records (map layouts, attachments). Which build may adopt a pinned
 /// map is decided by its recorded layout, not by its path (see `adopt`).
+/// `<pin-dir>/stale` holds maps being migrated, and `<pin-dir>/selftest`
+/// the start-up self-test's throwaway maps.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     pub root: PathBuf,
     pub maps: PathBuf,
     pub links: PathBuf,
     pub meta: PathBuf,
+    pub stale: PathBuf,
+    pub selftest: PathBuf,
 }
 
 /// Directories of the releases that kept a layout version in the path
@@ -35,6 +39,8 @@ impl PinLayout {
             maps: root.join("maps"),
             links: root.join("links"),
             meta: root.join("meta"),
+            stale: root.join("stale"),
+            selftest: root.join("selftest"),
         }
     }
 
@@ -46,10 +52,16 @@ impl PinLayout {
     /// nothing else is left in it.
     pub fn remove(&self) -> io::Result<()> {
         let legacy = LEGACY_DIRS.iter().map(|d| self.root.join(d));
-        for dir in [&self.links, &self.maps, &self.meta]
-            .into_iter()
-            .cloned()
-            .chain(legacy)
+        for dir in [
+            &self.links,
+            &self.maps,
+            &self.meta,
+            &self.stale,
+            &self.selftest,
+        ]
+        .into_iter()
+        .cloned()
+        .chain(legacy)
         {
             remove_tree(&dir)?;
         }

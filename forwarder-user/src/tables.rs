@@ -25,6 +25,7 @@ use forwarder_common::{
 
 use crate::{
     clock::Now,
+    flow_table::FlowTable,
     rules::{Relay, Rule},
 };
 
@@ -303,17 +304,7 @@ impl Tables {
 
     /// Every flow the datapath holds, expired ones included.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>> {
-        let mut out = Vec::new();
-        for entry in self.flows.iter() {
-            match entry {
-                Ok(pair) => out.push(pair),
-                // An entry evicted or removed between the key walk and its
-                // lookup.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(err) => return Err(err).context("reading the flow table"),
-            }
-        }
-        Ok(out)
+        FlowTable::of(self.flows.map()).entries()
     }
 
     /// Records a flow of the installed rule `proto:listen_port` with `peer`,
@@ -353,33 +344,18 @@ impl Tables {
             .context("writing the flow table")
     }
 
-    /// Removes the flows `doomed` picks; returns how many went.
+    /// Removes the flows `doomed` picks (each as it is just before its
+    /// removal); returns how many went.
     pub fn remove_flows(&mut self, doomed: impl Fn(&FlowKey, &FlowEntry) -> bool) -> Result<usize> {
-        let keys: Vec<FlowKey> = self
-            .flows()?
-            .into_iter()
-            .filter(|(key, entry)| doomed(key, entry))
-            .map(|(key, _)| key)
-            .collect();
-        for key in &keys {
-            match self.flows.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(err) => return Err(err).context("removing a flow"),
-            }
-        }
-        Ok(keys.len())
+        let swept = FlowTable::of(self.flows.map()).remove_if(doomed, || true)?;
+        Ok(swept.removed as usize)
     }
 
     /// Every installed rule as people see it, with its counters and the
     /// number of its flows that have not timed out.
     pub fn rule_views(&self) -> Result<Vec<crate::rule_view::RuleView>> {
         let now = crate::clock::boot_ns();
-        let mut live: BTreeMap<u32, u64> = BTreeMap::new();
-        for (key, entry) in self.flows()? {
-            if !forwarder_common::flow::expired(&entry, key.proto, now) {
-                *live.entry(entry.rule_id).or_default() += 1;
-            }
-        }
+        let live = FlowTable::of(self.flows.map()).live_per_rule(now)?;
         rule_ranges(&self.installed()?)
             .into_iter()
             .map(|(proto, ports, rule)| {

@@ -66,6 +66,8 @@ pub struct Forwarder {
     args: Vec<String>,
     /// Where the daemon sends its sd_notify messages, as systemd's socket.
     notify: Notify,
+    /// Variables set for its launches from now on, over the harness's own.
+    env: Vec<(String, String)>,
 }
 
 /// The harness's stand-in for systemd's notification socket: the daemon
@@ -269,6 +271,7 @@ impl Forwarder {
             binary: binary.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
             notify: Notify::new(label)?,
+            env: Vec::new(),
         })
     }
 
@@ -288,6 +291,7 @@ impl Forwarder {
             .arg(self.pins.path())
             .env("RUST_LOG", "info")
             .env("NOTIFY_SOCKET", &self.notify.path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -316,6 +320,12 @@ impl Forwarder {
         }
         self.child = Some(self.launch(ns)?);
         Ok(())
+    }
+
+    /// Sets `key` in the environment of the next launches (a NOTIFY_SOCKET
+    /// set here takes readiness out of the harness's hands).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.into(), value.into()));
     }
 
     /// As `respawn`, with other arguments from now on.

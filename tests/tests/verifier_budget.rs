@@ -4,7 +4,7 @@
 //! leave most of the budget (1,000,000 processed instructions) unused here
 //! to load there too; the VM tier then proves it on those kernels.
 
-use forwarder::{datapath::Role, selftest::Support};
+use forwarder::{datapath::Role, kernel::Support};
 use forwarder_tests::{netns, testrun::Harness};
 
 /// Half the verifier's limit: what the old kernels' weaker pruning may need

@@ -1,28 +1,37 @@
 //! `forwarder run`: test the kernel, load and attach, then follow
 //! rtnetlink and the control socket until told to stop, then remove
-//! everything this instance created. The reconcile loop, rule management
-//! and control dispatch each have their own file.
+//! everything this instance created. The reconcile loop, rule management,
+//! control dispatch and the flow table's walks each have their own file.
+//!
+//! Only a requested stop removes the datapath. A start that fails before
+//! any link runs its programs leaves what a predecessor pinned as it found
+//! it, so the predecessor's programs keep forwarding; any later failure
+//! leaves the datapath attached and pinned, as a crash would, for the next
+//! start to adopt (or `forwarder teardown` to remove).
 
+mod flow_worker;
 mod reconcile;
 mod requests;
 mod rule_changes;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, future::poll_fn, task::Poll, time::Duration};
 
-use anyhow::{Context as _, Result};
-use forwarder_common::{flow, maps::UplinkState};
-use log::{debug, info, warn};
+use anyhow::{Context as _, Result, anyhow};
+use forwarder_common::maps::UplinkState;
+use log::{info, warn};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 
+use self::{flow_worker::FlowWorker, rule_changes::RuleBook};
 use crate::{
+    adopt::{Found, Replaced},
     cli::TcHook,
     clock,
     config::RunConfig,
     control,
-    datapath::{Datapath, HookKind, LoadOptions},
+    datapath::{self, Datapath, HookKind, LoadOptions, Role},
     interfaces::Interfaces,
     kernel::Kernel,
     multicast::Memberships,
@@ -30,37 +39,146 @@ use crate::{
     nft,
     notify::Notifier,
     pin::{self, Bpffs, PinLayout},
-    selftest,
+    selftest, teardown,
 };
 
 /// How often expired flows are swept from the table. The datapath ignores
 /// them already; the sweep keeps listings and the table's fill honest.
 const FLOW_SWEEP: Duration = Duration::from_secs(10);
 
+/// What a start took over from a predecessor, finished at the first
+/// reconcile, once every link runs this instance's programs.
+struct Takeover {
+    /// The maps migrated rather than adopted.
+    replaced: Vec<Replaced>,
+    /// When the flow table was first copied (CLOCK_BOOTTIME).
+    copied_from_ns: u64,
+    /// What the predecessor recorded it attached, and how.
+    attachments: BTreeMap<u32, (Role, HookKind)>,
+}
+
 struct Daemon {
     config: RunConfig,
+    layout: PinLayout,
     datapath: Datapath,
+    /// Does every walk of the flow table.
+    worker: FlowWorker,
     interfaces: Interfaces,
-    uplink: UplinkState,
+    /// The uplink as last written to its map; `None` before the first write.
+    uplink: Option<UplinkState>,
     memberships: Memberships,
-    /// What DOWNSTREAM_MACS holds, as last written.
+    /// What DOWNSTREAM_MACS holds, as last written (at start, as found:
+    /// entries of interfaces no longer attached are pruned).
     downstream_macs: BTreeMap<u32, [u8; 6]>,
-    /// What a predecessor left is adopted at the first reconcile, and only
-    /// then may the rest of it be removed.
-    first_reconcile: bool,
+    takeover: Option<Takeover>,
 }
 
 impl Daemon {
-    /// Removes flows past their idle timeout.
-    fn sweep_flows(&mut self) -> Result<()> {
-        let now = clock::boot_ns();
-        let swept = self
-            .datapath
-            .tables
-            .remove_flows(|key, entry| flow::expired(entry, key.proto, now))?;
-        if swept > 0 {
-            debug!("swept {swept} expired flows");
+    /// Loads the datapath, adopting or migrating what a predecessor pinned.
+    fn load(config: RunConfig, layout: &PinLayout) -> Result<Self> {
+        let attachments = datapath::recorded_attachments(layout).unwrap_or_default();
+        let copied_from_ns = clock::boot_ns();
+        let (datapath, replaced) = load_datapath(&config, layout)?;
+        let worker = FlowWorker::start(&layout.maps, FLOW_SWEEP)?;
+        let downstream_macs = datapath.tables.downstream_macs()?;
+        let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
+        Ok(Daemon {
+            config,
+            layout: layout.clone(),
+            datapath,
+            worker,
+            interfaces: Interfaces::default(),
+            uplink: None,
+            memberships,
+            downstream_macs,
+            takeover: Some(Takeover {
+                replaced,
+                copied_from_ns,
+                attachments,
+            }),
+        })
+    }
+
+    /// What may fail comes before what changes how the predecessor's
+    /// datapath forwards: the nftables table (replaced atomically, or not
+    /// at all), the interfaces, the uplink's state (what is true now) and
+    /// the group memberships; then the rules and relays in the maps, then
+    /// the attachments.
+    async fn start(&mut self) -> Result<()> {
+        nft::install_off_thread(&self.config.uplink, &self.config.rules).await?;
+        info!(
+            "nftables table ip {} keeps masquerade off the listen ports",
+            nft::TABLE
+        );
+        self.dump().await?;
+        self.follow_uplink()?;
+        let jobs = self.worker.jobs();
+        for gone in jobs.apply(self.config.rules.clone()).await? {
+            info!(
+                "removed rule {gone}, which a previous instance left and the configuration does not hold"
+            );
         }
+        for rule in &self.config.rules {
+            info!("forwarding {rule}");
+        }
+        self.datapath.tables.sync_relays(&self.config.relays)?;
+        for relay in &self.config.relays {
+            info!("relaying {relay}");
+        }
+        for (preset, target) in &self.config.presets {
+            info!("{}", preset.advice(*target));
+        }
+        self.reconcile()?;
+        self.refresh_route_mtus().await?;
+        self.datapath.tables.bump_fib_generation()
+    }
+
+    /// A start that failed with `err`. Asked to stop meanwhile, it removes
+    /// everything (the operator's wish) and stops cleanly; otherwise it
+    /// leaves the datapath as the failure found it.
+    async fn abandon(self, err: anyhow::Error, found: &Found, signals: &mut Signals) -> Result<()> {
+        let layout = self.layout.clone();
+        if signals.pending().await {
+            drop(self);
+            warn!("the start failed ({err:#}) while a stop was requested; removing everything");
+            for what in teardown::remove_everything(&layout)? {
+                info!("removed {what}");
+            }
+            return Ok(());
+        }
+        if !self.datapath.attached().is_empty() {
+            self.leave_attached();
+            return Err(err.context(
+                "the datapath stays attached and pinned: the next start adopts it, \
+                 `forwarder teardown` removes it",
+            ));
+        }
+        drop(self);
+        Err(give_back(err, &layout, found).await)
+    }
+
+    /// Ends the process's hold on the datapath without detaching it: a
+    /// clsact filter is removed when its link object is dropped, a pinned
+    /// TCX link outlives the process on its own.
+    fn leave_attached(self) {
+        let Daemon {
+            datapath, worker, ..
+        } = self;
+        drop(worker);
+        std::mem::forget(datapath);
+    }
+
+    /// Removes every program, link, pin and nftables object of this
+    /// instance.
+    async fn stop(self) -> Result<()> {
+        let Daemon {
+            datapath, worker, ..
+        } = self;
+        drop(worker);
+        let nft_result = nft::remove_off_thread().await;
+        let datapath_result = datapath.shutdown();
+        nft_result.and(datapath_result)?;
+        info!("removed all programs, links, pins and the nftables table");
         Ok(())
     }
 
@@ -71,53 +189,73 @@ impl Daemon {
         stop: &mut Signals,
         notifier: &Notifier,
     ) -> Result<()> {
-        let Signals { sigint, sigterm } = stop;
-        let (calls_tx, mut calls) = mpsc::channel::<requests::Call>(16);
-        let mut sweep = tokio::time::interval(FLOW_SWEEP);
+        let (calls_tx, calls) = mpsc::channel::<requests::Call>(16);
+        let (stop_rules, rules_stop) = oneshot::channel();
+        let mut rules =
+            tokio::spawn(RuleBook::new(&self.config, self.worker.jobs()).serve(calls, rules_stop));
         let mut keepalive = notifier.keepalive_interval().map(tokio::time::interval);
-        loop {
-            let expiry = self.next_expiry();
+        let followed = loop {
             tokio::select! {
                 conn = server.accept() => {
-                    let stream = conn.context("accepting on the control socket")?;
+                    let stream = match conn.context("accepting on the control socket") {
+                        Ok(stream) => stream,
+                        Err(err) => break Err(err),
+                    };
                     requests::serve_client(stream, calls_tx.clone());
                 }
-                Some((request, reply)) = calls.recv() => {
-                    let _ = reply.send(self.handle(request).await);
+                ended = &mut rules => {
+                    return Err(match ended {
+                        Ok(Err(err)) => err.context("changing the rules"),
+                        Ok(Ok(())) => anyhow!("the rule book stopped"),
+                        Err(err) => anyhow!(err).context("the rule book's task"),
+                    });
                 }
-                () = sleep_until(expiry) => self.expire_rules().await?,
-                _ = sweep.tick() => self.sweep_flows()?,
                 () = tick(keepalive.as_mut()) => notifier.alive(),
                 events = monitor.next() => {
-                    let events = events.context("reading rtnetlink")?;
-                    if events.contains(&Event::Overflow) {
-                        warn!("rtnetlink overflowed; resyncing");
-                        self.resync().await?;
-                        continue;
-                    }
-                    for event in &events {
-                        self.interfaces.apply(event);
-                    }
-                    // Routing changes (neighbours churn all the time) leave
-                    // links and addresses as they were: they only invalidate
-                    // cached FIB results.
-                    if events
-                        .iter()
-                        .any(|e| !matches!(e, Event::RoutingChanged | Event::RoutesChanged))
-                    {
-                        self.reconcile()?;
-                    }
-                    if events.contains(&Event::RoutesChanged) {
-                        self.refresh_route_mtus().await?;
-                    }
-                    if !events.is_empty() {
-                        self.datapath.tables.bump_fib_generation()?;
+                    let events = match events.context("reading rtnetlink") {
+                        Ok(events) => events,
+                        Err(err) => break Err(err),
+                    };
+                    if let Err(err) = self.follow_events(&events).await {
+                        break Err(err);
                     }
                 }
-                _ = sigint.recv() => { info!("SIGINT: stopping"); return Ok(()) }
-                _ = sigterm.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
+                _ = stop.sigint.recv() => { info!("SIGINT: stopping"); break Ok(()) }
+                _ = stop.sigterm.recv() => { info!("SIGTERM: stopping"); break Ok(()) }
             }
+        };
+        drop(stop_rules);
+        match rules.await {
+            Ok(Err(err)) => warn!("changing the rules: {err:#}"),
+            Err(err) => warn!("the rule book's task: {err}"),
+            Ok(Ok(())) => {}
         }
+        followed
+    }
+
+    async fn follow_events(&mut self, events: &[Event]) -> Result<()> {
+        if events.contains(&Event::Overflow) {
+            warn!("rtnetlink overflowed; resyncing");
+            return self.resync().await;
+        }
+        for event in events {
+            self.interfaces.apply(event);
+        }
+        // Routing changes (neighbours churn all the time) leave links and
+        // addresses as they were: they only invalidate cached FIB results.
+        if events
+            .iter()
+            .any(|e| !matches!(e, Event::RoutingChanged | Event::RoutesChanged))
+        {
+            self.reconcile()?;
+        }
+        if events.contains(&Event::RoutesChanged) {
+            self.refresh_route_mtus().await?;
+        }
+        if !events.is_empty() {
+            self.datapath.tables.bump_fib_generation()?;
+        }
+        Ok(())
     }
 }
 
@@ -127,6 +265,18 @@ impl Daemon {
 struct Signals {
     sigint: tokio::signal::unix::Signal,
     sigterm: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Whether either arrived and was not seen yet.
+    async fn pending(&mut self) -> bool {
+        poll_fn(|cx| {
+            let int = self.sigint.poll_recv(cx).is_ready();
+            let term = self.sigterm.poll_recv(cx).is_ready();
+            Poll::Ready(int || term)
+        })
+        .await
+    }
 }
 
 pub async fn run(config: RunConfig) -> Result<()> {
@@ -161,9 +311,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
 /// Runs the self-test and loads the datapath, adopting or migrating what a
 /// predecessor pinned.
-fn load(config: &RunConfig, layout: &PinLayout) -> Result<Datapath> {
+fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Vec<Replaced>)> {
     let kernel = Kernel::running();
-    let support = selftest::run(&layout.root.join("selftest"), config.flow_table_size)?;
+    let support = selftest::run(&layout.selftest, config.flow_table_size)?;
     let hook = match config.tc_hook {
         TcHook::Auto => HookKind::for_kernel(&kernel),
         TcHook::Fixed(hook) => hook,
@@ -186,96 +336,70 @@ fn load(config: &RunConfig, layout: &PinLayout) -> Result<Datapath> {
             r.name, r.why, r.carried
         );
     }
-    Ok(datapath)
+    Ok((datapath, replaced))
+}
+
+/// After a start failed before any link ran its programs: the pins go
+/// back to what the predecessor left, or, with none, everything this start
+/// created goes.
+async fn give_back(err: anyhow::Error, layout: &PinLayout, found: &Found) -> anyhow::Error {
+    let undone = if found.predecessor() {
+        found
+            .restore(layout)
+            .map(|()| "left the previous instance's pins and links as they were")
+    } else {
+        match nft::remove_off_thread().await {
+            Ok(()) => layout
+                .remove()
+                .map_err(anyhow::Error::from)
+                .map(|()| "removed what it created"),
+            Err(nft_err) => Err(nft_err),
+        }
+    };
+    match undone {
+        Ok(what) => err.context(format!("the start failed and {what}")),
+        Err(undo_err) => {
+            warn!("undoing the failed start: {undo_err:#}");
+            err
+        }
+    }
 }
 
 async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> Result<()> {
-    let mut datapath = match load(&config, layout) {
-        Ok(datapath) => datapath,
-        Err(err) => {
-            // Nothing is attached yet; leave no empty pin directories behind.
-            if std::fs::read_dir(&layout.links).is_ok_and(|mut d| d.next().is_none()) {
-                let _ = layout.remove();
-            }
-            return Err(err);
-        }
+    // Another running instance holds the socket: found before anything of
+    // its datapath is touched.
+    let server = control::Server::bind(&config.pin_dir)?;
+    info!("control socket {}", server.path().display());
+    // Subscribe before the dump, so no change falls between the two.
+    let mut monitor = Monitor::subscribe().context("subscribing to rtnetlink")?;
+    let found = Found::read(layout)?;
+    let mut daemon = match Daemon::load(config, layout) {
+        Ok(daemon) => daemon,
+        Err(err) => return Err(give_back(err, layout, &found).await),
     };
-    let mut config = config;
-    let now = std::time::SystemTime::now();
-    config.rules.retain(|r| {
-        let expired = r.expired(now);
-        if expired {
-            warn!("skipping rule {r}: it expired before the start");
-        }
-        !expired
-    });
-    let setup = async {
-        for gone in datapath.tables.sync_rules(&config.rules)? {
-            info!("removed rule {gone}, which a previous instance left and the configuration does not hold");
-        }
-        for rule in &config.rules {
-            info!("forwarding {rule}");
-        }
-        datapath.tables.sync_relays(&config.relays)?;
-        for relay in &config.relays {
-            info!("relaying {relay}");
-        }
-        for (preset, target) in &config.presets {
-            info!("{}", preset.advice(*target));
-        }
-        nft::install_off_thread(&config.uplink, &config.rules).await?;
-        info!(
-            "nftables table ip {} keeps masquerade off the listen ports",
-            nft::TABLE
-        );
-        Ok::<_, anyhow::Error>(())
+    if let Err(err) = daemon.start().await {
+        return daemon.abandon(err, &found, signals).await;
     }
-    .await;
-    if let Err(err) = setup {
-        if let Err(cleanup) = stop(datapath).await {
-            warn!("cleaning up after a failed start: {cleanup:#}");
-        }
-        return Err(err);
-    }
-    let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
-    let mut daemon = Daemon {
-        config,
-        datapath,
-        interfaces: Interfaces::default(),
-        uplink: UplinkState::default(),
-        memberships,
-        downstream_macs: BTreeMap::new(),
-        first_reconcile: true,
-    };
     let notifier = Notifier::from_env();
-    let served = async {
-        let server = control::Server::bind(&daemon.config.pin_dir)?;
-        info!("control socket {}", server.path().display());
-        // Subscribe before the dump, so no change falls between the two.
-        let mut monitor = Monitor::subscribe().context("subscribing to rtnetlink")?;
-        daemon.resync().await?;
-        notifier.ready(&format!(
-            "forwarding {} rules, relaying {} groups",
-            daemon.config.rules.len(),
-            daemon.config.relays.len()
-        ));
-        daemon
-            .follow(&mut monitor, &server, signals, &notifier)
-            .await
-    }
-    .await;
+    notifier.ready(&format!(
+        "forwarding {} rules, relaying {} groups",
+        daemon.config.rules.len(),
+        daemon.config.relays.len()
+    ));
+    let followed = daemon
+        .follow(&mut monitor, &server, signals, &notifier)
+        .await;
     notifier.stopping();
-    let stopped = stop(daemon.datapath).await;
-    served.and(stopped)
-}
-
-/// Removes every program, link, pin and nftables object of this instance.
-async fn stop(datapath: Datapath) -> Result<()> {
-    let nft_result = nft::remove_off_thread().await;
-    let datapath_result = datapath.shutdown();
-    nft_result.and(datapath_result)?;
-    info!("removed all programs, links, pins and the nftables table");
-    Ok(())
+    match followed {
+        Ok(()) => daemon.stop().await,
+        Err(err) => {
+            daemon.leave_attached();
+            Err(err.context(
+                "the datapath stays attached and pinned: the next start adopts it, \
+                 `forwarder teardown` removes it",
+            ))
+        }
+    }
 }
 
 /// Sleeps until `deadline`, or forever when there is none.

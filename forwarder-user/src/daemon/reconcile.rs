@@ -1,6 +1,7 @@
 //! The reconcile loop: the datapath brought in line with the interfaces
 //! rtnetlink reports (uplink state, group memberships, one attachment per
-//! uplink or downstream interface, downstream MACs).
+//! uplink or downstream interface, downstream MACs), and at the first one
+//! the takeover of what a predecessor left finished.
 
 use std::collections::BTreeMap;
 
@@ -8,19 +9,20 @@ use anyhow::{Context as _, Result};
 use forwarder_common::maps::UPLINK_UP;
 use log::{info, warn};
 
-use super::Daemon;
+use super::{Daemon, Takeover};
 use crate::{
-    datapath::Role,
+    adopt,
+    datapath::{HookKind, Role},
     interfaces::{self, Interfaces},
-    netlink,
+    netlink, teardown,
 };
 
 impl Daemon {
-    /// Brings the datapath in line with the interfaces: the uplink state map,
-    /// and one attachment per uplink/downstream interface.
-    pub(super) fn reconcile(&mut self) -> Result<()> {
+    /// Brings the uplink state map and the group memberships in line with
+    /// the uplink.
+    pub(super) fn follow_uplink(&mut self) -> Result<()> {
         let state = self.interfaces.uplink_state(&self.config.uplink);
-        if state != self.uplink || self.first_reconcile {
+        if self.uplink != Some(state) {
             self.datapath.tables.set_uplink(state)?;
             if state.ifindex == 0 {
                 warn!(
@@ -34,7 +36,7 @@ impl Daemon {
                     interfaces::describe(&state)
                 );
             }
-            self.uplink = state;
+            self.uplink = Some(state);
         }
         let uplink_ifindex = if state.flags & UPLINK_UP != 0 {
             state.ifindex
@@ -44,6 +46,13 @@ impl Daemon {
         for group in self.memberships.follow(uplink_ifindex)? {
             info!("joined {group} on {}", self.config.uplink);
         }
+        Ok(())
+    }
+
+    /// Brings the datapath in line with the interfaces: the uplink state map,
+    /// and one attachment per uplink/downstream interface.
+    pub(super) fn reconcile(&mut self) -> Result<()> {
+        self.follow_uplink()?;
 
         let mut wanted: BTreeMap<u32, (Role, String)> = BTreeMap::new();
         if let Some(link) = self.interfaces.link_by_name(&self.config.uplink) {
@@ -87,11 +96,53 @@ impl Daemon {
             }
         }
         self.sync_downstream_macs()?;
-        if self.first_reconcile {
-            self.first_reconcile = false;
-            for path in self.datapath.remove_stale()? {
-                info!("removed stale pinned link {}", path.display());
+        if let Some(takeover) = self.takeover.take() {
+            self.finish_takeover(&takeover)?;
+        }
+        Ok(())
+    }
+
+    /// Once every link runs this instance's programs: the flows the
+    /// predecessor's programs opened meanwhile are carried over, and what
+    /// it attached that this instance does not is removed (clsact filters
+    /// no process holds, pinned links, records), with the maps set aside.
+    fn finish_takeover(&mut self, takeover: &Takeover) -> Result<()> {
+        if let Some(carried) =
+            adopt::carry_over_again(&self.layout, &takeover.replaced, takeover.copied_from_ns)?
+        {
+            info!(
+                "carried over {carried} flows opened or changed while the flow table was migrated"
+            );
+        }
+        // Also where this instance attaches the other way (--tc-hook
+        // changed): both would run.
+        for (ifindex, (role, hook)) in &takeover.attachments {
+            let ours = self.datapath.attached().get(ifindex).map(|a| a.kind());
+            if ours == Some(*hook) {
+                continue;
             }
+            let removed = match hook {
+                HookKind::Clsact => teardown::detach_clsact(*ifindex)?.is_some(),
+                // Unpinning drops its last reference.
+                HookKind::Tcx => {
+                    let pin = self.layout.link_pin(role.name(), *ifindex);
+                    pin.exists()
+                        && std::fs::remove_file(&pin)
+                            .with_context(|| format!("removing {}", pin.display()))
+                            .map(|()| true)?
+                }
+            };
+            if removed {
+                info!(
+                    "removed the {} program's {} attachment to ifindex {ifindex}, which a \
+                     previous instance made and this one does not",
+                    role.name(),
+                    hook.name()
+                );
+            }
+        }
+        for path in self.datapath.remove_stale()? {
+            info!("removed stale pinned link {}", path.display());
         }
         Ok(())
     }
@@ -121,12 +172,19 @@ impl Daemon {
     }
 
     /// Dumps links and addresses afresh (at start, and after the event
-    /// stream overflowed) and forgets every FIB result the datapath cached.
-    pub(super) async fn resync(&mut self) -> Result<()> {
+    /// stream overflowed).
+    pub(super) async fn dump(&mut self) -> Result<()> {
         let (links, addresses) = netlink::dump()
             .await
             .context("dumping links and addresses")?;
         self.interfaces = Interfaces::new(links, addresses);
+        Ok(())
+    }
+
+    /// Reconciles with what the interfaces are now (after the event stream
+    /// overflowed) and forgets every FIB result the datapath cached.
+    pub(super) async fn resync(&mut self) -> Result<()> {
+        self.dump().await?;
         self.reconcile()?;
         self.refresh_route_mtus().await?;
         self.datapath.tables.bump_fib_generation()

@@ -1,17 +1,19 @@
 //! Control dispatch: requests from `forwarder rules` over the control
-//! socket, read by a task per client and answered on the main loop, which
-//! owns the rules.
+//! socket, read by a task per client and answered by the rule book's task,
+//! which owns the rules.
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Daemon;
+use super::rule_changes::RuleBook;
 use crate::control::{self, Request, Response};
 
 /// A request from a control-socket client, and where its answer goes.
 pub(super) type Call = (Request, oneshot::Sender<Response>);
 
-/// Reads the client's request on its own task and hands it to the main
-/// loop; a slow or silent client never holds the loop up.
+/// Reads the client's request on its own task (at most
+/// `control::MAX_REQUEST` bytes, within `control::CLIENT_TIMEOUT`) and
+/// hands it to the rule book; a slow, silent or endless client holds up
+/// nobody but itself.
 pub(super) fn serve_client(mut stream: tokio::net::UnixStream, calls: mpsc::Sender<Call>) {
     tokio::spawn(async move {
         let response = match control::read_request(&mut stream).await {
@@ -27,7 +29,7 @@ pub(super) fn serve_client(mut stream: tokio::net::UnixStream, calls: mpsc::Send
     });
 }
 
-impl Daemon {
+impl RuleBook {
     /// Carries out one request; every answer lists the rules as they are
     /// afterwards.
     pub(super) async fn handle(&mut self, request: Request) -> Response {
@@ -45,7 +47,11 @@ impl Daemon {
             }
             Request::Del { rule, save } => self.del_rule(&rule, save).await,
         };
-        match result.and_then(|message| self.rule_views().map(|rules| (message, rules))) {
+        let answer = match result {
+            Ok(message) => self.rule_views().await.map(|rules| (message, rules)),
+            Err(error) => Err(error),
+        };
+        match answer {
             Ok((message, rules)) => Response {
                 ok: true,
                 message: (!message.is_empty()).then_some(message),
@@ -58,15 +64,10 @@ impl Daemon {
 
     /// The installed rules with what only the daemon knows: where each came
     /// from and its comment.
-    fn rule_views(&self) -> Result<Vec<crate::rule_view::RuleView>, String> {
-        let mut views = self
-            .datapath
-            .tables
-            .rule_views()
-            .map_err(|e| format!("{e:#}"))?;
+    async fn rule_views(&self) -> Result<Vec<crate::rule_view::RuleView>, String> {
+        let mut views = self.jobs.views().await.map_err(|e| format!("{e:#}"))?;
         for view in &mut views {
             if let Some(rule) = self
-                .config
                 .rules
                 .iter()
                 .find(|r| r.proto.name() == view.proto && r.ports.first == view.port)

@@ -1,36 +1,81 @@
 //! Rule management: the running set of forward rules, changed by `rules
 //! add/del` and by expiry, and the config file changed on `--save` (only
-//! the one rule's table, see `config_file`).
+//! the one rule's table, see `config_file`). It runs as a task of its own:
+//! a rule change waits for the flow table thread (which removes the flows
+//! of the rules gone) and for nft, never the event loop.
 
 use std::{
+    net::Ipv4Addr,
     path::PathBuf,
     time::{Duration, SystemTime},
 };
 
 use anyhow::Result;
 use log::info;
+use tokio::sync::{mpsc, oneshot};
 
-use super::Daemon;
+use super::{flow_worker::Jobs, requests::Call, sleep_until};
 use crate::{
+    config::RunConfig,
     config_file, nft,
     rules::{self, Origin, Rule},
     spec::{AllowFrom, ForwardSpec, RuleRef},
 };
 
-impl Daemon {
+pub(super) struct RuleBook {
+    pub(super) rules: Vec<Rule>,
+    target: Option<Ipv4Addr>,
+    allow_from: AllowFrom,
+    config_file: Option<PathBuf>,
+    uplink: String,
+    pub(super) jobs: Jobs,
+}
+
+impl RuleBook {
+    pub(super) fn new(config: &RunConfig, jobs: Jobs) -> Self {
+        RuleBook {
+            rules: config.rules.clone(),
+            target: config.target,
+            allow_from: config.allow_from.clone(),
+            config_file: config.config_file.clone(),
+            uplink: config.uplink.clone(),
+            jobs,
+        }
+    }
+
+    /// Answers requests and removes rules whose time is up, until `stop`
+    /// fires (or is dropped); a change under way is finished first, so the
+    /// nftables table it installs cannot outlive the clean stop's removal.
+    pub(super) async fn serve(
+        mut self,
+        mut calls: mpsc::Receiver<Call>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Result<()> {
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                call = calls.recv() => match call {
+                    Some((request, reply)) => drop(reply.send(self.handle(request).await)),
+                    None => return Ok(()),
+                },
+                () = sleep_until(self.next_expiry()) => self.expire_rules().await?,
+            }
+        }
+    }
+
     /// Makes the datapath and the nftables guard hold the current rules.
-    pub(super) async fn apply_rules(&mut self) -> Result<()> {
-        self.datapath.tables.sync_rules(&self.config.rules)?;
-        nft::install_off_thread(&self.config.uplink, &self.config.rules).await
+    async fn apply_rules(&mut self) -> Result<()> {
+        self.jobs.apply(self.rules.clone()).await?;
+        nft::install_off_thread(&self.uplink, &self.rules).await
     }
 
     /// Removes rules whose time is up. The datapath stopped applying them
     /// at their deadline already, daemon or not.
-    pub(super) async fn expire_rules(&mut self) -> Result<()> {
+    async fn expire_rules(&mut self) -> Result<()> {
         let now = SystemTime::now();
         let (expired, kept): (Vec<Rule>, Vec<Rule>) =
-            self.config.rules.drain(..).partition(|r| r.expired(now));
-        self.config.rules = kept;
+            self.rules.drain(..).partition(|r| r.expired(now));
+        self.rules = kept;
         if !expired.is_empty() {
             self.apply_rules().await?;
             for rule in expired {
@@ -41,8 +86,8 @@ impl Daemon {
     }
 
     /// When the next rule expires, on the runtime's clock.
-    pub(super) fn next_expiry(&self) -> Option<tokio::time::Instant> {
-        let next = self.config.rules.iter().filter_map(|r| r.expires).min()?;
+    fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        let next = self.rules.iter().filter_map(|r| r.expires).min()?;
         let wait = next
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
@@ -52,7 +97,7 @@ impl Daemon {
     /// The file `--save` edits; asked before anything changes, so a
     /// refused save changes nothing.
     fn config_file(&self) -> Result<PathBuf, String> {
-        self.config.config_file.clone().ok_or_else(|| {
+        self.config_file.clone().ok_or_else(|| {
             "this instance was started without --config: there is no file to save to".into()
         })
     }
@@ -67,24 +112,24 @@ impl Daemon {
     ) -> Result<String, String> {
         let file = save.then(|| self.config_file()).transpose()?;
         let spec: ForwardSpec = spec.parse()?;
-        let target = spec.target.or(self.config.target).ok_or_else(|| {
+        let target = spec.target.or(self.target).ok_or_else(|| {
             format!("{spec}: no target address and the instance has no default target")
         })?;
         let allow = match allow_from {
             Some(a) => a.parse::<AllowFrom>()?,
-            None => self.config.allow_from.clone(),
+            None => self.allow_from.clone(),
         };
         let mut rule = Rule::from_spec(&spec, target, allow, Origin::Live);
         rule.comment = comment;
         rule.expires = expire_secs
             .map(|s| rules::expiry_after(Duration::from_secs(s)))
             .transpose()?;
-        let mut candidate = self.config.rules.clone();
+        let mut candidate = self.rules.clone();
         candidate.push(rule.clone());
         rules::check(&candidate)?;
-        let previous = std::mem::replace(&mut self.config.rules, candidate);
+        let previous = std::mem::replace(&mut self.rules, candidate);
         if let Err(err) = self.apply_rules().await {
-            self.config.rules = previous;
+            self.rules = previous;
             let _ = self.apply_rules().await;
             return Err(format!("{err:#}"));
         }
@@ -94,7 +139,7 @@ impl Daemon {
         };
         config_file::save_rule(&file, &rule)
             .map_err(|e| format!("added {rule}, but not saved: {e}"))?;
-        if let Some(saved) = self.config.rules.last_mut() {
+        if let Some(saved) = self.rules.last_mut() {
             saved.origin = Origin::File;
         }
         info!("saved rule {rule} to {}", file.display());
@@ -105,13 +150,11 @@ impl Daemon {
         let file = save.then(|| self.config_file()).transpose()?;
         let target: RuleRef = rule.parse()?;
         let Some(index) = self
-            .config
             .rules
             .iter()
             .position(|r| r.proto == target.proto && r.ports == target.ports)
         else {
             let within = self
-                .config
                 .rules
                 .iter()
                 .find(|r| r.proto == target.proto && r.ports.overlaps(&target.ports));
@@ -123,13 +166,13 @@ impl Daemon {
                 None => format!("no rule {target}"),
             });
         };
-        let origin = self.config.rules[index].origin;
+        let origin = self.rules[index].origin;
         if save {
             match origin {
                 Origin::Preset => {
                     return Err(format!(
                         "{target} comes from {}; remove the preset from the config file or the command line to drop it for good, or delete it without --save",
-                        self.config.rules[index].source()
+                        self.rules[index].source()
                     ));
                 }
                 Origin::Flag => {
@@ -140,7 +183,7 @@ impl Daemon {
                 Origin::File | Origin::Live => {}
             }
         }
-        let removed = self.config.rules.remove(index);
+        let removed = self.rules.remove(index);
         self.apply_rules().await.map_err(|e| format!("{e:#}"))?;
         info!("deleted rule {removed} over the control socket");
         let Some(file) = file else {
