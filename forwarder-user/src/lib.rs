@@ -27,6 +27,7 @@ pub mod rules;
 pub mod selftest;
 pub mod spec;
 pub mod tables;
+pub mod vm_config;
 
 /// The compiled eBPF object, embedded so the binary is self-contained.
 pub static EBPF_OBJECT: &[u8] =
