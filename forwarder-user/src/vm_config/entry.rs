@@ -44,12 +44,12 @@ impl<'a> Entry<'a> {
             ));
         }
         if let Some(bad) = text.bytes().find(|b| !(0x20..=0x7e).contains(b)) {
-            return Err(format!("byte {bad:#04x} in {text:?}: only printable ASCII"));
+            return Err(format!("byte {bad:#04x}: only printable ASCII"));
         }
         let mut rest = text;
         let mut tokens = Vec::new();
         while !rest.is_empty() {
-            let (token, after) = next_token(rest).map_err(|e| format!("{text:?}: {e}"))?;
+            let (token, after) = next_token(rest)?;
             tokens.push(token);
             rest = after;
         }
@@ -57,16 +57,16 @@ impl<'a> Entry<'a> {
             return Err("an empty entry".into());
         };
         if !is_word(kind) {
-            return Err(format!("{text:?}: {kind:?} is not an entry kind"));
+            return Err(format!("{kind:?} is not an entry kind"));
         }
         let mut attrs: Vec<(&str, &str)> = Vec::new();
         for (key, value) in attr_tokens {
-            let value = value.ok_or_else(|| format!("{text:?}: {key:?} is not KEY=VALUE"))?;
+            let value = value.ok_or_else(|| format!("{key:?} is not KEY=VALUE"))?;
             if !is_word(key) {
-                return Err(format!("{text:?}: {key:?} is not an attribute name"));
+                return Err(format!("{key:?} is not an attribute name"));
             }
             if attrs.iter().any(|(k, _)| k == key) {
-                return Err(format!("{text:?}: {key} given twice"));
+                return Err(format!("{key} given twice"));
             }
             attrs.push((key, value));
         }

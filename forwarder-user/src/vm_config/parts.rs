@@ -47,13 +47,18 @@ impl Family {
         format!("{QUBESDB_DIR}{}.", self.stem)
     }
 
-    /// Whether a dom0 feature name belongs to this family (well formed or
-    /// not: a stale or foreign one is removed all the same).
+    /// Whether a name under `/vm-config/` belongs to this family (well
+    /// formed or not: the reader refuses a malformed one, dom0 removes it).
+    pub fn owns(&self, name: &str) -> bool {
+        name.strip_prefix(self.stem)
+            .is_some_and(|rest| rest.starts_with('.'))
+    }
+
+    /// The same for a dom0 feature name.
     pub fn owns_feature(&self, feature: &str) -> bool {
         feature
             .strip_prefix(FEATURE_PREFIX)
-            .and_then(|name| name.strip_prefix(self.stem))
-            .is_some_and(|rest| rest.starts_with('.'))
+            .is_some_and(|name| self.owns(name))
     }
 
     /// The part number of `name` (relative to `/vm-config/`): 1 to
