@@ -21,6 +21,8 @@ pub mod notify;
 mod object_check;
 pub mod pin;
 pub mod presets;
+pub mod qubes;
+pub mod qubesdb;
 pub mod raw_map;
 pub mod rule_view;
 pub mod rules;
