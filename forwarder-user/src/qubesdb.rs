@@ -24,6 +24,7 @@
 use std::{
     io::Read,
     os::fd::AsRawFd,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -45,23 +46,52 @@ pub const QUIET: Duration = Duration::from_millis(100);
 /// Read again after this long without a change.
 pub const BACKSTOP: Duration = Duration::from_secs(60);
 
-/// Every entry under `/vm-config/`: `(name, value)`, the name relative to
-/// `/vm-config/`.
-pub fn read_vm_config() -> Result<Vec<(String, String)>, String> {
-    let output = Command::new("qubesdb-multiread")
-        .arg(QUBESDB_DIR)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("cannot run qubesdb-multiread: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "qubesdb-multiread {QUBESDB_DIR}: {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+/// Where the `qubesdb-*` tools are.
+#[derive(Clone, Debug, Default)]
+pub struct Tools {
+    /// `None`: found on PATH.
+    dir: Option<PathBuf>,
+}
+
+impl Tools {
+    /// The tools on PATH, as in a Qubes VM.
+    pub fn on_path() -> Self {
+        Tools::default()
     }
-    parse_multiread(&output.stdout)
+
+    /// The tools in `dir` (tests' stand-ins).
+    pub fn in_dir(dir: &Path) -> Self {
+        Tools {
+            dir: Some(dir.to_path_buf()),
+        }
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        match &self.dir {
+            Some(dir) => Command::new(dir.join(tool)),
+            None => Command::new(tool),
+        }
+    }
+
+    /// Every entry under `/vm-config/`: `(name, value)`, the name relative
+    /// to `/vm-config/`.
+    pub fn read_vm_config(&self) -> Result<Vec<(String, String)>, String> {
+        let output = self
+            .command("qubesdb-multiread")
+            .arg(QUBESDB_DIR)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("cannot run qubesdb-multiread: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "qubesdb-multiread {QUBESDB_DIR}: {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        parse_multiread(&output.stdout)
+    }
 }
 
 /// `qubesdb-multiread`'s output as `(path, value)` pairs.
@@ -125,8 +155,9 @@ pub fn input_share(pairs: &[(String, String)]) -> Result<InputShare, String> {
 struct Watch(Child);
 
 impl Watch {
-    fn arm() -> Result<Watch, String> {
-        Command::new("qubesdb-watch")
+    fn arm(tools: &Tools) -> Result<Watch, String> {
+        tools
+            .command("qubesdb-watch")
             .arg(QUBESDB_DIR)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -197,30 +228,32 @@ pub fn parse_watch(output: &[u8]) -> Result<String, String> {
 /// Follows `/vm-config/`: each call of [`Follower::changed`] returns the tree
 /// after a change (or the backstop period).
 pub struct Follower {
+    tools: Tools,
     watch: Watch,
 }
 
 impl Follower {
     /// Arms the watch, then reads the tree as it is.
-    pub fn start() -> Result<(Follower, Vec<(String, String)>), String> {
-        let watch = Watch::arm()?;
+    pub fn start(tools: Tools) -> Result<(Follower, Vec<(String, String)>), String> {
+        let watch = Watch::arm(&tools)?;
         std::thread::sleep(QUIET);
-        Ok((Follower { watch }, read_vm_config()?))
+        let tree = tools.read_vm_config()?;
+        Ok((Follower { tools, watch }, tree))
     }
 
     /// Blocks until something under `/vm-config/` changed and the writes
     /// stopped for [`QUIET`], or [`BACKSTOP`] passed; the tree then.
     pub fn changed(&mut self) -> Result<Vec<(String, String)>, String> {
         if self.watch.fired(BACKSTOP)?.is_some() {
-            self.watch = Watch::arm()?;
+            self.watch = Watch::arm(&self.tools)?;
             let start = Instant::now();
             // Each further write re-arms and restarts the quiet spell, up
             // to ten of them.
             while start.elapsed() < QUIET * 10 && self.watch.fired(QUIET)?.is_some() {
-                self.watch = Watch::arm()?;
+                self.watch = Watch::arm(&self.tools)?;
             }
         }
-        read_vm_config()
+        self.tools.read_vm_config()
     }
 }
 

@@ -53,48 +53,6 @@ pub fn request_header(method: &str, arg: &str, dest: &str) -> Vec<u8> {
     format!("{method}+{arg} dom0 name {dest}\0").into_bytes()
 }
 
-/// A call as qubesd parses it from its socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    pub arg: String,
-    pub source: String,
-    pub dest: String,
-    pub payload: Vec<u8>,
-}
-
-impl Request {
-    /// Reads a whole request (everything up to EOF), as qubesd's
-    /// `eof_received` does.
-    pub fn parse(bytes: &[u8]) -> Result<Request, String> {
-        let nul = bytes
-            .iter()
-            .position(|b| *b == 0)
-            .ok_or("framing error: no NUL after the header")?;
-        let header = std::str::from_utf8(&bytes[..nul])
-            .map_err(|_| "framing error: the header is not UTF-8")?;
-        let mut fields = header.splitn(4, ' ');
-        let (Some(meth_arg), Some(source), Some(kind), Some(dest)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            return Err(format!("framing error: header {header:?}"));
-        };
-        if kind != "name" {
-            return Err(format!(
-                "got {kind} destination type, while only explicit name supported"
-            ));
-        }
-        let (method, arg) = meth_arg.split_once('+').unwrap_or((meth_arg, ""));
-        Ok(Request {
-            method: method.into(),
-            arg: arg.into(),
-            source: source.into(),
-            dest: dest.into(),
-            payload: bytes[nul + 1..].to_vec(),
-        })
-    }
-}
-
 /// A whole reply: the body, or the exception qubesd raised.
 pub fn parse_reply(bytes: &[u8]) -> Result<Vec<u8>, CallError> {
     let failed = |why: &str| CallError::Failed(format!("qubesd's reply {why}"));
@@ -118,18 +76,6 @@ pub fn parse_reply(bytes: &[u8]) -> Result<Vec<u8>, CallError> {
     }
 }
 
-/// The reply qubesd writes for a body.
-pub fn ok_reply(body: &[u8]) -> Vec<u8> {
-    let mut reply = b"0\0".to_vec();
-    reply.extend_from_slice(body);
-    reply
-}
-
-/// The reply qubesd writes for an exception (without a traceback).
-pub fn exception_reply(kind: &str, message: &str) -> Vec<u8> {
-    format!("2\0{kind}\0\0{message}\0").into_bytes()
-}
-
 /// One event of `admin.Events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -145,23 +91,6 @@ impl Event {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
-    }
-
-    /// The bytes qubesd sends for it.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = b"1\0".to_vec();
-        for field in [self.subject.as_deref().unwrap_or(""), &self.name] {
-            bytes.extend_from_slice(field.as_bytes());
-            bytes.push(0);
-        }
-        for (key, value) in &self.kwargs {
-            bytes.extend_from_slice(key.as_bytes());
-            bytes.push(0);
-            bytes.extend_from_slice(value.as_bytes());
-            bytes.push(0);
-        }
-        bytes.push(0);
-        bytes
     }
 }
 
@@ -247,28 +176,33 @@ impl EventParser {
 mod tests {
     use super::*;
 
+    /// The bytes qubesd's `send_event` writes.
+    fn encode(event: &Event) -> Vec<u8> {
+        let mut bytes = b"1\0".to_vec();
+        for field in [event.subject.as_deref().unwrap_or(""), &event.name] {
+            bytes.extend_from_slice(field.as_bytes());
+            bytes.push(0);
+        }
+        for (key, value) in &event.kwargs {
+            bytes.extend_from_slice(key.as_bytes());
+            bytes.push(0);
+            bytes.extend_from_slice(value.as_bytes());
+            bytes.push(0);
+        }
+        bytes.push(0);
+        bytes
+    }
+
     #[test]
     fn requests_are_framed_as_qubesadmin_frames_them() {
-        let mut bytes = request_header("admin.vm.feature.Set", "vm-config.forwarder.1", "sys-net");
         assert_eq!(
-            bytes,
+            request_header("admin.vm.feature.Set", "vm-config.forwarder.1", "sys-net"),
             b"admin.vm.feature.Set+vm-config.forwarder.1 dom0 name sys-net\0"
         );
-        bytes.extend_from_slice(b"v1 part=1/1");
-        let request = Request::parse(&bytes).unwrap();
-        assert_eq!(request.method, "admin.vm.feature.Set");
-        assert_eq!(request.arg, "vm-config.forwarder.1");
-        assert_eq!(
-            (request.source.as_str(), request.dest.as_str()),
-            ("dom0", "sys-net")
-        );
-        assert_eq!(request.payload, b"v1 part=1/1");
         assert_eq!(
             request_header("admin.vm.List", "", "dom0"),
             b"admin.vm.List+ dom0 name dom0\0"
         );
-        assert!(Request::parse(b"admin.vm.List+ dom0 keyword adminvm\0").is_err());
-        assert!(Request::parse(b"admin.vm.List+ dom0 name dom0").is_err());
     }
 
     #[test]
@@ -287,7 +221,7 @@ mod tests {
             "qubesd refused: QubesFeatureNotFoundError: Feature not set for domain app: x"
         );
         assert_eq!(
-            parse_reply(&exception_reply("PermissionDenied", ""))
+            parse_reply(b"2\0PermissionDenied\0\0\0")
                 .unwrap_err()
                 .to_string(),
             "qubesd refused: PermissionDenied"
@@ -298,7 +232,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(parse_reply(&ok_reply(b"x")), Ok(b"x".to_vec()));
     }
 
     #[test]
@@ -317,7 +250,7 @@ mod tests {
                 ("oldvalue".into(), "".into()),
             ],
         };
-        let stream = [established.encode(), netvm.encode()].concat();
+        let stream = [encode(&established), encode(&netvm)].concat();
         assert_eq!(&stream[..26], b"1\0\0connection-established\0");
         for chunk in 1..stream.len() {
             let mut parser = EventParser::default();

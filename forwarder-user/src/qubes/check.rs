@@ -2,7 +2,7 @@
 //! (name, class, ip, provides_network, running, forwarder service on,
 //! package announced), and every reason forwarding to it would not work.
 
-use std::time::SystemTime;
+use std::{io::Write, time::SystemTime};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -41,13 +41,13 @@ pub struct CheckView {
     pub notes: Vec<String>,
 }
 
-pub fn run(admin: &Admin, vm: &str, json: bool) -> Result<bool> {
+pub fn run(admin: &Admin, vm: &str, json: bool, out: &mut dyn Write) -> Result<bool> {
     let mut graph = Graph::load(admin)?;
     let view = check(&mut graph, vm)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
     } else {
-        print!("{}", text(&view));
+        write!(out, "{}", text(&view))?;
     }
     Ok(view.problems.is_empty())
 }

@@ -3,7 +3,7 @@
 //! when the VM's chain is broken or a router already gives a port to
 //! another qube.
 
-use std::time::SystemTime;
+use std::{io::Write, time::SystemTime};
 
 use anyhow::{Result, bail};
 
@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{spec::AllowFrom, vm_config::entry::Attrs};
 
-pub fn run(admin: &Admin, args: &ExposeArgs) -> Result<()> {
+pub fn run(admin: &Admin, args: &ExposeArgs, out: &mut dyn Write) -> Result<()> {
     let wanted = args.items();
     if wanted.is_empty() {
         bail!(
@@ -71,8 +71,8 @@ pub fn run(admin: &Admin, args: &ExposeArgs) -> Result<()> {
     if !refused.is_empty() {
         bail!("cannot expose on {}:\n  {}", args.vm, refused.join("\n  "));
     }
-    sync::apply(admin, &outcome, args.write.dry_run)?;
-    summarize(&chain, &wanted, args.write.dry_run);
+    sync::apply(admin, &outcome, args.write.dry_run, out)?;
+    summarize(&chain, &wanted, args.write.dry_run, out)?;
     Ok(())
 }
 
@@ -97,10 +97,15 @@ fn held_intent(graph: &mut Graph, vm: &str) -> Result<Intent> {
     }
 }
 
-fn summarize(chain: &Chain, wanted: &[intent::What], dry_run: bool) {
+fn summarize(
+    chain: &Chain,
+    wanted: &[intent::What],
+    dry_run: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
     let items: Vec<String> = wanted.iter().map(ToString::to_string).collect();
     let verb = if dry_run { "would expose" } else { "exposed" };
-    println!("{verb} {} on {}", items.join(", "), chain.path());
+    writeln!(out, "{verb} {} on {}", items.join(", "), chain.path())?;
     for hop in chain.hops.iter().filter(|h| !h.advertised) {
         eprintln!(
             "note: {}'s template has not announced the forwarder package ({}): \
@@ -109,4 +114,5 @@ fn summarize(chain: &Chain, wanted: &[intent::What], dry_run: bool) {
             chain::SUPPORTED_SERVICE
         );
     }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! item's state: applied, refused (and why) or expired; then what `sync`
 //! would still change.
 
-use std::time::SystemTime;
+use std::{io::Write, time::SystemTime};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -81,7 +81,7 @@ pub struct ListView {
     pub pending: Vec<String>,
 }
 
-pub fn run(admin: &Admin, json: bool) -> Result<()> {
+pub fn run(admin: &Admin, json: bool, out: &mut dyn Write) -> Result<()> {
     let mut graph = Graph::load(admin)?;
     let outcome = sync::compute(&mut graph, None, SystemTime::now())?;
     let view = ListView {
@@ -90,9 +90,9 @@ pub fn run(admin: &Admin, json: bool) -> Result<()> {
         pending: outcome.changes.iter().map(|c| c.describe(true)).collect(),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
     } else {
-        print!("{}", text(&view));
+        write!(out, "{}", text(&view))?;
     }
     Ok(())
 }
@@ -105,10 +105,7 @@ fn text(view: &ListView) -> String {
     for e in &view.exposures {
         let mut path = e.vm.clone();
         for hop in &e.chain {
-            path.push_str(&format!(
-                " <- {} ({} -> {})",
-                hop.router, hop.target, hop.below
-            ));
+            path.push_str(&format!(" <- {} (to {})", hop.router, hop.target));
         }
         out.push_str(&path);
         out.push('\n');

@@ -8,6 +8,7 @@ pub mod admin_api;
 pub mod chain;
 pub mod check;
 pub mod cli;
+pub mod dispatch;
 pub mod expose;
 pub mod graph;
 pub mod intent;

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    io::Write,
     time::SystemTime,
 };
 
@@ -285,12 +286,12 @@ fn add_values(
 
 /// Prints the changes and problems, then writes the changes unless
 /// `dry_run`.
-pub fn apply(admin: &Admin, outcome: &Outcome, dry_run: bool) -> Result<()> {
+pub fn apply(admin: &Admin, outcome: &Outcome, dry_run: bool, out: &mut dyn Write) -> Result<()> {
     for warning in outcome.warnings() {
         eprintln!("warning: {warning}");
     }
     for change in &outcome.changes {
-        println!("{}", change.describe(dry_run));
+        writeln!(out, "{}", change.describe(dry_run))?;
         if !dry_run {
             change.apply(admin)?;
         }
@@ -299,12 +300,12 @@ pub fn apply(admin: &Admin, outcome: &Outcome, dry_run: bool) -> Result<()> {
 }
 
 /// `qvm-forwarder sync`.
-pub fn run(admin: &Admin, dry_run: bool) -> Result<()> {
+pub fn run(admin: &Admin, dry_run: bool, out: &mut dyn Write) -> Result<()> {
     let mut graph = Graph::load(admin)?;
     let outcome = compute(&mut graph, None, SystemTime::now())?;
-    apply(admin, &outcome, dry_run)?;
+    apply(admin, &outcome, dry_run, out)?;
     if outcome.changes.is_empty() {
-        println!("in sync: nothing to change");
+        writeln!(out, "in sync: nothing to change")?;
     }
     Ok(())
 }

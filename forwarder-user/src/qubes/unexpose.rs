@@ -1,7 +1,7 @@
 //! `qvm-forwarder unexpose VM [SPEC...]`: removes some or all of what the
 //! VM exposes, then rewrites every router's share without it.
 
-use std::time::SystemTime;
+use std::{io::Write, time::SystemTime};
 
 use anyhow::{Result, bail};
 
@@ -13,7 +13,7 @@ use super::{
     sync::{self, Edit},
 };
 
-pub fn run(admin: &Admin, args: &UnexposeArgs) -> Result<()> {
+pub fn run(admin: &Admin, args: &UnexposeArgs, out: &mut dyn Write) -> Result<()> {
     let mut graph = Graph::load(admin)?;
     if graph.info(&args.vm).is_none() {
         bail!("{}: no such qube", args.vm);
@@ -29,7 +29,7 @@ pub fn run(admin: &Admin, args: &UnexposeArgs) -> Result<()> {
     };
     let intent = match (held, args.specs.is_empty()) {
         (None, _) => {
-            println!("{} exposes nothing", args.vm);
+            writeln!(out, "{} exposes nothing", args.vm)?;
             None
         }
         // Everything goes, even a value that no longer parses.
@@ -61,6 +61,6 @@ pub fn run(admin: &Admin, args: &UnexposeArgs) -> Result<()> {
         intent,
     };
     let outcome = sync::compute(&mut graph, Some(&edit).filter(|_| has), SystemTime::now())?;
-    sync::apply(admin, &outcome, args.write.dry_run)?;
+    sync::apply(admin, &outcome, args.write.dry_run, out)?;
     Ok(())
 }

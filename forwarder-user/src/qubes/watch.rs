@@ -8,6 +8,7 @@
 //! when an item's deadline passes, and starts over when qubesd restarts.
 
 use std::{
+    io::Write,
     sync::mpsc::RecvTimeoutError,
     thread,
     time::{Duration, Instant, SystemTime},
@@ -48,7 +49,7 @@ pub fn relevant(event: &Event) -> bool {
     )
 }
 
-pub fn run(admin: &Admin, dry_run: bool) -> Result<()> {
+pub fn run(admin: &Admin, dry_run: bool, out: &mut dyn Write) -> Result<()> {
     loop {
         let stream = match admin.transport().events() {
             Ok(stream) => stream,
@@ -88,7 +89,7 @@ pub fn run(admin: &Admin, dry_run: bool) -> Result<()> {
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            match pass(admin, dry_run) {
+            match pass(admin, dry_run, out) {
                 Ok(next) => {
                     deadline = next;
                     due = false;
@@ -105,10 +106,11 @@ pub fn run(admin: &Admin, dry_run: bool) -> Result<()> {
 }
 
 /// One sync; the next deadline to wake up for.
-fn pass(admin: &Admin, dry_run: bool) -> Result<Option<SystemTime>> {
+fn pass(admin: &Admin, dry_run: bool, out: &mut dyn Write) -> Result<Option<SystemTime>> {
     let mut graph = Graph::load(admin)?;
     let outcome = sync::compute(&mut graph, None, SystemTime::now())?;
-    sync::apply(admin, &outcome, dry_run)?;
+    sync::apply(admin, &outcome, dry_run, out)?;
+    out.flush()?;
     Ok(outcome.next_deadline)
 }
 

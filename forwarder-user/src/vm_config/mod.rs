@@ -7,7 +7,7 @@
 //! One feature value reads, as `qvm-features sys-net` shows it:
 //!
 //! ```text
-//! vm-config.forwarder.1  v1 part=1/1 sum=5c2d0e3f9a81b7c4 | forward=tcp:53317=10.137.0.6 | relay=224.0.0.167:53317=10.137.0.6
+//! vm-config.forwarder.1  v1 part=1/1 sum=5b151373f11f8fe7 | forward=tcp:53317=10.137.0.6 | forward=udp:53317=10.137.0.6 | relay=224.0.0.167:53317=10.137.0.6
 //! ```
 //!
 //! - a header: the format's version, which part of how many this is, and a
