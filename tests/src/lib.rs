@@ -18,6 +18,8 @@ pub mod netlink_watch;
 pub mod netns;
 pub mod packet;
 pub mod pip;
+pub mod qubesd;
+pub mod qubesdb_store;
 pub mod soak;
 pub mod sockets;
 pub mod syncthing;
