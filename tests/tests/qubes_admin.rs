@@ -687,15 +687,26 @@ fn the_stand_in_tools_print_what_qubesdb_cmd_prints() {
     let (code, _, _) = tool(&net, "qubesdb-read", &["/vm-config/forwarder.1"]);
     assert_eq!(code, 0, "a router started later gets its share at start");
 
-    // A watch on the tree reports the path dom0's write changed.
-    let watch = Command::new(net.join("qubesdb-watch"))
+    // A watch on the tree reports the path dom0's write changed. It
+    // misses writes made before it registered, as the real one does, so
+    // dom0 writes until it reports one.
+    let mut watch = Command::new(net.join("qubesdb-watch"))
         .arg("/vm-config/")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    ok(&q, &["expose", "app", "tcp:8080"]);
+    let mut port = 8000;
+    let fired = wait_until(Duration::from_secs(5), || {
+        port += 1;
+        ok(&q, &["expose", "app", &format!("tcp:{port}")]);
+        matches!(watch.try_wait(), Ok(Some(_)))
+    });
+    if !fired {
+        let _ = watch.kill();
+    }
     let out = watch.wait_with_output().unwrap();
+    assert!(fired, "qubesdb-watch never fired");
+    assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "/vm-config/forwarder.1\n"

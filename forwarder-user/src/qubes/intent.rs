@@ -26,6 +26,8 @@ pub const FEATURE: &str = "forwarder-expose";
 const VERSION: &str = "v1";
 /// An exposure asks for at most this many ports and presets.
 pub const MAX_ITEMS: usize = 256;
+/// The longest value: qubesd drops a request over 64 KiB, header included.
+pub const MAX_VALUE_LEN: usize = 60_000;
 
 /// The presets `expose` offers, in the order their flags are listed.
 pub const PRESETS: [&Preset; 4] = [
@@ -195,6 +197,13 @@ impl Intent {
             return Err(format!("{} already exposes {MAX_ITEMS} items", self.vm));
         }
         self.items.push(item);
+        if self.value().is_some_and(|v| v.len() > MAX_VALUE_LEN) {
+            self.items.pop();
+            return Err(format!(
+                "{}'s exposure would exceed {MAX_VALUE_LEN} bytes; unexpose something first",
+                self.vm
+            ));
+        }
         Ok(())
     }
 
@@ -238,6 +247,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::vm_config::entry::Note;
 
     fn item(text: &str) -> Item {
         Item {
@@ -288,6 +298,30 @@ mod tests {
                 .contains("overlaps")
         );
         intent.add(item("udp:8080")).unwrap();
+    }
+
+    #[test]
+    fn an_intent_stays_within_one_request() {
+        let mut intent = Intent::new("app");
+        let note: Note = "n".repeat(64).parse().unwrap();
+        let mut refused = None;
+        for port in 1..=MAX_ITEMS as u16 {
+            let mut item = item(&format!("tcp:{port}"));
+            item.attrs.until = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+            item.attrs.allow = (1..=8)
+                .map(|i| format!("192.168.200.{i}/32"))
+                .collect::<Vec<_>>()
+                .join(",")
+                .parse()
+                .unwrap();
+            item.attrs.note = Some(note.clone());
+            if let Err(e) = intent.add(item) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(refused.unwrap().contains("would exceed 60000 bytes"));
+        assert!(intent.value().unwrap().len() <= MAX_VALUE_LEN);
     }
 
     #[test]
