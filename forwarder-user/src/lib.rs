@@ -23,6 +23,8 @@ pub mod notify;
 mod object_check;
 pub mod pin;
 pub mod presets;
+pub mod qubes;
+pub mod qubesdb;
 pub mod raw_map;
 pub mod replace_file;
 pub mod rule_view;
@@ -31,6 +33,7 @@ pub mod selftest;
 pub mod spec;
 pub mod tables;
 pub mod teardown;
+pub mod vm_config;
 
 /// The compiled eBPF object, embedded so the binary is self-contained.
 pub static EBPF_OBJECT: &[u8] =

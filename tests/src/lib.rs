@@ -20,6 +20,8 @@ pub mod netns;
 pub mod notify;
 pub mod packet;
 pub mod pip;
+pub mod qubesd;
+pub mod qubesdb_store;
 pub mod soak;
 pub mod sockets;
 pub mod syncthing;
