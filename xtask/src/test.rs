@@ -123,6 +123,9 @@ pub fn run(filter: &[String]) -> Result<()> {
         "discovery",
         "security",
         "faults",
+        "hostile_config",
+        "daemon_robustness",
+        "qubes_admin",
         "soak",
     ];
     let n = cargo_test(&targets(&integration), &verbose, Some(&packages))?;
