@@ -12,6 +12,7 @@ mod flow;
 mod forward;
 mod kernel;
 mod lan;
+mod leak;
 mod maps;
 mod mem;
 mod nat;
@@ -37,6 +38,12 @@ pub enum Verdict {
     Skipped(Reason),
 }
 
+impl From<Result<Verdict, Reason>> for Verdict {
+    fn from(result: Result<Verdict, Reason>) -> Self {
+        result.unwrap_or_else(Verdict::Skipped)
+    }
+}
+
 fn finish(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Redirected(action) => action,
@@ -59,6 +66,18 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn downstream_ingress(ctx: TcContext) -> i32 {
     finish(reply::downstream_ingress(&ctx))
+}
+
+/// Tail-called by `downstream_ingress` (see relay::to_lan).
+#[classifier]
+pub fn relay_up_scan(ctx: TcContext) -> i32 {
+    finish(relay::scan_up(&ctx).into())
+}
+
+/// Tail-called by `relay_up_scan`.
+#[classifier]
+pub fn relay_up_copy(ctx: TcContext) -> i32 {
+    finish(relay::copy_up(&ctx).into())
 }
 
 #[cfg(not(test))]

@@ -33,9 +33,10 @@ use crate::{
     control,
     datapath::{self, Datapath, HookKind, LoadOptions, Role},
     interfaces::Interfaces,
+    internal_nets::InternalNets,
     kernel::Kernel,
     multicast::Memberships,
-    netlink::{Event, Monitor},
+    netlink::{Event, Monitor, Route},
     nft,
     notify::Notifier,
     pin::{self, Bpffs, PinLayout},
@@ -70,6 +71,11 @@ struct Daemon {
     /// What DOWNSTREAM_MACS holds, as last written (at start, as found:
     /// entries of interfaces no longer attached are pruned).
     downstream_macs: BTreeMap<u32, [u8; 6]>,
+    /// Every IPv4 route, as last dumped.
+    routes: Vec<Route>,
+    /// What INTERNAL_NETS holds, as last written; `None` before the first
+    /// write (a predecessor's bits may be there).
+    internal_nets: Option<InternalNets>,
     takeover: Option<Takeover>,
 }
 
@@ -79,7 +85,7 @@ impl Daemon {
         let attachments = datapath::recorded_attachments(layout).unwrap_or_default();
         let copied_from_ns = clock::boot_ns();
         let (datapath, replaced) = load_datapath(&config, layout)?;
-        let worker = FlowWorker::start(&layout.maps, FLOW_SWEEP)?;
+        let worker = FlowWorker::start(datapath::pinned_tables(layout)?, &layout.maps, FLOW_SWEEP)?;
         let downstream_macs = datapath.tables.downstream_macs()?;
         let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
         Ok(Daemon {
@@ -91,6 +97,8 @@ impl Daemon {
             uplink: None,
             memberships,
             downstream_macs,
+            routes: Vec::new(),
+            internal_nets: None,
             takeover: Some(Takeover {
                 replaced,
                 copied_from_ns,
