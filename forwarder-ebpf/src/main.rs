@@ -19,30 +19,15 @@ mod nat;
 mod parse;
 mod relay;
 mod reply;
+mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
-use forwarder_common::reason::{Disposition, Reason};
-
-/// What a program decided for one packet.
-pub enum Verdict {
-    /// The packet was rewritten and redirected; the value is the TC action
-    /// the redirect helper returned.
-    Redirected(i32),
-    /// Relayed: copies went out, the original continues untouched.
-    Relayed,
-    /// Not claimed (or dropped, per the reason's disposition).
-    Skipped(Reason),
-}
-
-impl From<Result<Verdict, Reason>> for Verdict {
-    fn from(result: Result<Verdict, Reason>) -> Self {
-        result.unwrap_or_else(Verdict::Skipped)
-    }
-}
+use forwarder_common::reason::Disposition;
+use verdict::Verdict;
 
 fn finish(verdict: Verdict) -> i32 {
     match verdict {

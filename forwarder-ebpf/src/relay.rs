@@ -20,11 +20,12 @@ use forwarder_common::{
 };
 
 use crate::{
-    Verdict, fib, lan, leak,
+    fib, lan, leak,
     maps::{self, RelayDirection, RelayEvent},
     mem,
     nat::{self, End},
     parse::{self, Fragment, Ipv4, L3_OFF, L4, L4_OFF, UDP_HLEN},
+    verdict::Verdict,
 };
 
 /// How long the later fragments of a relayed datagram may trail its first.

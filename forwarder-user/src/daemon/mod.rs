@@ -13,6 +13,7 @@ mod flow_worker;
 mod reconcile;
 mod requests;
 mod rule_changes;
+mod timers;
 
 use std::{collections::BTreeMap, future::poll_fn, task::Poll, time::Duration};
 
@@ -24,7 +25,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use self::{flow_worker::FlowWorker, rule_changes::RuleBook};
+use self::{flow_worker::FlowWorker, rule_changes::RuleBook, timers::tick};
 use crate::{
     adopt::{Found, Replaced},
     cli::TcHook,
@@ -197,7 +198,7 @@ impl Daemon {
         stop: &mut Signals,
         notifier: &Notifier,
     ) -> Result<()> {
-        let (calls_tx, calls) = mpsc::channel::<requests::Call>(16);
+        let (calls_tx, calls) = mpsc::channel::<rule_changes::Call>(16);
         let (stop_rules, rules_stop) = oneshot::channel();
         let mut rules =
             tokio::spawn(RuleBook::new(&self.config, self.worker.jobs()).serve(calls, rules_stop));
@@ -407,21 +408,5 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
                  `forwarder teardown` removes it",
             ))
         }
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The next tick of `interval`, or never without one.
-async fn tick(interval: Option<&mut tokio::time::Interval>) {
-    match interval {
-        Some(interval) => drop(interval.tick().await),
-        None => std::future::pending().await,
     }
 }
