@@ -99,14 +99,21 @@ pub const fn expired(entry: &FlowEntry, proto: u8, now: u64) -> bool {
 
 /// A new flow, opened by the peer's `segment`.
 pub fn opened(rule_id: u32, segment: &Segment, now: u64) -> FlowEntry {
-    let mut entry = FlowEntry {
-        rule_id,
-        created_ns: now,
-        seen_ns: now,
-        ..FlowEntry::default()
-    };
-    advance(&mut entry, true, segment);
+    let mut entry = FlowEntry::default();
+    open(&mut entry, rule_id, segment, now);
     entry
+}
+
+/// Makes the all-zero `entry` a new flow, opened by the peer's `segment`.
+/// (The datapath zeroes its entry itself: a struct literal compiles to a
+/// call of a memset subprogram, which kernels before 5.13 count against
+/// the caller's stack.)
+#[inline(always)]
+pub fn open(entry: &mut FlowEntry, rule_id: u32, segment: &Segment, now: u64) {
+    entry.rule_id = rule_id;
+    entry.created_ns = now;
+    entry.seen_ns = now;
+    advance(entry, true, segment);
 }
 
 /// Whether the segment is one a tracking firewall would let change the
@@ -114,6 +121,7 @@ pub fn opened(rule_id: u32, segment: &Segment, now: u64) -> FlowEntry {
 /// before that side has acknowledged anything, answer its SYN exactly).
 /// A flow picked up mid-connection knows no windows and is judged
 /// liberally, as conntrack judges such flows.
+#[inline(always)]
 pub fn acceptable(entry: &FlowEntry, from_peer: bool, segment: &Segment) -> bool {
     if segment.flags & TCP_RST == 0 || entry.peer.flags & SIDE_SYN == 0 {
         return true;
@@ -134,6 +142,7 @@ pub fn acceptable(entry: &FlowEntry, from_peer: bool, segment: &Segment) -> bool
 
 /// The window `receiver` last advertised, in bytes: scaled only when both
 /// SYNs offered scaling (RFC 7323).
+#[inline(always)]
 fn window_bytes(receiver: &TcpSide, sender: &TcpSide) -> u32 {
     let scaled = receiver.flags & sender.flags & SIDE_WSCALE != 0;
     let shift = if scaled {
@@ -152,6 +161,7 @@ fn window_bytes(receiver: &TcpSide, sender: &TcpSide) -> u32 {
 /// passed every check (`acceptable` included). Returns whether `state`
 /// changed. Fields are written only when their value changes: a write
 /// moves the entry's cache line to this CPU.
+#[inline(always)]
 pub fn advance(entry: &mut FlowEntry, from_peer: bool, segment: &Segment) -> bool {
     let old = entry.state;
     let mut state = old;
@@ -201,6 +211,7 @@ pub fn advance(entry: &mut FlowEntry, from_peer: bool, segment: &Segment) -> boo
 /// Whether this segment establishes a TCP flow: the peer's acknowledgement
 /// of the target's SYN-ACK, or, for a flow picked up without the peer's
 /// SYN, any answer of the target but a reset.
+#[inline(always)]
 fn establishes(entry: &FlowEntry, from_peer: bool, segment: &Segment) -> bool {
     if entry.state & FLOW_ESTABLISHED != 0 || segment.flags & TCP_RST != 0 {
         return false;

@@ -11,7 +11,9 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use crate::maps;
+use core::mem::MaybeUninit;
+
+use crate::{maps, mem};
 
 /// Moves a live entry by one checked packet; `seen_ns` is rewritten when
 /// the state changes or it is older than REFRESH_NS.
@@ -90,9 +92,16 @@ pub fn from_peer(
         }
         return;
     }
-    let mut entry = flow::opened(rule_id, segment, now);
-    entry.to_target = to_target.unwrap_or_default();
-    maps::insert_flow(key, &entry);
+    let mut words = MaybeUninit::<[u64; size_of::<FlowEntry>() / 8]>::uninit();
+    let words = mem::zeroed(&mut words);
+    // SAFETY: FlowEntry is plain old data of this size, with an alignment a
+    // u64 array satisfies, and every byte is zero.
+    let entry = unsafe { &mut *words.as_mut_ptr().cast::<FlowEntry>() };
+    flow::open(entry, rule_id, segment, now);
+    if let Some(route) = to_target {
+        entry.to_target = route;
+    }
+    maps::insert_flow(key, entry);
 }
 
 /// A packet from the target, past every check, in the flow `of_target`

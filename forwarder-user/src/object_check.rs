@@ -6,6 +6,11 @@
 //! it, and refuse a loop closed by falling through from a plain
 //! instruction into the loop's head ("back-edge from insn X to Y"): only a
 //! jump may close a loop. LLVM lays some loops out that way.
+//!
+//! Kernels before 5.13 also count a called subprogram's stack on top of
+//! its caller's, each rounded up to 32 bytes, against the 512 bytes one
+//! program may use: with the datapath's deep frames, any call of one
+//! (LLVM calls a memset subprogram for a zeroed struct) is refused there.
 
 #[cfg(test)]
 mod tests {
@@ -109,6 +114,31 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 2, "the programs were found");
+    }
+
+    #[test]
+    fn no_program_calls_a_subprogram() {
+        const BPF_PSEUDO_CALL: u8 = 1;
+        let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        let mut programs = 0;
+        for function in object.functions.values() {
+            if !object.programs.contains_key(&function.name) {
+                continue;
+            }
+            programs += 1;
+            let calls = function
+                .instructions
+                .iter()
+                .filter(|i| i.code == BPF_JMP | BPF_CALL && i.src_reg() == BPF_PSEUDO_CALL)
+                .count();
+            assert_eq!(
+                calls, 0,
+                "{} calls {calls} subprograms (a memset or memcpy the compiler chose?); \
+                 kernels before 5.13 add their stack to its own",
+                function.name
+            );
+        }
+        assert_eq!(programs, 4, "the four programs were found");
     }
 
     #[test]

@@ -593,15 +593,18 @@ fn no_other_host_can_end_or_feed_a_fragment_train() {
         payload
     );
 
-    // Down: a LAN peer's train, and another VM spoofing the peer's last
-    // fragment from vif2.0.
-    let down = fragmented(
-        &mut lan_broadcast(Ipv4Addr::new(192, 168, 1, 255), &payload),
-        0x7272,
-    );
-    let mut spoof = lan_broadcast(Ipv4Addr::new(192, 168, 1, 255), &payload);
+    // Down: a LAN peer's train (limited broadcast, which both programs
+    // take to the relay), another VM spoofing the peer's last fragment from
+    // vif2.0, and a copy of it the uplink sees reflected with the router's
+    // own MAC: the train is the uplink's and the peer's, and a fragment
+    // that fails a check changes nothing.
+    let down = fragmented(&mut lan_broadcast(BROADCAST, &payload), 0x7272);
+    let mut spoof = lan_broadcast(BROADCAST, &payload);
     spoof.src_mac = [0x02, 0, 0, 0, 0, 0x06];
     let spoofed_last = fragmented(&mut spoof, 0x7272).pop().unwrap();
+    let mut reflected = lan_broadcast(BROADCAST, &payload);
+    reflected.src_mac = h.uplink.mac;
+    let reflected_last = fragmented(&mut reflected, 0x7272).pop().unwrap();
     let vm1 = Capture::start(&h.ns, "vm1").unwrap();
     h.run(Role::Uplink, h.uplink.index, &down[0]).unwrap();
     h.assert_untouched(
@@ -610,9 +613,15 @@ fn no_other_host_can_end_or_feed_a_fragment_train() {
         &spoofed_last,
         Reason::Fragment,
     );
+    h.assert_untouched(
+        Role::Uplink,
+        h.uplink.index,
+        &reflected_last,
+        Reason::Reflected,
+    );
     h.run(Role::Uplink, h.uplink.index, &down[1]).unwrap();
     let copies = broadcasts(vm1, 2);
-    assert_eq!(copies.len(), 2, "the peer's train survived the spoof");
+    assert_eq!(copies.len(), 2, "the peer's train survived the spoofs");
 }
 
 /// The forms of an internal address a payload may carry, each embedded in
