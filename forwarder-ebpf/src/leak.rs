@@ -12,40 +12,55 @@ use forwarder_common::{
 
 use crate::{
     maps,
-    parse::{self, L3_OFF, L4_OFF, UDP_HLEN, ptr_at},
+    parse::{self, L3_OFF, L4_OFF, ptr_at},
 };
 
 /// The longest IP datagram (or fragment) scanned: a full Ethernet frame's.
 /// Each byte is a loop iteration the verifier walks.
 const SCAN_MAX: usize = 1500;
+/// Bytes one pass of the scan stage reads: 1500 bytes take six passes,
+/// well within the 33 tail calls a packet may make.
+const CHUNK: usize = 256;
 /// Covers every offset a scan reaches.
 const OFFSET_MASK: usize = 2047;
 const _: () = assert!(L3_OFF + SCAN_MAX <= OFFSET_MASK);
 
-/// Scans the pending copy's payload (see `maps::pending_up`: from `from`
-/// to `to`, the IP datagram's end before any Ethernet padding), continuing
-/// the scan its train carries, and records where the scan stands and how
-/// many candidates fell in internal /24s. A datagram over SCAN_MAX bytes,
-/// or bytes that cannot all be pulled into the linear area, are refused.
+/// Where a scan stands after one pass.
+#[derive(PartialEq, Eq)]
+pub enum Scanned {
+    /// Bytes remain: the scan stage runs again.
+    More,
+    Done,
+}
+
+/// Scans the next CHUNK bytes of the pending copy's payload (see
+/// `maps::pending_up`: from `from` to `to`, the IP datagram's end before
+/// any Ethernet padding), continuing the scan its train carries, and
+/// records where the scan stands, how far it got, and how many candidates
+/// fell in internal /24s. A datagram over SCAN_MAX bytes, or bytes that
+/// cannot all be pulled into the linear area, are refused.
 ///
-/// The loop decides nothing per byte but its own bound and the packet's:
-/// the candidates' bits are summed and looked at once, in the next stage.
-/// Each undecided branch is a state the verifier keeps for later, and it
-/// keeps at most 8,192.
+/// The loop decides nothing per byte but its bounds and the packet's: the
+/// candidates' bits are summed and looked at once, in the copy stage. Each
+/// undecided branch is a state the verifier keeps for later (at most
+/// 8,192), and older verifiers walk the loop several times over: a pass
+/// of CHUNK bytes stays within their budget, and the stage calls itself
+/// for the next.
 #[inline(always)]
-pub fn scan_pending(ctx: &TcContext) -> Result<(), Reason> {
+pub fn scan_pending(ctx: &TcContext) -> Result<Scanned, Reason> {
     let pending = maps::pending_up()?;
     // SAFETY (each field): a pointer into the map value.
-    let (from, to, mut scan) = unsafe {
+    let (from, to, mut scan, mut hits) = unsafe {
         (
             maps::read(&raw const (*pending).from) as usize,
             maps::read(&raw const (*pending).to) as usize,
             maps::read(&raw const (*pending).train.value.scan),
+            maps::read(&raw const (*pending).hits),
         )
     };
     // Each bound on its own, against a constant: the verifier learns
-    // nothing about `to` from a comparison with `from + SCAN_MAX`.
-    if !(L4_OFF..=L4_OFF + UDP_HLEN).contains(&from) || to > L3_OFF + SCAN_MAX {
+    // nothing about `to` from a comparison with another variable.
+    if !(L4_OFF..=L3_OFF + SCAN_MAX).contains(&from) || to > L3_OFF + SCAN_MAX {
         return Err(Reason::RelayUnscannable);
     }
     parse::pull_headers(ctx, to);
@@ -53,9 +68,11 @@ pub fn scan_pending(ctx: &TcContext) -> Result<(), Reason> {
         return Err(Reason::RelayUnscannable);
     }
     let nets = maps::internal_nets().ok_or(Reason::RelayUnscannable)?;
-    let mut hits = 0;
     let mut off = from;
-    while off < to {
+    for _ in 0..CHUNK {
+        if off >= to {
+            break;
+        }
         // Read as the second of two bytes: LLVM turns a one-byte bounds
         // check at a variable offset into a form the verifier cannot use.
         // `from` is past the headers, so off - 1 is in the packet. The mask
@@ -75,8 +92,13 @@ pub fn scan_pending(ctx: &TcContext) -> Result<(), Reason> {
     unsafe {
         maps::write(&raw mut (*pending).train.value.scan, scan);
         maps::write(&raw mut (*pending).hits, hits);
+        maps::write(&raw mut (*pending).from, off as u32);
     }
-    Ok(())
+    Ok(if off < to {
+        Scanned::More
+    } else {
+        Scanned::Done
+    })
 }
 
 /// Whether the pending copy's scan found an internal address, the end of

@@ -304,6 +304,7 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
         maps::write(&raw mut (*pending).relay, key);
         maps::write(&raw mut (*pending).train, train);
         maps::write(&raw mut (*pending).from, from as u32);
+        maps::write(&raw mut (*pending).hits, 0);
         maps::write(
             &raw mut (*pending).to,
             (L3_OFF + usize::from(ip.tot_len)) as u32,
@@ -312,11 +313,14 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     Err(maps::next_stage(ctx, STAGE_SCAN))
 }
 
-/// The first stage: the address scan, whose count of hits goes to the copy.
+/// The first stage: the address scan, a pass at a time, whose count of
+/// hits goes to the copy.
 #[inline(always)]
 pub fn scan_up(ctx: &TcContext) -> Result<Verdict, Reason> {
-    leak::scan_pending(ctx)?;
-    Err(maps::next_stage(ctx, STAGE_COPY))
+    match leak::scan_pending(ctx)? {
+        leak::Scanned::More => Err(maps::next_stage(ctx, STAGE_SCAN)),
+        leak::Scanned::Done => Err(maps::next_stage(ctx, STAGE_COPY)),
+    }
 }
 
 /// The pending copy's ticket for the packet `ip`, arriving on `ifindex`.

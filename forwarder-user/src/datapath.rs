@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fs, io, path::Path, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{Array, HashMap, Map, MapData, ProgramArray},
     programs::{
         SchedClassifier, TcAttachType,
@@ -150,6 +150,11 @@ pub fn load_object(maps_dir: &Path, options: &LoadOptions) -> Result<Ebpf> {
     let skip_neigh = u8::from(options.support.fib_skip_neigh);
     let mtu_result = u8::from(options.support.fib_mtu_result);
     let mut ebpf = EbpfLoader::new()
+        // Statistics only: a refusal then reads as the verifier's reason and
+        // its counts. A full trace of a program this size overflows any log
+        // buffer, and kernels before 6.x then fail the load with ENOSPC,
+        // hiding the reason.
+        .verifier_log_level(VerifierLogLevel::STATS)
         .default_map_pin_directory(maps_dir)
         .map_max_entries(names::FLOWS, options.flow_table_size)
         .override_global(globals::FIB_SKIP_NEIGH, &skip_neigh, true)

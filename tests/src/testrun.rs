@@ -46,6 +46,7 @@ pub const TARGET: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 5);
 pub const TARGET_MAC: Mac = [0x02, 0, 0, 0, 0, 0x05];
 /// Behind vif2.0, with a neighbour entry.
 pub const OTHER_VM: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 6);
+pub const OTHER_VM_MAC: Mac = [0x02, 0, 0, 0, 0, 0x06];
 /// Behind vif1.0, without a neighbour entry.
 pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
 /// The router's own address on its vifs (a Qubes netvm's gateway address).
@@ -107,7 +108,7 @@ impl Harness {
             (GATEWAY, GATEWAY_MAC, "up0"),
             (LAN_PEER, LAN_PEER_MAC, "up0"),
             (TARGET, TARGET_MAC, "vif1.0"),
-            (OTHER_VM, [0x02, 0, 0, 0, 0, 0x06], "vif2.0"),
+            (OTHER_VM, OTHER_VM_MAC, "vif2.0"),
         ] {
             if dev != "up0" {
                 ns.ip(&format!("route add {addr}/32 dev {dev}"))?;
