@@ -14,6 +14,7 @@ pub mod flow_table;
 pub mod flows;
 pub mod inspect;
 pub mod interfaces;
+pub mod internal_nets;
 pub mod kernel;
 pub mod multicast;
 pub mod netlink;

@@ -13,6 +13,7 @@ mod flow_worker;
 mod reconcile;
 mod requests;
 mod rule_changes;
+mod timers;
 
 use std::{collections::BTreeMap, future::poll_fn, task::Poll, time::Duration};
 
@@ -24,7 +25,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use self::{flow_worker::FlowWorker, rule_changes::RuleBook};
+use self::{flow_worker::FlowWorker, rule_changes::RuleBook, timers::tick};
 use crate::{
     adopt::{Found, Replaced},
     cli::TcHook,
@@ -33,9 +34,10 @@ use crate::{
     control,
     datapath::{self, Datapath, HookKind, LoadOptions, Role},
     interfaces::Interfaces,
+    internal_nets::InternalNets,
     kernel::Kernel,
     multicast::Memberships,
-    netlink::{Event, Monitor},
+    netlink::{Event, Monitor, Route},
     nft,
     notify::Notifier,
     pin::{self, Bpffs, PinLayout},
@@ -70,6 +72,11 @@ struct Daemon {
     /// What DOWNSTREAM_MACS holds, as last written (at start, as found:
     /// entries of interfaces no longer attached are pruned).
     downstream_macs: BTreeMap<u32, [u8; 6]>,
+    /// Every IPv4 route, as last dumped.
+    routes: Vec<Route>,
+    /// What INTERNAL_NETS holds, as last written; `None` before the first
+    /// write (a predecessor's bits may be there).
+    internal_nets: Option<InternalNets>,
     takeover: Option<Takeover>,
 }
 
@@ -79,7 +86,7 @@ impl Daemon {
         let attachments = datapath::recorded_attachments(layout).unwrap_or_default();
         let copied_from_ns = clock::boot_ns();
         let (datapath, replaced) = load_datapath(&config, layout)?;
-        let worker = FlowWorker::start(&layout.maps, FLOW_SWEEP)?;
+        let worker = FlowWorker::start(datapath::pinned_tables(layout)?, &layout.maps, FLOW_SWEEP)?;
         let downstream_macs = datapath.tables.downstream_macs()?;
         let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
         Ok(Daemon {
@@ -91,6 +98,8 @@ impl Daemon {
             uplink: None,
             memberships,
             downstream_macs,
+            routes: Vec::new(),
+            internal_nets: None,
             takeover: Some(Takeover {
                 replaced,
                 copied_from_ns,
@@ -189,7 +198,7 @@ impl Daemon {
         stop: &mut Signals,
         notifier: &Notifier,
     ) -> Result<()> {
-        let (calls_tx, calls) = mpsc::channel::<requests::Call>(16);
+        let (calls_tx, calls) = mpsc::channel::<rule_changes::Call>(16);
         let (stop_rules, rules_stop) = oneshot::channel();
         let mut rules =
             tokio::spawn(RuleBook::new(&self.config, self.worker.jobs()).serve(calls, rules_stop));
@@ -399,21 +408,5 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
                  `forwarder teardown` removes it",
             ))
         }
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The next tick of `interval`, or never without one.
-async fn tick(interval: Option<&mut tokio::time::Interval>) {
-    match interval {
-        Some(interval) => drop(interval.tick().await),
-        None => std::future::pending().await,
     }
 }

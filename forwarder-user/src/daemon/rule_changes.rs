@@ -14,13 +14,18 @@ use anyhow::Result;
 use log::info;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{flow_worker::Jobs, requests::Call, sleep_until};
+use super::{flow_worker::Jobs, timers::sleep_until};
 use crate::{
     config::RunConfig,
-    config_file, nft,
+    config_file,
+    control::{Request, Response},
+    nft,
     rules::{self, Origin, Rule},
     spec::{AllowFrom, ForwardSpec, RuleRef},
 };
+
+/// A request from a control-socket client, and where its answer goes.
+pub(super) type Call = (Request, oneshot::Sender<Response>);
 
 pub(super) struct RuleBook {
     pub(super) rules: Vec<Rule>,
