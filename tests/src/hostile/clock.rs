@@ -107,6 +107,18 @@ impl<'a> Clock<'a> {
         if window.last <= deadline {
             return false;
         }
+        self.choose()
+    }
+
+    /// Whether two readings of `kind` during the run can have been more
+    /// than `span` apart (the program preempted between them): never when
+    /// the whole window is shorter.
+    pub fn apart(&mut self, kind: Kind, span: u64) -> bool {
+        let window = self.times.window(kind);
+        window.last - window.first > span && self.choose()
+    }
+
+    fn choose(&mut self) -> bool {
         let answer = self
             .script
             .get(self.uncertain.len())

@@ -21,7 +21,7 @@ use forwarder_common::{
     maps::{
         self, FlowEntry, FlowKey, FlowRoute, ForwardRule, FragmentKey, FragmentTrain,
         RELAY_DNS_QUERIES_UP, ROUTE_KIND_REVERSE_PATH, RateLimit, RelayKey, RouteEntry, RouteKey,
-        UplinkState, is_multicast, net24, relay_dst_mac,
+        TICKET_NS, UplinkState, is_multicast, net24, relay_dst_mac,
     },
     reason::{Disposition, Reason},
     scan::Candidates,
@@ -897,6 +897,12 @@ impl Run<'_, '_> {
         }
         if finish {
             count(scan.finish());
+        }
+        // The copy stage refuses a ticket the check wrote more than
+        // TICKET_NS before: another packet's, or this one's after a
+        // preemption between the stages.
+        if self.clock.apart(Kind::Mono, TICKET_NS) {
+            return Err(Reason::RelayUnscannable);
         }
         if hits != 0 {
             return Err(Reason::RelayCarriesAddress);
