@@ -23,7 +23,9 @@ pub struct Capture {
     thread: Option<JoinHandle<()>>,
 }
 
-fn open(ifname: &str) -> Result<i32> {
+/// An AF_PACKET socket bound to `ifname` of the calling thread's
+/// namespace, seeing every frame; receives time out after 20 ms.
+pub fn open(ifname: &str) -> Result<i32> {
     // SAFETY: plain socket calls with checked results.
     unsafe {
         let fd = libc::socket(

@@ -1,6 +1,7 @@
 //! Harness for the privileged tests: namespaces, a test bpffs, packets, the
 //! Qubes-like topology and the processes running in it.
 
+pub mod avahi;
 pub mod bench;
 pub mod bpffs;
 pub mod capture;

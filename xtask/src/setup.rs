@@ -30,8 +30,15 @@ const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-deb", "3.8.0"), ("cargo-generate-
 
 /// The discovery apps the end-to-end tests run as they are: Syncthing, and
 /// KDE Connect's daemon (about 180 MB without recommends) with a session
-/// bus of its own (dbus-daemon) that dbus-send queries (dbus-bin).
-const APP_PACKAGES: &[&str] = &["syncthing", "kdeconnect", "dbus-daemon", "dbus-bin"];
+/// bus of its own (dbus-daemon) that dbus-send queries (dbus-bin), and
+/// avahi-daemon, run without D-Bus in the app VM.
+const APP_PACKAGES: &[&str] = &[
+    "syncthing",
+    "kdeconnect",
+    "dbus-daemon",
+    "dbus-bin",
+    "avahi-daemon",
+];
 /// And the VM tier's (QEMU aside, see `install_qemu`): the busybox
 /// virtme-ng builds its initramfs with, kmod (depmod for the unpacked
 /// kernels on the host, modprobe for the kernel's module requests in the

@@ -25,24 +25,33 @@ fn run() -> Result<()> {
     let mut total = hostile::Tally::default();
     while Instant::now() < deadline {
         let tally = hostile::run(1_000_000, seed, |_| Instant::now() < deadline)?;
-        println!("seed {seed}: {tally:?}");
-        total.tried += tally.tried;
-        total.passed += tally.passed;
-        total.redirected += tally.redirected;
-        total.dropped += tally.dropped;
-        total.refused += tally.refused;
-        total.uplink_copies += tally.uplink_copies;
+        println!(
+            "seed {seed}: {} frames, {} refused by BPF_PROG_TEST_RUN",
+            tally.tried, tally.refused
+        );
+        total.add(&tally);
         seed += 1;
     }
     println!(
-        "fuzz: {} frames in {seconds} s, none with an unexpected verdict: {} passed untouched, {} redirected with valid rewrites, {} ICMP errors dropped, {} refused by BPF_PROG_TEST_RUN itself; {} relay copies toward the uplink checked",
-        total.tried,
-        total.passed,
-        total.redirected,
-        total.dropped,
-        total.refused,
-        total.uplink_copies
+        "fuzz: {} frames in {seconds} s, each verdict as the oracle predicted it ({} with a timeout or token falling due during the run, matched against both branches); {} refused by BPF_PROG_TEST_RUN itself",
+        total.tried, total.uncertain, total.refused
     );
+    println!(
+        "  {} redirected, {} dropped, {} passed; {} relay copies out of the uplink and {} toward the VMs, byte for byte",
+        total.redirected, total.dropped, total.passed, total.uplink_copies, total.vm_copies
+    );
+    println!(
+        "  {} VM datagrams naming an internal address sent whole: none reached the LAN whole",
+        total.withheld
+    );
+    println!("  by verdict:");
+    for (verdict, count) in &total.verdicts {
+        println!("    {verdict:<26} {count}");
+    }
+    println!("  by generator:");
+    for (generator, count) in &total.generators {
+        println!("    {generator:<26} {count}");
+    }
     Ok(())
 }
 
