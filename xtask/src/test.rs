@@ -126,6 +126,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "hostile_config",
         "daemon_robustness",
         "qubes_admin",
+        "avahi",
         "soak",
     ];
     let n = cargo_test(&targets(&integration), &verbose, Some(&packages))?;

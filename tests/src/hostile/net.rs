@@ -9,13 +9,11 @@ use std::net::Ipv4Addr;
 use crate::{
     packet::Mac,
     testrun::{
-        GATEWAY, GATEWAY_MAC, Harness, LAN_PEER, LAN_PEER_MAC, OTHER_VM, TARGET, TARGET_MAC,
-        UNRESOLVED, UPLINK_ADDR, VIF_ADDR,
+        GATEWAY, GATEWAY_MAC, Harness, LAN_PEER, LAN_PEER_MAC, OTHER_VM, OTHER_VM_MAC, TARGET,
+        TARGET_MAC, UNRESOLVED, UPLINK_ADDR, VIF_ADDR,
     },
 };
 
-/// OTHER_VM's neighbour entry on vif2.0.
-pub const OTHER_VM_MAC: Mac = [0x02, 0, 0, 0, 0, 0x06];
 /// Every veth's MTU.
 pub const MTU: u16 = 1500;
 /// The longest frame a device forwards (`is_skb_forwardable`: the MTU,
