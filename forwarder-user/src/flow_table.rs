@@ -184,7 +184,7 @@ impl<'a> FlowTable<'a> {
 mod tests {
     use aya::maps::{HashMap, IterableMap as _, MapData};
     use forwarder_common::{
-        flow::FLOW_REPLIED,
+        flow::{FLOW_ESTABLISHED, FLOW_REPLIED},
         maps::{PROTO_TCP, PROTO_UDP},
     };
 
@@ -204,7 +204,8 @@ mod tests {
             FlowKey::new(peer, 1234u16.to_be(), proto, 53317u16.to_be()),
             FlowEntry {
                 rule_id,
-                state: FLOW_REPLIED,
+                // Answered; for TCP, established too.
+                state: FLOW_REPLIED | FLOW_ESTABLISHED,
                 created_ns: seen_ns,
                 seen_ns,
                 ..Default::default()
