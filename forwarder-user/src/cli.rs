@@ -160,6 +160,19 @@ pub struct RunArgs {
     pub pin_dir: Option<PathBuf>,
 }
 
+impl RunArgs {
+    /// Whether the command line gives forward rules or relays itself: such
+    /// an instance never follows QubesDB.
+    pub fn names_rules(&self) -> bool {
+        !self.forward.is_empty()
+            || !self.relay.is_empty()
+            || self.localsend.is_some()
+            || self.kdeconnect.is_some()
+            || self.syncthing.is_some()
+            || self.mdns.is_some()
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Pin directory of the instance to inspect.

@@ -23,7 +23,7 @@
 
 use std::{
     io::Read,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -156,8 +156,19 @@ struct Watch(Child);
 
 impl Watch {
     fn arm(tools: &Tools) -> Result<Watch, String> {
-        tools
-            .command("qubesdb-watch")
+        let mut command = tools.command("qubesdb-watch");
+        // A process that exits without dropping the watch (the daemon's
+        // follower thread is never joined) takes it along.
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
             .arg(QUBESDB_DIR)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -24,7 +24,9 @@ impl Daemon {
         let state = self.interfaces.uplink_state(&self.config.uplink);
         if self.uplink != Some(state) {
             self.datapath.tables.set_uplink(state)?;
-            if state.ifindex == 0 {
+            if self.config.uplink.is_empty() {
+                warn!("no uplink until there is a default route; nothing is forwarded");
+            } else if state.ifindex == 0 {
                 warn!(
                     "uplink {} is absent; waiting for it to appear",
                     self.config.uplink
