@@ -57,6 +57,18 @@ pub enum Command {
     /// Remove everything a dead instance left: clsact filters, TCX links,
     /// pins, records and the nftables table. Refuses while its daemon runs.
     Teardown(TeardownArgs),
+    /// In an exposed Qubes VM: admit in its own firewall (qubes
+    /// custom-input) what dom0 exposes it for (/vm-config/forwarder-input.N),
+    /// live, until SIGINT or SIGTERM, then remove it.
+    Input(InputArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// Remove what an earlier run added (its chain and the jump to it),
+    /// and exit.
+    #[arg(long)]
+    pub remove: bool,
 }
 
 #[derive(Debug, Args)]

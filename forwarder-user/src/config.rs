@@ -701,7 +701,10 @@ mod tests {
         assert!(c.qubesdb && c.follow_default_route);
         assert!(c.config_file.is_some(), "/rw/config/forwarder.toml is read");
         assert_eq!(c.rules[0].origin, Origin::File);
-        assert_eq!(c.relay_defaults.rate, 7, "QubesDB's relays take the file's rates");
+        assert_eq!(
+            c.relay_defaults.rate, 7,
+            "QubesDB's relays take the file's rates"
+        );
 
         let c = qubes_config(&["--uplink", "eth1"], Some("uplink = \"eth0\"\n")).unwrap();
         assert!(c.qubesdb && !c.follow_default_route);
@@ -710,10 +713,18 @@ mod tests {
         for flags in [
             &["--uplink", "eth0", "--localsend", "10.137.0.17"][..],
             &["--uplink", "eth0", "--forward", "tcp:80=10.137.0.17"],
-            &["--uplink", "eth0", "--relay", "224.0.0.167:53317=10.137.0.17"],
+            &[
+                "--uplink",
+                "eth0",
+                "--relay",
+                "224.0.0.167:53317=10.137.0.17",
+            ],
         ] {
             let c = qubes_config(flags, Some("")).unwrap();
-            assert!(!c.qubesdb && c.config_file.is_none(), "{flags:?}: rule flags, no QubesDB");
+            assert!(
+                !c.qubesdb && c.config_file.is_none(),
+                "{flags:?}: rule flags, no QubesDB"
+            );
         }
         let err = qubes_config(&["--localsend", "10.137.0.17"], None).unwrap_err();
         assert!(err.starts_with("--uplink is required"), "{err}");

@@ -35,7 +35,8 @@ pub fn parse(table: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    const HEADER: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
+    const HEADER: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
 
     #[test]
     fn the_default_route_with_the_lowest_metric_wins() {

@@ -13,6 +13,8 @@ pub mod datapath;
 pub mod default_route;
 pub mod flow_table;
 pub mod flows;
+pub mod input;
+pub mod input_rules;
 pub mod inspect;
 pub mod interfaces;
 pub mod kernel;

@@ -5,7 +5,7 @@ use forwarder::{
     cli::{Cli, Command},
     client,
     config::RunConfig,
-    daemon, flows, inspect, teardown,
+    daemon, flows, input, inspect, teardown,
 };
 
 fn main() -> ExitCode {
@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Command::Flows(args) => flows::run(&args),
         Command::Rules(command) => client::run(command),
         Command::Teardown(args) => teardown::run(&args),
+        Command::Input(args) => input::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

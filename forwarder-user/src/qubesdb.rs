@@ -268,6 +268,49 @@ impl Follower {
     }
 }
 
+/// `/vm-config/` entries, names relative to it.
+pub type Tree = Vec<(String, String)>;
+
+/// How soon a failed read or watch is tried again.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// Follows `/vm-config/` on a thread of its own, for as long as the
+/// receiver lives: each tree read, or what stopped the reading (tried
+/// again after [`RETRY`]).
+pub fn feed(tools: Tools) -> std::io::Result<tokio::sync::mpsc::Receiver<Result<Tree, String>>> {
+    let (trees, receiver) = tokio::sync::mpsc::channel(4);
+    std::thread::Builder::new()
+        .name("qubesdb".into())
+        .spawn(move || follow(&tools, &trees))?;
+    Ok(receiver)
+}
+
+fn follow(tools: &Tools, trees: &tokio::sync::mpsc::Sender<Result<Tree, String>>) {
+    loop {
+        let err = match Follower::start(tools.clone()) {
+            Ok((mut follower, tree)) => {
+                let mut read = Ok(tree);
+                loop {
+                    match read {
+                        Ok(tree) => {
+                            if trees.blocking_send(Ok(tree)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(err) => break err,
+                    }
+                    read = follower.changed();
+                }
+            }
+            Err(err) => err,
+        };
+        if trees.blocking_send(Err(err)).is_err() {
+            return;
+        }
+        std::thread::sleep(RETRY);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,7 +129,9 @@ fn unreachable_why(
     uplink: &str,
 ) -> Option<String> {
     match route(target) {
-        Egress::Interface(name) if name != uplink && downstream.iter().any(|d| d.is_match(&name)) => {
+        Egress::Interface(name)
+            if name != uplink && downstream.iter().any(|d| d.is_match(&name)) =>
+        {
             None
         }
         Egress::Interface(name) if name == uplink => Some(format!(
@@ -240,7 +242,10 @@ mod tests {
         assert_eq!(r.rules[0].comment.as_deref(), Some("phone"));
         assert!(r.rules[0].expires.is_some());
         assert_eq!(r.relays.len(), 1);
-        assert_eq!((r.relays[0].targets.clone(), r.relays[0].rate), (vec![APP], 25));
+        assert_eq!(
+            (r.relays[0].targets.clone(), r.relays[0].rate),
+            (vec![APP], 25)
+        );
         assert_eq!(r.relays[0].allow, crate::spec::AllowFrom::Any);
         assert_eq!(r.held.len(), 4, "{:?}", r.held);
         assert!(r.held[0].contains(&format!("target {OFF} routes out of the uplink eth0")));

@@ -18,21 +18,16 @@ use super::{Daemon, rule_changes::Update};
 use crate::{
     config::RunConfig,
     multicast,
-    qubesdb::{Follower, Tools, router_share},
+    qubesdb::{self, RETRY, Tools, Tree, router_share},
     route_lookup,
     router_share::{self as share, Resolved},
     rules::{self, Relay},
     vm_config::router::RouterShare,
 };
 
-/// `/vm-config/` entries, names relative to it.
-type Tree = Vec<(String, String)>;
-
 /// How long a start waits for the first read, so a restart installs the
 /// share's rules with the others and never drops their flows.
 const FIRST_READ: Duration = Duration::from_secs(3);
-/// How soon a failed read or watch is tried again.
-const RETRY: Duration = Duration::from_secs(5);
 
 /// The share as the daemon follows it.
 pub(super) struct Qubesdb {
@@ -45,39 +40,6 @@ pub(super) struct Qubesdb {
     feed_error: Option<String>,
     /// Why the last share was refused, logged once.
     refused: Option<String>,
-}
-
-/// Reads and follows `/vm-config/` until the process ends, sending each
-/// tree, or what stopped the reading (then tried again after [`RETRY`]).
-fn feed(tools: Tools, trees: mpsc::Sender<Result<Tree, String>>) {
-    loop {
-        match Follower::start(tools.clone()) {
-            Ok((mut follower, tree)) => {
-                if trees.blocking_send(Ok(tree)).is_err() {
-                    return;
-                }
-                let err = loop {
-                    match follower.changed() {
-                        Ok(tree) => {
-                            if trees.blocking_send(Ok(tree)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(err) => break err,
-                    }
-                };
-                if trees.blocking_send(Err(err)).is_err() {
-                    return;
-                }
-            }
-            Err(err) => {
-                if trees.blocking_send(Err(err)).is_err() {
-                    return;
-                }
-            }
-        }
-        std::thread::sleep(RETRY);
-    }
 }
 
 /// The sysctl's limit on the groups one socket joins, when readable.
@@ -102,13 +64,9 @@ impl Qubesdb {
     /// into `config` (its rules join the config's; its relays are held
     /// here), or starts without one, logging why.
     pub(super) async fn start(tools: Tools, config: &mut RunConfig) -> Result<Self> {
-        let (trees, feed_rx) = mpsc::channel(4);
-        std::thread::Builder::new()
-            .name("qubesdb".into())
-            .spawn(move || feed(tools, trees))
-            .map_err(|e| anyhow!("starting the QubesDB thread: {e}"))?;
+        let feed = qubesdb::feed(tools).map_err(|e| anyhow!("starting the QubesDB thread: {e}"))?;
         let mut qubesdb = Qubesdb {
-            feed: feed_rx,
+            feed,
             good: None,
             applied: Resolved::default(),
             feed_error: None,

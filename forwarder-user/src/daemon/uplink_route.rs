@@ -27,9 +27,7 @@ pub(super) fn pick(config: &mut RunConfig) {
             info!("uplink {uplink}: the interface of the default route");
             config.uplink = uplink;
         }
-        None => info!(
-            "no default route yet: the uplink will be the interface of the first one"
-        ),
+        None => info!("no default route yet: the uplink will be the interface of the first one"),
     }
 }
 
