@@ -9,3 +9,4 @@ pub mod flow;
 pub mod layout;
 pub mod maps;
 pub mod reason;
+pub mod scan;

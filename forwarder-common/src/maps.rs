@@ -48,6 +48,8 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const ROUTE_MTUS: &str = "ROUTE_MTUS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const INTERNAL_NETS: &str = "INTERNAL_NETS";
+    pub const RELAY_UP_STAGES: &str = "RELAY_UP_STAGES";
 }
 
 /// The key and value fingerprint of every map the programs define, by
@@ -69,6 +71,12 @@ pub const MAP_LAYOUTS: &[(&str, u64)] = &[
     // An LPM key: prefix length, then the address.
     (names::ROUTE_MTUS, map_layout::<[u32; 2], u32>()),
     (names::FRAGMENTS, map_layout::<FragmentKey, FragmentTrain>()),
+    (
+        names::INTERNAL_NETS,
+        map_layout::<u32, [u64; PREFIX24_WORDS]>(),
+    ),
+    // Program file descriptors.
+    (names::RELAY_UP_STAGES, map_layout::<u32, u32>()),
 ];
 
 /// The fingerprint MAP_LAYOUTS records for the map `name`.
@@ -83,7 +91,17 @@ pub fn layout_named(name: &str) -> Option<u64> {
 pub mod programs {
     pub const UPLINK_INGRESS: &str = "uplink_ingress";
     pub const DOWNSTREAM_INGRESS: &str = "downstream_ingress";
+    /// The stages of a relay copy toward the LAN that `downstream_ingress`
+    /// tail-calls, each its own program so the verifier walks the address
+    /// scan's loop with a fresh budget and one state, and in this order in
+    /// RELAY_UP_STAGES.
+    pub const RELAY_UP_STAGES: [&str; 2] = ["relay_up_scan", "relay_up_copy"];
 }
+
+/// RELAY_UP_STAGES' slot of the address scan.
+pub const STAGE_SCAN: u32 = 0;
+/// RELAY_UP_STAGES' slot of the copy.
+pub const STAGE_COPY: u32 = 1;
 
 /// Names of the read-only globals userspace sets when it loads the object,
 /// after the start-up self-test has found what the kernel supports.
@@ -425,10 +443,13 @@ pub const RELAY_DNS_QUERIES_UP: u8 = 1;
 pub const BROADCAST: u32 = u32::MAX;
 
 map_type! {
-    /// A fragmented datagram in flight: its source, destination and IP id.
+    /// A fragmented datagram in flight: the interface it arrived on, its
+    /// source, destination and IP id. Another host, or the same address on
+    /// another interface, cannot name this train.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
     pub struct FragmentKey {
+        pub ifindex: u32,
         pub saddr: u32,
         pub daddr: u32,
         pub id: u16,
@@ -438,12 +459,137 @@ map_type! {
 
 map_type! {
     /// The relay whose first fragment was copied, so the rest of the
-    /// datagram follows it until `until_ns` (ktime).
+    /// datagram follows it, in order, until `until_ns` (ktime).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
     pub struct FragmentTrain {
         pub relay: RelayKey,
         pub until_ns: u64,
+        /// The fragment offset (in 8-byte units) the next fragment must
+        /// have: fragments are relayed in order, without gaps or overlaps.
+        pub next_offset: u16,
+        pub pad: u16,
+        pub pad2: u32,
+        /// Where the address scan of a datagram going up stands.
+        pub scan: AddressScan,
+    }
+}
+
+/// `Train::step`: the packet is a whole datagram.
+pub const TRAIN_NONE: u8 = 0;
+/// `Train::step`: a first fragment starts a train.
+pub const TRAIN_START: u8 = 1;
+/// `Train::step`: a later fragment moves the train on.
+pub const TRAIN_NEXT: u8 = 2;
+/// `Train::step`: the last fragment ends the train.
+pub const TRAIN_END: u8 = 3;
+
+map_type! {
+    /// What relaying one packet does to its datagram's fragment train: the
+    /// step, and the train as it will stand once the packet is copied.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct Train {
+        pub key: FragmentKey,
+        pub value: FragmentTrain,
+        /// `TRAIN_*`.
+        pub step: u8,
+        pub pad: u8,
+        pub pad2: u16,
+        pub pad3: u32,
+    }
+}
+
+map_type! {
+    /// A relay copy toward the LAN that has passed its checks and paid its
+    /// token, handed from `downstream_ingress` to its stages (one per CPU,
+    /// a scratch map).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct PendingUp {
+        /// The packet this was written for: a stage reads the rest only
+        /// for the very packet it runs on (while an upgrade swaps
+        /// programs, an old program's stages are a new load's, reading
+        /// another map).
+        pub ticket: Ticket,
+        pub relay: RelayKey,
+        pub train: Train,
+        /// The payload to scan, as packet offsets.
+        pub from: u32,
+        pub to: u32,
+        /// Candidates the scan found in internal /24s.
+        pub hits: u64,
+    }
+}
+
+map_type! {
+    /// A packet, as a relay copy's stages recognise it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct Ticket {
+        /// ktime when the first part wrote it.
+        pub written_ns: u64,
+        pub ifindex: u32,
+        pub saddr: u32,
+        pub id: u16,
+        pub tot_len: u16,
+        pub pad: u32,
+    }
+}
+
+/// How old a ticket may be when a stage reads it: tail calls follow at
+/// once, so anything older was written for another packet.
+pub const TICKET_NS: u64 = 1_000_000;
+
+map_type! {
+    /// The state of `scan`'s address scanner between two bytes.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+    pub struct AddressScan {
+        /// The last four bytes, the oldest in the high byte.
+        pub window: u32,
+        /// The last four numbers of the current run, the oldest high.
+        pub run: u32,
+        /// The number being read.
+        pub acc: u32,
+        /// Its digits so far, and the numbers in the run (each up to 4).
+        pub ndigits: u8,
+        pub octets: u8,
+        /// The previous byte was a non-digit.
+        pub gap: u8,
+        pub pad: u8,
+    }
+}
+
+/// Words of INTERNAL_NETS, a bitmap with one bit per /24: set where the
+/// /24 holds an address of an internal network, the VMs and routers behind
+/// the downstream interfaces, which no relayed datagram may name. A /24,
+/// not the exact network: the scanner tests three candidates per byte
+/// without a branch, and an address beside an internal one is never a LAN
+/// host's (2 MiB, one value).
+pub const PREFIX24_WORDS: usize = (1 << 24) / 64;
+
+/// The bit of INTERNAL_NETS for an address: its /24, the first three
+/// octets as one number.
+pub const fn net24(octets: [u8; 4]) -> u32 {
+    (octets[0] as u32) << 16 | (octets[1] as u32) << 8 | octets[2] as u32
+}
+
+/// The largest IPv4 datagram: a fragment train never reaches past it.
+pub const MAX_DATAGRAM: u32 = 65_535;
+
+impl FragmentTrain {
+    /// The offset (in 8-byte units) after a fragment at `offset` carrying
+    /// `len` bytes of IP payload, `more` to follow; None unless it is the
+    /// fragment this train waits for: at `next_offset` exactly, a multiple
+    /// of 8 bytes when more follow, and within the 64 KiB of a datagram.
+    /// A first fragment is judged against a fresh train.
+    pub const fn follows(&self, offset: u16, len: u16, more: bool) -> Option<u16> {
+        let end = offset as u32 * 8 + len as u32;
+        if offset != self.next_offset || end > MAX_DATAGRAM || (more && !len.is_multiple_of(8)) {
+            return None;
+        }
+        Some((end / 8) as u16)
     }
 }
 
@@ -563,8 +709,12 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 12);
     assert!(size_of::<TcpSide>() == 12);
     assert!(size_of::<FlowEntry>() == 80 + 2 * size_of::<TcpSide>());
-    assert!(size_of::<FragmentKey>() == 12);
-    assert!(size_of::<FragmentTrain>() == 16);
+    assert!(size_of::<FragmentKey>() == 16);
+    assert!(size_of::<AddressScan>() == 16);
+    assert!(size_of::<FragmentTrain>() == 40);
+    assert!(size_of::<Train>() == 64);
+    assert!(size_of::<Ticket>() == 24);
+    assert!(size_of::<PendingUp>() == 112);
 };
 
 #[cfg(feature = "user")]
@@ -695,6 +845,27 @@ mod tests {
         assert_eq!(limit.burst_ns, 750_000_000);
         assert_eq!(limit.rate(), 4);
         assert_eq!(RateLimit::default().rate(), 0);
+    }
+
+    #[test]
+    fn fragments_follow_in_order_without_gaps_within_64_kib() {
+        let fresh = FragmentTrain::default();
+        assert_eq!(fresh.follows(0, 1480, true), Some(185));
+        assert_eq!(fresh.follows(0, 1481, true), None, "not a multiple of 8");
+        assert_eq!(fresh.follows(185, 720, false), None, "not the first");
+        let train = FragmentTrain {
+            next_offset: 185,
+            ..fresh
+        };
+        assert_eq!(train.follows(185, 723, false), Some(275));
+        assert_eq!(train.follows(184, 8, true), None, "an overlap");
+        assert_eq!(train.follows(186, 8, true), None, "a gap");
+        let far = FragmentTrain {
+            next_offset: 8100,
+            ..fresh
+        };
+        assert_eq!(far.follows(8100, 1480, true), None, "past 64 KiB");
+        assert_eq!(far.follows(8100, 735, false), Some(8191));
     }
 
     #[test]

@@ -79,9 +79,11 @@ reasons! {
     RelayNoRoute = "relay_no_route", Passed, "no relay target routes through a downstream interface";
     RelayCloneFailed = "relay_clone_failed", Passed, "the kernel refused to clone a relay copy";
     RelayAnswerBlocked = "relay_answer_blocked", Passed, "a VM's mDNS answer is never relayed to the LAN: its records carry the VM's internal address";
-    RelayCarriesAddress = "relay_carries_address", Passed, "a VM's mDNS query carrying its own internal address (or over 512 bytes, too long to check) is not relayed to the LAN";
+    RelayCarriesAddress = "relay_carries_address", Passed, "a VM's datagram naming an internal address (as 4 bytes, dotted text or in-addr.arpa labels) is not relayed to the LAN";
     IcmpErrorDropped = "icmp_error_dropped", Dropped, "ICMP error quoting a forwarded flow from the downstream side";
     RewriteFailed = "rewrite_failed", Dropped, "the kernel refused a checksum update mid-rewrite";
+    RelayUnscannable = "relay_unscannable", Passed, "a VM's datagram too long to scan for internal addresses (an IP packet over 1500 bytes) or not linear enough: not relayed to the LAN";
+    FragmentOutOfOrder = "fragment_out_of_order", Passed, "a fragment of a relayed datagram that does not follow the one before it (a gap, an overlap, or past 64 KiB): not relayed";
     TcpOutOfWindow = "tcp_out_of_window", Passed, "a TCP reset outside the window the other side advertised: not believed, not forwarded";
 }
 

@@ -10,11 +10,12 @@ use forwarder_common::{
 };
 
 use crate::{
-    Verdict, fib, flow, kernel, lan,
+    fib, flow, kernel, lan,
     maps::{self, Direction},
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF},
     relay,
+    verdict::Verdict,
 };
 
 /// Enough for Ethernet, IPv4 without options and a TCP header.
@@ -22,10 +23,7 @@ const HEADERS: usize = L4_OFF + 20;
 
 #[inline(always)]
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
-    match try_uplink(ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => Verdict::Skipped(reason),
-    }
+    try_uplink(ctx).into()
 }
 
 #[inline(always)]

@@ -12,30 +12,22 @@ mod flow;
 mod forward;
 mod kernel;
 mod lan;
+mod leak;
 mod maps;
 mod mem;
 mod nat;
 mod parse;
 mod relay;
 mod reply;
+mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
-use forwarder_common::reason::{Disposition, Reason};
-
-/// What a program decided for one packet.
-pub enum Verdict {
-    /// The packet was rewritten and redirected; the value is the TC action
-    /// the redirect helper returned.
-    Redirected(i32),
-    /// Relayed: copies went out, the original continues untouched.
-    Relayed,
-    /// Not claimed (or dropped, per the reason's disposition).
-    Skipped(Reason),
-}
+use forwarder_common::reason::Disposition;
+use verdict::Verdict;
 
 fn finish(verdict: Verdict) -> i32 {
     match verdict {
@@ -59,6 +51,18 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn downstream_ingress(ctx: TcContext) -> i32 {
     finish(reply::downstream_ingress(&ctx))
+}
+
+/// Tail-called by `downstream_ingress` (see relay::to_lan).
+#[classifier]
+pub fn relay_up_scan(ctx: TcContext) -> i32 {
+    finish(relay::scan_up(&ctx).into())
+}
+
+/// Tail-called by `relay_up_scan`.
+#[classifier]
+pub fn relay_up_copy(ctx: TcContext) -> i32 {
+    finish(relay::copy_up(&ctx).into())
 }
 
 #[cfg(not(test))]

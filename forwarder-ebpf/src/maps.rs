@@ -2,17 +2,18 @@
 //! them. Maps are pinned by name so a restarted daemon adopts them.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC},
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
 };
 use forwarder_common::{
     maps::{
         DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, ForwardRule, FragmentKey, FragmentTrain,
         MAX_CACHED_ROUTES, MAX_IFACES, MAX_RELAYED_FRAGMENTS, MAX_RELAYS, MAX_ROUTE_MTUS,
-        MAX_RULES, RateLimit, Relay, RelayCounters, RelayKey, ReverseKey, RouteEntry, RouteKey,
-        RuleCounters, RuleKey, UplinkState,
+        MAX_RULES, PREFIX24_WORDS, PendingUp, RateLimit, Relay, RelayCounters, RelayKey,
+        ReverseKey, RouteEntry, RouteKey, RuleCounters, RuleKey, UplinkState,
     },
     reason::Reason,
 };
@@ -99,7 +100,7 @@ pub fn fragment_train(key: &FragmentKey) -> Option<FragmentTrain> {
 }
 
 #[inline(always)]
-pub fn start_fragment_train(key: &FragmentKey, train: &FragmentTrain) {
+pub fn set_fragment_train(key: &FragmentKey, train: &FragmentTrain) {
     // Failure only means the later fragments are left to the stack.
     let _ = FRAGMENTS.insert(key, train, u64::from(BPF_ANY));
 }
@@ -107,6 +108,61 @@ pub fn start_fragment_train(key: &FragmentKey, train: &FragmentTrain) {
 #[inline(always)]
 pub fn end_fragment_train(key: &FragmentKey) {
     let _ = FRAGMENTS.remove(key);
+}
+
+/// The internal /24s (see forwarder_common::maps::PREFIX24_WORDS), written
+/// by userspace.
+#[map]
+static INTERNAL_NETS: Array<[u64; PREFIX24_WORDS]> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn internal_nets() -> Option<&'static [u64; PREFIX24_WORDS]> {
+    INTERNAL_NETS.get(0)
+}
+
+/// A relay copy toward the LAN between its stages (per CPU).
+#[map]
+static PENDING_UP: PerCpuArray<PendingUp> = PerCpuArray::with_max_entries(1, 0);
+
+/// The stages of a relay copy toward the LAN, filled by userspace with
+/// each load's programs (see forwarder_common::maps::programs). Pinned: a
+/// program array forgets its programs when no file refers to it, and the
+/// relays must work while the daemon is dead.
+#[map]
+static RELAY_UP_STAGES: ProgramArray = ProgramArray::pinned(2, 0);
+
+/// Goes on with a relay copy's next stage; returns only if the stage is
+/// missing, and then the copy is not made.
+#[inline(always)]
+pub fn next_stage<C: EbpfContext>(ctx: &C, stage: u32) -> Reason {
+    // SAFETY: the stages are programs of this object, of the same type,
+    // reading what the caller left in PENDING_UP.
+    unsafe { RELAY_UP_STAGES.tail_call(ctx, stage) };
+    Reason::RelayUnscannable
+}
+
+/// The pending copy's slot. Every access goes through `read`/`write`,
+/// field by field and volatile: what the scan and the copy read back must
+/// come from the map, not from what the compiler remembers, and a whole
+/// PendingUp on the stack would not fit beside the rest.
+#[inline(always)]
+pub fn pending_up() -> Result<*mut PendingUp, Reason> {
+    PENDING_UP.get_ptr_mut(0).ok_or(Reason::RelayUnscannable)
+}
+
+/// Reads a field of a map value the program holds a pointer to.
+#[inline(always)]
+pub fn read<T: Copy>(field: *const T) -> T {
+    // SAFETY: callers pass fields of a map value, valid while the program
+    // runs; a per-CPU value is this program's alone.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Writes a field of a map value the program holds a pointer to.
+#[inline(always)]
+pub fn write<T: Copy>(field: *mut T, value: T) {
+    // SAFETY: as for `read`.
+    unsafe { core::ptr::write_volatile(field, value) }
 }
 
 /// The MTU of every route that has one of its own, by destination prefix.

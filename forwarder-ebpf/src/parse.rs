@@ -16,7 +16,7 @@ pub const L3_OFF: usize = ETH_HLEN;
 /// Offset of the transport header: packets with IP options are not handled.
 pub const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
 const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+pub const UDP_HLEN: usize = 8;
 const ICMP_HLEN: usize = 8;
 
 const ETH_P_IP: u16 = 0x0800;
@@ -130,9 +130,17 @@ pub struct Ipv4 {
     pub tot_len: u16,
     pub id: u16,
     pub fragment: Fragment,
+    /// Where the fragment's data starts in its datagram, in 8-byte units.
+    pub frag_offset: u16,
 }
 
 impl Ipv4 {
+    /// Bytes after the IP header: what a fragment carries of its datagram.
+    #[inline(always)]
+    pub fn payload_len(&self) -> u16 {
+        self.tot_len - IPV4_HLEN as u16
+    }
+
     /// Only whole datagrams are forwarded: which flow a fragment belongs
     /// to, only the reassembling stack can tell.
     #[inline(always)]
@@ -178,6 +186,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
         tot_len,
         id: u16::from_be_bytes(ip.id),
         fragment,
+        frag_offset: frag_off & 0x1fff,
     })
 }
 
@@ -332,30 +341,6 @@ pub fn parse_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<QuotedFlow>
         proto: inner.proto,
         dport: ports.dport,
     }))
-}
-
-/// How far `carries` looks into a datagram: the classic DNS size, which
-/// mDNS queries without long known-answer lists stay under. Each byte is a
-/// loop iteration the verifier walks.
-const SCAN_MAX: usize = 512;
-
-/// Whether the bytes from `from` to the end of the packet hold `addr` (in
-/// wire order) anywhere; a packet longer than SCAN_MAX counts as holding
-/// it, so nothing unscanned is let through. The caller has pulled the
-/// whole packet into the linear area.
-#[inline(always)]
-pub fn carries(ctx: &TcContext, from: usize, addr: u32) -> bool {
-    let wanted = addr.to_ne_bytes();
-    for off in (from..).take(SCAN_MAX) {
-        let Some(at) = ptr_at::<[u8; 4]>(ctx, off) else {
-            return false;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        if unsafe { *at } == wanted {
-            return true;
-        }
-    }
-    true
 }
 
 /// The DNS header's QR bit (a response) of a UDP datagram's payload.

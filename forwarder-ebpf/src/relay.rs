@@ -4,102 +4,136 @@
 //! undone. (bpf_clone_redirect unclones the original, so undoing them
 //! cannot reach a copy already sent.) A fragmented datagram is relayed
 //! fragment by fragment: the first finds the relay by its UDP header and
-//! the rest follow it by IP id.
+//! the rest follow it, in order, as a train keyed by the interface they
+//! arrive on, their source and IP id. Every fragment meets the same checks
+//! and pays the same token as a whole datagram, and the train changes only
+//! once a fragment has passed them all.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use forwarder_common::{
     maps::{
         FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP, Relay,
-        RelayKey, UplinkState, among_first, relay_dst_mac,
+        RelayKey, STAGE_COPY, STAGE_SCAN, TICKET_NS, TRAIN_END, TRAIN_NEXT, TRAIN_START, Ticket,
+        Train, UplinkState, among_first, relay_dst_mac,
     },
     reason::Reason,
 };
 
 use crate::{
-    Verdict, fib, lan,
+    fib, lan, leak,
     maps::{self, RelayDirection, RelayEvent},
     mem,
     nat::{self, End},
-    parse::{self, Fragment, Ipv4, L4, L4_OFF},
+    parse::{self, Fragment, Ipv4, L3_OFF, L4, L4_OFF, UDP_HLEN},
+    verdict::Verdict,
 };
 
 /// How long the later fragments of a relayed datagram may trail its first.
 const FRAGMENT_TRAIN_NS: u64 = 2_000_000_000;
 
-/// The relay a datagram (or one of its fragments) sent to `group` belongs
-/// to, and its UDP header when this packet has one.
+/// A datagram, or one of its fragments, that a relay may copy: the relay,
+/// its key, the UDP header when this packet has one, and what copying it
+/// does to the fragment train.
+struct Relayed {
+    relay: &'static Relay,
+    key: RelayKey,
+    l4: Option<L4>,
+    train: Train,
+}
+
+/// Records the train once its packet passed every check.
 #[inline(always)]
-fn lookup(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    group: u32,
-) -> Result<(&'static Relay, RelayKey, Option<L4>), Reason> {
-    if ip.proto != PROTO_UDP {
-        return Err(Reason::OtherProtocol);
-    }
-    match ip.fragment {
-        Fragment::Whole | Fragment::First => {
-            let l4 = parse::parse_l4(ctx, ip)?;
-            let key = RelayKey {
-                group,
-                port: l4.dport,
-                pad: 0,
-            };
-            let relay = maps::relay(&key).ok_or(Reason::OtherDestination)?;
-            Ok((relay, key, Some(l4)))
-        }
-        Fragment::Later { last } => {
-            let train_key = train_key(ip);
-            let train = maps::fragment_train(&train_key).ok_or(Reason::Fragment)?;
-            // SAFETY: plain helper call.
-            if unsafe { bpf_ktime_get_ns() } > train.until_ns {
-                maps::end_fragment_train(&train_key);
-                return Err(Reason::Fragment);
-            }
-            if last {
-                maps::end_fragment_train(&train_key);
-            }
-            let relay = maps::relay(&train.relay).ok_or(Reason::OtherDestination)?;
-            Ok((relay, train.relay, None))
-        }
+fn record(train: &Train) {
+    match train.step {
+        TRAIN_START | TRAIN_NEXT => maps::set_fragment_train(&train.key, &train.value),
+        TRAIN_END => maps::end_fragment_train(&train.key),
+        _ => {}
     }
 }
 
+/// The relay a datagram (or one of its fragments) sent to `group` and
+/// arriving on `ifindex` belongs to. Reads the fragment train, changes
+/// nothing.
 #[inline(always)]
-fn train_key(ip: &Ipv4) -> FragmentKey {
-    FragmentKey {
+fn lookup(ctx: &TcContext, ip: &Ipv4, group: u32, ifindex: u32) -> Result<Relayed, Reason> {
+    if ip.proto != PROTO_UDP {
+        return Err(Reason::OtherProtocol);
+    }
+    let key = FragmentKey {
+        ifindex,
         saddr: ip.saddr,
         daddr: ip.daddr,
         id: ip.id,
         pad: 0,
-    }
-}
-
-/// The first fragment was relayed: the rest of the datagram follows it.
-#[inline(always)]
-fn follow_fragments(ip: &Ipv4, relay: RelayKey) {
-    if ip.fragment == Fragment::First {
-        maps::start_fragment_train(
-            &train_key(ip),
-            &FragmentTrain {
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match ip.fragment {
+        Fragment::Whole | Fragment::First => {
+            let l4 = parse::parse_l4(ctx, ip)?;
+            let relay_key = RelayKey {
+                group,
+                port: l4.dport,
+                pad: 0,
+            };
+            let relay = maps::relay(&relay_key).ok_or(Reason::OtherDestination)?;
+            let mut train = Train {
+                key,
+                ..Train::default()
+            };
+            if ip.fragment == Fragment::First {
+                let fresh = FragmentTrain {
+                    relay: relay_key,
+                    until_ns: now + FRAGMENT_TRAIN_NS,
+                    ..FragmentTrain::default()
+                };
+                let next_offset = fresh
+                    .follows(0, ip.payload_len(), true)
+                    .ok_or(Reason::FragmentOutOfOrder)?;
+                train.value = FragmentTrain {
+                    next_offset,
+                    ..fresh
+                };
+                train.step = TRAIN_START;
+            }
+            Ok(Relayed {
                 relay,
-                // SAFETY: plain helper call.
-                until_ns: unsafe { bpf_ktime_get_ns() } + FRAGMENT_TRAIN_NS,
-            },
-        );
+                key: relay_key,
+                l4: Some(l4),
+                train,
+            })
+        }
+        Fragment::Later { last } => {
+            let train = maps::fragment_train(&key).ok_or(Reason::Fragment)?;
+            if now > train.until_ns {
+                return Err(Reason::Fragment);
+            }
+            let next_offset = train
+                .follows(ip.frag_offset, ip.payload_len(), !last)
+                .ok_or(Reason::FragmentOutOfOrder)?;
+            let relay = maps::relay(&train.relay).ok_or(Reason::OtherDestination)?;
+            Ok(Relayed {
+                relay,
+                key: train.relay,
+                l4: None,
+                train: Train {
+                    key,
+                    value: FragmentTrain {
+                        next_offset,
+                        ..train
+                    },
+                    step: if last { TRAIN_END } else { TRAIN_NEXT },
+                    ..Train::default()
+                },
+            })
+        }
     }
 }
 
-/// The first of a datagram's packets decides; the later fragments follow
-/// that decision, rate limits included.
+/// Every packet of a datagram, fragments included, pays one token.
 #[inline(always)]
-fn take_token(
-    ip: &Ipv4,
-    relay: &Relay,
-    direction: RelayDirection,
-    limited: Reason,
-) -> Result<(), Reason> {
-    if matches!(ip.fragment, Fragment::Later { .. }) || maps::take_relay_token(relay, direction) {
+fn take_token(relay: &Relay, direction: RelayDirection, limited: Reason) -> Result<(), Reason> {
+    if maps::take_relay_token(relay, direction) {
         return Ok(());
     }
     maps::count_relay(relay.slot, RelayEvent::RateLimited(direction));
@@ -120,7 +154,9 @@ pub fn from_lan(
     uplink: &UplinkState,
     group: u32,
 ) -> Result<Verdict, Reason> {
-    let (relay, key, l4) = lookup(ctx, ip, group)?;
+    let Relayed {
+        relay, l4, train, ..
+    } = lookup(ctx, ip, group, uplink.ifindex)?;
     let (dst_mac, src_mac) = nat::macs(ctx).ok_or(Reason::Truncated)?;
     // An access point may hand our own copies back to us.
     if src_mac == uplink.mac || ip.saddr == uplink.addr {
@@ -131,13 +167,8 @@ pub fn from_lan(
         return Err(Reason::SourceNotAllowed);
     }
     fib::reverse_path(ctx, uplink.ifindex, ip.saddr, ip.daddr, ip.proto)?;
-    take_token(
-        ip,
-        relay,
-        RelayDirection::Down,
-        Reason::RelayDownRateLimited,
-    )?;
-    follow_fragments(ip, key);
+    take_token(relay, RelayDirection::Down, Reason::RelayDownRateLimited)?;
+    record(&train);
 
     // Always written, so the verifier walks one path, not two: a limited
     // broadcast or a group is rewritten to itself, which changes nothing.
@@ -231,58 +262,122 @@ fn copy_down(
     Ok(true)
 }
 
-/// What a VM may not relay to the LAN through a DNS (mDNS) relay: an
-/// answer (its records carry the VM's internal address), or a query that
-/// carries the VM's own address anywhere in it (a probe's proposed record,
-/// a known answer about itself).
-#[inline(always)]
-fn refuse_internal(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    relay: &Relay,
-    l4: Option<&L4>,
-) -> Result<(), Reason> {
-    if relay.flags & RELAY_DNS_QUERIES_UP == 0 {
-        return Ok(());
-    }
-    if l4.is_some() && parse::is_dns_response(ctx) {
-        return Err(Reason::RelayAnswerBlocked);
-    }
-    parse::pull_headers(ctx, ctx.len() as usize);
-    let payload = if l4.is_some() { L4_OFF + 8 } else { L4_OFF };
-    if parse::carries(ctx, payload, ip.saddr) {
-        return Err(Reason::RelayCarriesAddress);
-    }
-    Ok(())
-}
-
 /// VM to LAN: a relay target's datagram to its group (or to the limited
 /// broadcast address, for a broadcast relay), on the interface that routes
 /// to it, is copied out of the uplink with the uplink's address as source
 /// (so LAN peers answer the uplink, where forward rules wait), the sender's
-/// TTL or the configured one, and valid checksums.
+/// TTL or the configured one, and valid checksums. Never copied: a DNS
+/// relay's answers (their records carry the VM's internal address), and any
+/// datagram whose payload names an internal address (see `leak`).
+///
+/// This part checks the packet and pays its token, then hands on to the
+/// stages `scan_up` and `copy_up`, programs of their own, through
+/// PENDING_UP.
 #[inline(always)]
 pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
-    let (relay, key, l4) = lookup(ctx, ip, ip.daddr)?;
+    // SAFETY: reading a field of the context the program was given.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Relayed {
+        relay,
+        key,
+        l4,
+        train,
+    } = lookup(ctx, ip, ip.daddr, ifindex)?;
     if !relay.has_target(ip.saddr) {
         return Err(Reason::RelayNotTarget);
     }
+    fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
+    maps::usable_uplink()?;
+    if relay.flags & RELAY_DNS_QUERIES_UP != 0 && l4.is_some() && parse::is_dns_response(ctx) {
+        return Err(Reason::RelayAnswerBlocked);
+    }
+    take_token(relay, RelayDirection::Up, Reason::RelayRateLimited)?;
+    let from = if l4.is_some() {
+        L4_OFF + UDP_HLEN
+    } else {
+        L4_OFF
+    };
+    let pending = maps::pending_up()?;
+    // SAFETY (each field): a pointer into the map value.
+    unsafe {
+        maps::write(&raw mut (*pending).ticket, ticket(ifindex, ip));
+        maps::write(&raw mut (*pending).relay, key);
+        maps::write(&raw mut (*pending).train, train);
+        maps::write(&raw mut (*pending).from, from as u32);
+        maps::write(
+            &raw mut (*pending).to,
+            (L3_OFF + usize::from(ip.tot_len)) as u32,
+        );
+    }
+    Err(maps::next_stage(ctx, STAGE_SCAN))
+}
+
+/// The first stage: the address scan, whose count of hits goes to the copy.
+#[inline(always)]
+pub fn scan_up(ctx: &TcContext) -> Result<Verdict, Reason> {
+    leak::scan_pending(ctx)?;
+    Err(maps::next_stage(ctx, STAGE_COPY))
+}
+
+/// The pending copy's ticket for the packet `ip`, arriving on `ifindex`.
+#[inline(always)]
+fn ticket(ifindex: u32, ip: &Ipv4) -> Ticket {
+    Ticket {
+        // SAFETY: plain helper call.
+        written_ns: unsafe { bpf_ktime_get_ns() },
+        ifindex,
+        saddr: ip.saddr,
+        id: ip.id,
+        tot_len: ip.tot_len,
+        pad: 0,
+    }
+}
+
+/// The second stage: the copy, unless the scan found an internal address,
+/// and only for the packet the first part checked. Everything else comes
+/// from the packet again.
+#[inline(always)]
+pub fn copy_up(ctx: &TcContext) -> Result<Verdict, Reason> {
+    parse::parse_eth(ctx)?;
+    let ip = parse::parse_ipv4(ctx)?;
+    let pending = maps::pending_up()?;
+    // SAFETY (each field): a pointer into the map value.
+    let (written, train, relay_key) = unsafe {
+        (
+            maps::read(&raw const (*pending).ticket),
+            maps::read(&raw const (*pending).train),
+            maps::read(&raw const (*pending).relay),
+        )
+    };
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib::reverse_path(ctx, ifindex, ip.saddr, ip.daddr, ip.proto)?;
+    let mut expected = ticket(ifindex, &ip);
+    if expected.written_ns.wrapping_sub(written.written_ns) > TICKET_NS {
+        return Err(Reason::RelayUnscannable);
+    }
+    expected.written_ns = written.written_ns;
+    if expected != written {
+        return Err(Reason::RelayUnscannable);
+    }
+    if leak::pending_names_internal()? {
+        return Err(Reason::RelayCarriesAddress);
+    }
+    record(&train);
+    let l4 = match ip.fragment {
+        Fragment::Later { .. } => None,
+        Fragment::Whole | Fragment::First => Some(parse::parse_l4(ctx, &ip)?),
+    };
+    let relay = maps::relay(&relay_key).ok_or(Reason::OtherDestination)?;
     let uplink = maps::usable_uplink()?;
-    refuse_internal(ctx, ip, relay, l4.as_ref())?;
-    take_token(ip, relay, RelayDirection::Up, Reason::RelayRateLimited)?;
-    follow_fragments(ip, key);
 
     let (dst_mac, src_mac) = nat::macs(ctx).ok_or(Reason::Truncated)?;
     let saved = nat::checksums(ctx, l4.as_ref()).ok_or(Reason::Truncated)?;
     let ttl = if relay.ttl != 0 { relay.ttl } else { ip.ttl };
-    let copied = nat::set_addr(ctx, ip, l4.as_ref(), End::Source, uplink.addr)
+    let copied = nat::set_addr(ctx, &ip, l4.as_ref(), End::Source, uplink.addr)
         .and_then(|()| nat::set_ttl(ctx, ttl))
         .and_then(|()| nat::set_macs(ctx, relay_dst_mac(ip.daddr), uplink.mac))
         .map(|()| ctx.clone_redirect(uplink.ifindex, 0).is_ok());
-    let restored = nat::set_addr(ctx, ip, l4.as_ref(), End::Source, ip.saddr)
+    let restored = nat::set_addr(ctx, &ip, l4.as_ref(), End::Source, ip.saddr)
         .and_then(|()| nat::set_ttl(ctx, ip.ttl))
         .and_then(|()| nat::set_macs(ctx, dst_mac, src_mac))
         .and_then(|()| nat::restore_checksums(ctx, saved));

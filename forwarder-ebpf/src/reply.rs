@@ -14,11 +14,12 @@ use forwarder_common::{
 };
 
 use crate::{
-    Verdict, fib, flow, kernel,
+    fib, flow, kernel,
     maps::{self, Direction},
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF, PROTO_ICMP},
     relay,
+    verdict::Verdict,
 };
 
 /// Ethernet, IPv4, and either TCP or an ICMP error quoting IPv4 and ports.
@@ -26,10 +27,7 @@ const HEADERS: usize = L4_OFF + 36;
 
 #[inline(always)]
 pub fn downstream_ingress(ctx: &TcContext) -> Verdict {
-    match try_downstream(ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => Verdict::Skipped(reason),
-    }
+    try_downstream(ctx).into()
 }
 
 #[inline(always)]

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fs, io, path::Path, path::PathBuf};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, HashMap, Map, MapData, ProgramArray},
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
@@ -157,14 +157,36 @@ pub fn load_object(maps_dir: &Path, options: &LoadOptions) -> Result<Ebpf> {
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (are you root, with BPF and BTF support?)")?;
     for role in [Role::Uplink, Role::Downstream] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(role.program())
-            .ok_or_else(|| anyhow!("the eBPF object has no program {}", role.program()))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifying {}", role.program()))?;
+        load_program(&mut ebpf, role.program())?;
+    }
+    // The stages go into the program array before any program that calls
+    // them is attached. A pinned array is shared with a predecessor's
+    // attached programs: their calls reach these stages from now on, which
+    // recognise only packets this load's programs handed them.
+    let mut fds = Vec::new();
+    for name in programs::RELAY_UP_STAGES {
+        let prog = load_program(&mut ebpf, name)?;
+        fds.push(prog.fd()?.try_clone()?);
+    }
+    let mut stages: ProgramArray<&mut MapData> = ebpf
+        .map_mut(names::RELAY_UP_STAGES)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {}", names::RELAY_UP_STAGES))?
+        .try_into()?;
+    for (slot, fd) in (0u32..).zip(&fds) {
+        stages
+            .set(slot, fd, 0)
+            .with_context(|| format!("setting relay stage {slot}"))?;
     }
     Ok(ebpf)
+}
+
+fn load_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("verifying {name}"))?;
+    Ok(prog)
 }
 
 pub struct Datapath {
@@ -207,6 +229,15 @@ pub fn recorded_attachments(layout: &PinLayout) -> Result<BTreeMap<u32, (Role, H
             Some((ifindex, (role, HookKind::from_code((value >> 8) as u8)?)))
         })
         .collect())
+}
+
+/// The maps an instance pinned, opened again to change rules from another
+/// thread, with the record of rule ids its load made.
+pub fn pinned_tables(layout: &PinLayout) -> Result<Tables> {
+    let path = layout.meta.join(RULE_IDS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))?;
+    Tables::open_pinned_with_ids(&layout.maps, RuleIds::from_map(map)?)
 }
 
 impl Datapath {
@@ -254,6 +285,12 @@ impl Datapath {
             .program(role.program())
             .ok_or_else(|| anyhow!("no program {}", role.program()))?
             .try_into()?)
+    }
+
+    /// Every program of the object, by name: the two attached ones and the
+    /// relay stages they call.
+    pub fn programs(&self) -> impl Iterator<Item = (&str, &aya::programs::Program)> {
+        self.ebpf.programs()
     }
 
     pub fn attached(&self) -> &BTreeMap<u32, Attachment> {

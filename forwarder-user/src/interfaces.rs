@@ -59,6 +59,14 @@ impl Interfaces {
         self.links.get(&index)
     }
 
+    /// Every IPv4 address of the interface.
+    pub fn addresses_of(&self, index: u32) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.addresses
+            .iter()
+            .filter(move |a| a.index == index)
+            .map(|a| a.addr)
+    }
+
     /// The interface's primary IPv4 address: the first that is not secondary.
     pub fn primary_address(&self, index: u32) -> Option<Address> {
         self.addresses

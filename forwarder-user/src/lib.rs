@@ -17,6 +17,7 @@ pub mod input;
 pub mod input_rules;
 pub mod inspect;
 pub mod interfaces;
+pub mod internal_nets;
 pub mod kernel;
 pub mod multicast;
 pub mod netlink;

@@ -248,6 +248,17 @@ impl Monitor {
     }
 }
 
+/// An IPv4 unicast route, of any table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Route {
+    pub dst: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The interface it leaves by, when it names one.
+    pub oif: Option<u32>,
+    /// The MTU it sets, when it sets one.
+    pub mtu: Option<u32>,
+}
+
 /// An IPv4 route that sets its own MTU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RouteMtu {
@@ -256,17 +267,32 @@ pub struct RouteMtu {
     pub mtu: u32,
 }
 
-fn parse_route_mtu(msg: &RouteMessage) -> Option<RouteMtu> {
+impl Route {
+    pub fn mtu(&self) -> Option<RouteMtu> {
+        Some(RouteMtu {
+            dst: self.dst,
+            prefix_len: self.prefix_len,
+            mtu: self.mtu?,
+        })
+    }
+}
+
+fn parse_route(msg: &RouteMessage) -> Option<Route> {
     if msg.header.address_family != AddressFamily::Inet || msg.header.kind != RouteType::Unicast {
         return None;
     }
-    let mut dst = Ipv4Addr::UNSPECIFIED;
-    let mut mtu = None;
+    let mut route = Route {
+        dst: Ipv4Addr::UNSPECIFIED,
+        prefix_len: msg.header.destination_prefix_length,
+        oif: None,
+        mtu: None,
+    };
     for attr in &msg.attributes {
         match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => route.dst = *a,
+            RouteAttribute::Oif(index) => route.oif = Some(*index),
             RouteAttribute::Metrics(metrics) => {
-                mtu = metrics.iter().find_map(|m| match m {
+                route.mtu = metrics.iter().find_map(|m| match m {
                     RouteMetric::Mtu(mtu) if *mtu > 0 => Some(*mtu),
                     _ => None,
                 });
@@ -274,33 +300,29 @@ fn parse_route_mtu(msg: &RouteMessage) -> Option<RouteMtu> {
             _ => {}
         }
     }
-    Some(RouteMtu {
-        dst,
-        prefix_len: msg.header.destination_prefix_length,
-        mtu: mtu?,
-    })
+    Some(route)
 }
 
-/// Every IPv4 unicast route, of any table, that sets an MTU.
-pub async fn route_mtus() -> io::Result<Vec<RouteMtu>> {
+/// Every IPv4 unicast route, of any table.
+pub async fn routes() -> io::Result<Vec<Route>> {
     let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
     socket.socket_mut().bind_auto()?;
     socket.socket_mut().connect(&SocketAddr::new(0, 0))?;
     let mut request = RouteMessage::default();
     request.header.address_family = AddressFamily::Inet;
-    let mut mtus = Vec::new();
+    let mut routes = Vec::new();
     request_dump_with(
         &socket,
         RouteNetlinkMessage::GetRoute(request),
         3,
         |inner| {
             if let RouteNetlinkMessage::NewRoute(route) = inner {
-                mtus.extend(parse_route_mtu(route));
+                routes.extend(parse_route(route));
             }
         },
     )
     .await?;
-    Ok(mtus)
+    Ok(routes)
 }
 
 /// Every link and IPv4 address, from a fresh dump.

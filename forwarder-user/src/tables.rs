@@ -26,6 +26,7 @@ use forwarder_common::{
 use crate::{
     clock::Now,
     flow_table::FlowTable,
+    internal_nets::{self, InternalNets},
     rules::{Relay, Rule},
 };
 
@@ -42,6 +43,7 @@ pub struct Tables {
     fib_generation: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     route_mtus: LpmTrie<MapData, u32, u32>,
+    internal_nets: Array<MapData, internal_nets::Bitmap>,
     /// Where new rule ids come from; `None` for maps opened from their
     /// pins, which only read rules.
     rule_ids: Option<RuleIds>,
@@ -99,6 +101,12 @@ impl Tables {
         Self::from_maps(|name| open(dir, name), None)
     }
 
+    /// Opens the maps pinned in `dir` to change their rules too, with the
+    /// instance's record of rule ids.
+    pub fn open_pinned_with_ids(dir: &Path, rule_ids: RuleIds) -> Result<Self> {
+        Self::from_maps(|name| open(dir, name), Some(rule_ids))
+    }
+
     fn from_maps(
         mut get: impl FnMut(&str) -> Result<Map>,
         rule_ids: Option<RuleIds>,
@@ -117,6 +125,7 @@ impl Tables {
             fib_generation: get(names::FIB_GENERATION)?.try_into()?,
             flows: get(names::FLOWS)?.try_into()?,
             route_mtus: get(names::ROUTE_MTUS)?.try_into()?,
+            internal_nets: get(names::INTERNAL_NETS)?.try_into()?,
         })
     }
 
@@ -128,6 +137,16 @@ impl Tables {
         self.uplink
             .set(0, state, 0)
             .context("updating the uplink state map")
+    }
+
+    /// Makes INTERNAL_NETS the bitmap of exactly `nets`. Networks in both
+    /// the old and the new bitmap stay set throughout the write.
+    pub fn sync_internal_nets(&mut self, nets: &InternalNets) -> Result<()> {
+        // By reference: the 2 MiB value must not pass through the stack.
+        let bits = nets.bitmap();
+        self.internal_nets
+            .set(0, bits.as_ref(), 0)
+            .context("writing the internal networks")
     }
 
     /// Makes ROUTE_MTUS hold exactly these routes' MTUs (the smallest, when

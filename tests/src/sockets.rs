@@ -360,13 +360,6 @@ fn multicast_ttl(sock: &UdpSocket, ttl: u32) -> Result<()> {
 }
 
 impl Announcer {
-    /// LocalSend's announcement as a VM or a LAN peer sends it: to its group
-    /// and port with TTL 1.
-    pub fn localsend(ns: &Netns, tag: &str, interval: Duration) -> Result<Self> {
-        use crate::topology::{LOCALSEND_GROUP, LOCALSEND_PORT};
-        Self::start(ns, tag, LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval)
-    }
-
     /// Payloads are "<tag> <sequence number>".
     pub fn start(
         ns: &Netns,

@@ -9,6 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions, TestRunResult};
 use forwarder::{
     datapath::{Datapath, HookKind, LoadOptions, Role},
     interfaces::mac_text,
+    internal_nets::InternalNets,
     kernel::Support,
     pin::{self, PinLayout},
     rules::{Origin, Relay, Rule},
@@ -47,6 +48,8 @@ pub const TARGET_MAC: Mac = [0x02, 0, 0, 0, 0, 0x05];
 pub const OTHER_VM: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 6);
 /// Behind vif1.0, without a neighbour entry.
 pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 9);
+/// The router's own address on its vifs (a Qubes netvm's gateway address).
+pub const VIF_ADDR: Ipv4Addr = Ipv4Addr::new(10, 138, 0, 1);
 
 /// LocalSend's port forwarded to TARGET, from any LAN host, given by flag.
 pub fn localsend_rule(proto: Proto) -> Rule {
@@ -116,7 +119,7 @@ impl Harness {
         }
         ns.ip(&format!("route add {UNRESOLVED}/32 dev vif1.0"))?;
         for dev in ["vif1.0", "vif2.0"] {
-            ns.ip(&format!("addr add 10.138.0.1/32 dev {dev}"))?;
+            ns.ip(&format!("addr add {VIF_ADDR}/32 dev {dev}"))?;
         }
 
         let pins = PinDir::new("testrun")?;
@@ -129,6 +132,15 @@ impl Harness {
         let (mut datapath, _) = Datapath::load(&layout, &options, HookKind::Tcx)?;
         datapath.tables.sync_rules(rules)?;
         datapath.tables.sync_relays(relays)?;
+        // What the daemon gathers from the namespace's vif routes and
+        // addresses.
+        datapath.tables.sync_internal_nets(&InternalNets::gather(
+            rules,
+            relays,
+            &[(TARGET, 32), (OTHER_VM, 32), (UNRESOLVED, 32)],
+            &[VIF_ADDR],
+            &[],
+        ))?;
         let mut harness = Harness {
             uplink: ns.link("up0")?,
             vif1: ns.link("vif1.0")?,

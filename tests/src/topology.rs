@@ -37,6 +37,16 @@ pub const LOCALSEND_PORT: u16 = 53317;
 /// forwards: reaching it from the LAN would be a leak.
 pub const UNFORWARDED_PORT: u16 = 8080;
 pub const LOCALSEND_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 167);
+
+/// LocalSend's announcement as a VM or a LAN peer sends it: to its group
+/// and port with TTL 1.
+pub fn localsend_announcer(
+    ns: &Netns,
+    tag: &str,
+    interval: std::time::Duration,
+) -> Result<crate::sockets::Announcer> {
+    crate::sockets::Announcer::start(ns, tag, LOCALSEND_GROUP, LOCALSEND_PORT, 1, interval)
+}
 /// A second LAN host, which no VM's firewall admits.
 pub const OTHER_LAN_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 /// The LAN service the app's firewall admits (on LAN_PEER only).

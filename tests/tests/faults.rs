@@ -139,7 +139,7 @@ fn link_pin(fwd: &Forwarder, role: Role, ns: &Netns, dev: &str) -> PathBuf {
 
 /// Forwarding and relaying both ways work end to end.
 fn everything_works(t: &Topology, tag: &str) {
-    use forwarder_tests::sockets::{Announcer, MulticastListener, tcp_echo, udp_echo};
+    use forwarder_tests::sockets::{MulticastListener, tcp_echo, udp_echo};
     let to_app = SocketAddrV4::new(SYSNET_LAN, LOCALSEND_PORT);
     {
         let _server = EchoServer::start(&t.app, LOCALSEND_PORT).unwrap();
@@ -149,8 +149,8 @@ fn everything_works(t: &Topology, tag: &str) {
     let at_lan = MulticastListener::start(&t.lan, LOCALSEND_GROUP, LOCALSEND_PORT).unwrap();
     let at_app = MulticastListener::start(&t.app, LOCALSEND_GROUP, LOCALSEND_PORT).unwrap();
     let interval = Duration::from_millis(50);
-    let _from_app = Announcer::localsend(&t.app, tag, interval).unwrap();
-    let _from_lan = Announcer::localsend(&t.lan, tag, interval).unwrap();
+    let _from_app = forwarder_tests::topology::localsend_announcer(&t.app, tag, interval).unwrap();
+    let _from_lan = forwarder_tests::topology::localsend_announcer(&t.lan, tag, interval).unwrap();
     assert!(
         at_lan
             .wait_from(SYSNET_LAN, tag, Duration::from_secs(3))
@@ -320,7 +320,7 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
     use std::net::Ipv4Addr;
 
     use forwarder_common::reason::Reason;
-    use forwarder_tests::{capture::Capture, sockets::Announcer};
+    use forwarder_tests::capture::Capture;
 
     /// Each sender's announcements, 2 s at one every 50 ms.
     const ANNOUNCEMENTS: u64 = 40;
@@ -395,8 +395,8 @@ fn two_routers_relaying_one_group_on_one_lan_neither_loop_nor_amplify() {
     let at_lan = Capture::start(&lan, "br0").unwrap();
     let at_vm = Capture::start(&vm, "eth0").unwrap();
     let interval = Duration::from_millis(50);
-    let from_vm = Announcer::localsend(&vm, "vm", interval).unwrap();
-    let from_lan = Announcer::localsend(&lan, "lan", interval).unwrap();
+    let from_vm = forwarder_tests::topology::localsend_announcer(&vm, "vm", interval).unwrap();
+    let from_lan = forwarder_tests::topology::localsend_announcer(&lan, "lan", interval).unwrap();
     // (reflected, relay_not_target) per router: the guards against a loop.
     let guards = || {
         fwds.iter()

@@ -32,7 +32,7 @@ enum Contender {
 }
 
 fn announce(ns: &Netns, tag: &str) -> Result<Announcer> {
-    Announcer::localsend(ns, tag, Duration::from_millis(20))
+    forwarder_tests::topology::localsend_announcer(ns, tag, Duration::from_millis(20))
 }
 
 /// A VM announcement must reach the LAN from sys-net's current address.

@@ -467,3 +467,264 @@ fn a_vms_mdns_answers_and_its_own_address_never_go_up() {
         "the VM's address left the uplink"
     );
 }
+
+/// A broadcast relay toward TARGET with `rate` copies a second both ways.
+fn limited_broadcast_relay(rate: u32) -> Relay {
+    Relay {
+        rate_down: rate,
+        ..relay(&[TARGET], None, rate)
+    }
+    .with_group(BROADCAST, KDE_PORT)
+}
+
+trait WithGroup {
+    fn with_group(self, group: Ipv4Addr, port: u16) -> Self;
+}
+
+impl WithGroup for Relay {
+    fn with_group(self, group: Ipv4Addr, port: u16) -> Self {
+        Relay {
+            group,
+            port,
+            ..self
+        }
+    }
+}
+
+/// `payload` as the fragments of one datagram of IP id `id`, 1480 bytes of
+/// IP payload each.
+fn fragmented(frame: &mut Frame, id: u16) -> Vec<Vec<u8>> {
+    frame.ip_id = id;
+    packet::fragments(&frame.build(), 1480)
+}
+
+#[test]
+fn every_fragment_pays_a_token_of_the_same_bucket() {
+    let h = harness(&[limited_broadcast_relay(5)]);
+    let payload: Vec<u8> = (0..20 * 1480u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let pieces = fragmented(&mut vm_broadcast(&payload), 0x5151);
+    assert_eq!(pieces.len(), 21);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    let out_of_order = h.reason(Reason::FragmentOutOfOrder);
+    for piece in &pieces {
+        h.run(Role::Downstream, h.vif1.index, piece).unwrap();
+    }
+    assert_eq!(
+        broadcasts(lan, 5).len(),
+        5,
+        "a burst of 5 copies, whatever the fragments"
+    );
+    // The sixth finds the bucket empty; the train stops there, so the rest
+    // no longer follow it.
+    let counters = only_relay_counters(&h);
+    assert_eq!((counters.packets_up, counters.rate_limited), (5, 1));
+    assert_eq!(h.reason(Reason::FragmentOutOfOrder), out_of_order + 15);
+
+    let pieces = fragmented(
+        &mut lan_broadcast(Ipv4Addr::new(192, 168, 1, 255), &payload),
+        0x5252,
+    );
+    let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+    for piece in &pieces {
+        h.run(Role::Uplink, h.uplink.index, piece).unwrap();
+    }
+    assert_eq!(broadcasts(vm1, 5).len(), 5, "the same toward the VMs");
+    assert_eq!(only_relay_counters(&h).rate_limited_down, 1);
+}
+
+#[test]
+fn a_train_takes_its_fragments_in_order_only() {
+    let h = harness(&[broadcast_relay(&[TARGET])]);
+    let payload: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let pieces = fragmented(&mut vm_broadcast(&payload), 0x6161);
+    assert_eq!(pieces.len(), 3);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    assert_eq!(
+        h.run(Role::Downstream, h.vif1.index, &pieces[0]).unwrap().0,
+        TC_ACT_UNSPEC
+    );
+    // The last before the middle, then the first again: neither follows.
+    for out_of_order in [&pieces[2], &pieces[0]] {
+        let first = out_of_order == &pieces[0];
+        let reason = if first {
+            // A first fragment again starts a train again: it is copied.
+            None
+        } else {
+            Some(Reason::FragmentOutOfOrder)
+        };
+        match reason {
+            Some(reason) => {
+                h.assert_untouched(Role::Downstream, h.vif1.index, out_of_order, reason)
+            }
+            None => {
+                h.run(Role::Downstream, h.vif1.index, out_of_order).unwrap();
+            }
+        }
+    }
+    for piece in &pieces[1..] {
+        h.run(Role::Downstream, h.vif1.index, piece).unwrap();
+    }
+    let copies = broadcasts(lan, 4);
+    assert_eq!(copies.len(), 4, "first, first again, middle, last");
+    let whole = packet::parse(&packet::reassemble(&copies[1..])).unwrap();
+    assert_eq!(whole.payload, payload);
+}
+
+#[test]
+fn no_other_host_can_end_or_feed_a_fragment_train() {
+    let h = harness(&[broadcast_relay(&[TARGET])]);
+    let payload: Vec<u8> = (0..2200u32).map(|i| b'a' + (i % 26) as u8).collect();
+
+    // Up: the VM's train, and a LAN host spoofing its last fragment (the
+    // VM's source, the same id) on the uplink.
+    let up = fragmented(&mut vm_broadcast(&payload), 0x7171);
+    let mut spoof = vm_broadcast(&payload);
+    spoof.src_mac = LAN_PEER_MAC;
+    let spoofed_last = fragmented(&mut spoof, 0x7171).pop().unwrap();
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    h.run(Role::Downstream, h.vif1.index, &up[0]).unwrap();
+    let (action, _) = h.run(Role::Uplink, h.uplink.index, &spoofed_last).unwrap();
+    assert_eq!(action, TC_ACT_UNSPEC);
+    h.run(Role::Downstream, h.vif1.index, &up[1]).unwrap();
+    let copies = broadcasts(lan, 2);
+    assert_eq!(copies.len(), 2, "the VM's train survived the spoof");
+    assert_eq!(
+        packet::parse(&packet::reassemble(&copies)).unwrap().payload,
+        payload
+    );
+
+    // Down: a LAN peer's train, and another VM spoofing the peer's last
+    // fragment from vif2.0.
+    let down = fragmented(
+        &mut lan_broadcast(Ipv4Addr::new(192, 168, 1, 255), &payload),
+        0x7272,
+    );
+    let mut spoof = lan_broadcast(Ipv4Addr::new(192, 168, 1, 255), &payload);
+    spoof.src_mac = [0x02, 0, 0, 0, 0, 0x06];
+    let spoofed_last = fragmented(&mut spoof, 0x7272).pop().unwrap();
+    let vm1 = Capture::start(&h.ns, "vm1").unwrap();
+    h.run(Role::Uplink, h.uplink.index, &down[0]).unwrap();
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif2.index,
+        &spoofed_last,
+        Reason::Fragment,
+    );
+    h.run(Role::Uplink, h.uplink.index, &down[1]).unwrap();
+    let copies = broadcasts(vm1, 2);
+    assert_eq!(copies.len(), 2, "the peer's train survived the spoof");
+}
+
+/// The forms of an internal address a payload may carry, each embedded in
+/// otherwise harmless text.
+fn forms_of(addr: Ipv4Addr) -> Vec<(&'static str, Vec<u8>)> {
+    let [a, b, c, d] = addr.octets();
+    let label = |n: u8| {
+        let digits = n.to_string();
+        let mut l = vec![digits.len() as u8];
+        l.extend_from_slice(digits.as_bytes());
+        l
+    };
+    let mut reverse_labels = [d, c, b, a]
+        .into_iter()
+        .flat_map(label)
+        .collect::<Vec<u8>>();
+    reverse_labels.extend_from_slice(b"\x07in-addr\x04arpa\x00");
+    vec![
+        ("raw", [b"x=".as_slice(), &addr.octets(), b";"].concat()),
+        (
+            "dotted",
+            format!("LOCATION: http://{a}.{b}.{c}.{d}:8080/d.xml\r\n").into_bytes(),
+        ),
+        (
+            "reversed text",
+            format!("{d}.{c}.{b}.{a}.in-addr.arpa").into_bytes(),
+        ),
+        (
+            "in-addr.arpa labels",
+            [
+                b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00".as_slice(),
+                &reverse_labels,
+                b"\x00\x0c\x00\x01",
+            ]
+            .concat(),
+        ),
+        ("dashed", format!("host ip-{a}-{b}-{c}-{d}").into_bytes()),
+    ]
+}
+
+#[test]
+fn no_relay_carries_an_internal_address_in_any_form() {
+    let mdns_group = Ipv4Addr::new(224, 0, 0, 251);
+    let h = harness(&[
+        Relay {
+            group: mdns_group,
+            port: 5353,
+            ..relay(&[TARGET], None, 1_000_000)
+        },
+        broadcast_relay(&[TARGET]),
+    ]);
+    let lan = Capture::start(&h.ns, "lan0").unwrap();
+    // The VM's own address, another VM's, and the router's own vif
+    // address: every one of them internal.
+    for internal in [TARGET, OTHER_VM, VIF_ADDR] {
+        for (form, payload) in forms_of(internal) {
+            let mut mdns = Frame::udp(TARGET, 5353, mdns_group, 5353).with_payload(&payload);
+            mdns.dst_mac = group_mac(u32::from_ne_bytes(mdns_group.octets()));
+            for frame in [mdns.build(), vm_broadcast(&payload).build()] {
+                let before = h.reason(Reason::RelayCarriesAddress);
+                let (action, out) = h.run(Role::Downstream, h.vif1.index, &frame).unwrap();
+                assert_eq!((action, &out), (TC_ACT_UNSPEC, &frame));
+                assert_eq!(
+                    h.reason(Reason::RelayCarriesAddress),
+                    before + 1,
+                    "{internal} as {form} was not refused"
+                );
+            }
+        }
+    }
+    // Positive control: a LAN address in every form goes up.
+    for (form, payload) in forms_of(LAN_PEER) {
+        let (action, _) = h
+            .run(
+                Role::Downstream,
+                h.vif1.index,
+                &vm_broadcast(&payload).build(),
+            )
+            .unwrap();
+        assert_eq!(action, TC_ACT_UNSPEC, "{form}");
+    }
+    let copies = broadcasts(lan, 5);
+    assert_eq!(copies.len(), 5, "only the LAN address's five forms went up");
+}
+
+#[test]
+fn an_address_split_across_fragments_is_caught_and_a_long_datagram_is_not_scanned_blind() {
+    let h = harness(&[broadcast_relay(&[TARGET])]);
+    let text = TARGET.to_string();
+    // The address straddles the boundary between the two fragments: the
+    // first fragment carries 1472 bytes of UDP payload.
+    let split_at = 1472 - text.len() / 2;
+    let mut payload = vec![b' '; split_at];
+    payload.extend_from_slice(text.as_bytes());
+    payload.resize(2000, b' ');
+    let pieces = fragmented(&mut vm_broadcast(&payload), 0x8181);
+    assert_eq!(pieces.len(), 2);
+    h.run(Role::Downstream, h.vif1.index, &pieces[0]).unwrap();
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif1.index,
+        &pieces[1],
+        Reason::RelayCarriesAddress,
+    );
+
+    // One 1600-byte datagram, not fragmented: too long to scan, so not
+    // copied, whatever it holds.
+    let long = vm_broadcast(&vec![b'a'; 1600 - 28]).build();
+    h.assert_untouched(
+        Role::Downstream,
+        h.vif1.index,
+        &long,
+        Reason::RelayUnscannable,
+    );
+}

@@ -1,7 +1,7 @@
-//! xtask's modules import each other without a loop: every path a source
-//! file names (`crate::`, `super::`, `self::`, a child module's name, in
-//! `use` trees and in code) is an edge to the file of the module it
-//! reaches, and the graph of those edges has no cycle.
+//! No crate of the workspace has modules that import each other in a loop:
+//! every path a source file names (`crate::`, `super::`, `self::`, a child
+//! module's name, in `use` trees and in code) is an edge to the file of the
+//! module it reaches, and the graph of those edges has no cycle.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,21 +21,31 @@ fn name(module: &Module) -> String {
     }
 }
 
-/// Every source file below `dir`, by the module it holds.
-fn sources(dir: &Path, module: &Module, out: &mut BTreeMap<Module, String>) {
-    for entry in fs::read_dir(dir).expect("xtask/src is readable") {
+/// Every source file below `dir`, by the module it holds; `root` is the
+/// crate root's file name (main or lib). Binaries under `bin/` and the
+/// other root file are crates of their own, which reach this one by its
+/// name, never by `crate::`.
+fn sources(dir: &Path, root: &str, module: &Module, out: &mut BTreeMap<Module, String>) {
+    for entry in fs::read_dir(dir).expect("a source directory is readable") {
         let path = entry.expect("a directory entry").path();
         let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
         let mut child = module.clone();
         if path.is_dir() {
+            if module.is_empty() && stem == "bin" {
+                continue;
+            }
             child.push(stem);
-            sources(&path, &child, out);
+            sources(&path, root, &child, out);
             continue;
         }
         if path.extension().is_none_or(|e| e != "rs") {
             continue;
         }
-        if stem != "main" && stem != "mod" {
+        let is_root = module.is_empty() && (stem == "main" || stem == "lib");
+        if is_root && stem != root {
+            continue;
+        }
+        if !is_root && stem != "mod" {
             child.push(stem);
         }
         out.insert(child, fs::read_to_string(&path).unwrap());
@@ -343,11 +353,40 @@ fn module(path: &str) -> Module {
         .collect()
 }
 
+/// Each crate of the workspace, and the file its modules hang from.
+const CRATES: [(&str, &str); 5] = [
+    ("forwarder-common", "lib"),
+    ("forwarder-ebpf", "main"),
+    ("forwarder-user", "lib"),
+    ("tests", "lib"),
+    ("xtask", "main"),
+];
+
+#[test]
+fn no_crate_has_modules_that_import_each_other_in_a_loop() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for (krate, root) in CRATES {
+        let mut files = BTreeMap::new();
+        sources(
+            &workspace.join(krate).join("src"),
+            root,
+            &Vec::new(),
+            &mut files,
+        );
+        assert!(files.len() > 3, "{krate}: the walk found its sources");
+        let graph = graph(&files);
+        if let Some(found) = cycle(&graph) {
+            panic!("{krate}: an import loop:\n{}", describe(&graph, &found));
+        }
+    }
+}
+
 #[test]
 fn xtask_modules_import_each_other_without_a_loop() {
     let mut files = BTreeMap::new();
     sources(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        "main",
         &Vec::new(),
         &mut files,
     );

@@ -66,10 +66,9 @@ pub(super) struct FlowWorker {
 }
 
 impl FlowWorker {
-    /// Starts the thread on the maps pinned in `maps`; it sweeps expired
-    /// flows every `sweep_every`.
-    pub(super) fn start(maps: &Path, sweep_every: Duration) -> Result<Self> {
-        let tables = Tables::open_pinned(maps)?;
+    /// Starts the thread on the maps of `tables`, pinned in `maps`; it
+    /// sweeps expired flows every `sweep_every`.
+    pub(super) fn start(tables: Tables, maps: &Path, sweep_every: Duration) -> Result<Self> {
         let flows = MapData::from_pin(maps.join(names::FLOWS))
             .with_context(|| format!("opening the flow table in {}", maps.display()))?;
         let (tx, rx) = mpsc::channel();

@@ -14,6 +14,8 @@ mod qubesdb;
 mod reconcile;
 mod requests;
 mod rule_changes;
+mod share_apply;
+mod timers;
 mod uplink_route;
 
 use std::{collections::BTreeMap, future::poll_fn, task::Poll, time::Duration};
@@ -30,6 +32,7 @@ use self::{
     flow_worker::FlowWorker,
     qubesdb::Qubesdb,
     rule_changes::{RuleBook, Update},
+    timers::{sleep_until, tick},
 };
 use crate::{
     adopt::{Found, Replaced},
@@ -39,9 +42,10 @@ use crate::{
     control,
     datapath::{self, Datapath, HookKind, LoadOptions, Role},
     interfaces::Interfaces,
+    internal_nets::InternalNets,
     kernel::Kernel,
     multicast::Memberships,
-    netlink::{Event, Monitor},
+    netlink::{Event, Monitor, Route},
     nft,
     notify::Notifier,
     pin::{self, Bpffs, PinLayout},
@@ -77,6 +81,11 @@ struct Daemon {
     /// What DOWNSTREAM_MACS holds, as last written (at start, as found:
     /// entries of interfaces no longer attached are pruned).
     downstream_macs: BTreeMap<u32, [u8; 6]>,
+    /// Every IPv4 route, as last dumped.
+    routes: Vec<Route>,
+    /// What INTERNAL_NETS holds, as last written; `None` before the first
+    /// write (a predecessor's bits may be there).
+    internal_nets: Option<InternalNets>,
     takeover: Option<Takeover>,
     /// dom0's share, in a Qubes router.
     qubesdb: Option<Qubesdb>,
@@ -92,7 +101,7 @@ impl Daemon {
         let attachments = datapath::recorded_attachments(layout).unwrap_or_default();
         let copied_from_ns = clock::boot_ns();
         let (datapath, replaced) = load_datapath(&config, layout)?;
-        let worker = FlowWorker::start(&layout.maps, FLOW_SWEEP)?;
+        let worker = FlowWorker::start(datapath::pinned_tables(layout)?, &layout.maps, FLOW_SWEEP)?;
         let downstream_macs = datapath.tables.downstream_macs()?;
         let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
         let (updates, updates_rx) = mpsc::channel(4);
@@ -105,6 +114,8 @@ impl Daemon {
             uplink: None,
             memberships,
             downstream_macs,
+            routes: Vec::new(),
+            internal_nets: None,
             takeover: Some(Takeover {
                 replaced,
                 copied_from_ns,
@@ -213,7 +224,7 @@ impl Daemon {
         stop: &mut Signals,
         notifier: &Notifier,
     ) -> Result<()> {
-        let (calls_tx, calls) = mpsc::channel::<requests::Call>(16);
+        let (calls_tx, calls) = mpsc::channel::<rule_changes::Call>(16);
         let (stop_rules, rules_stop) = oneshot::channel();
         let mut book = RuleBook::new(&self.config, self.worker.jobs());
         if let Some(updates) = self.updates_rx.take() {
@@ -239,7 +250,7 @@ impl Daemon {
                     });
                 }
                 () = tick(keepalive.as_mut()) => notifier.alive(),
-                read = qubesdb::next_tree(self.qubesdb.as_mut()) => {
+                read = self.next_qubesdb_read() => {
                     if let Err(err) = self.take_tree(read).await {
                         break Err(err);
                     }
@@ -353,6 +364,24 @@ pub async fn run(config: RunConfig) -> Result<()> {
     result
 }
 
+/// In a Qubes router started without an uplink: the default route's
+/// interface, if there is one yet (the daemon follows it afterwards).
+fn pick_uplink(config: &mut RunConfig) {
+    if !config.follow_default_route {
+        return;
+    }
+    match crate::default_route::interface() {
+        Ok(Some(uplink)) => {
+            info!("uplink {uplink}: the interface of the default route");
+            config.uplink = uplink;
+        }
+        Ok(None) => {
+            info!("no default route yet: the uplink will be the interface of the first one")
+        }
+        Err(err) => warn!("reading the default route: {err}; the uplink waits for it"),
+    }
+}
+
 /// Runs the self-test and loads the datapath, adopting or migrating what a
 /// predecessor pinned.
 fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Vec<Replaced>)> {
@@ -417,7 +446,7 @@ async fn serve(mut config: RunConfig, layout: &PinLayout, signals: &mut Signals)
     // Subscribe before the dump, so no change falls between the two.
     let mut monitor = Monitor::subscribe().context("subscribing to rtnetlink")?;
     let found = Found::read(layout)?;
-    uplink_route::pick(&mut config);
+    pick_uplink(&mut config);
     let qubesdb = if config.qubesdb {
         info!("following dom0's share in QubesDB (/vm-config/forwarder.N)");
         Some(Qubesdb::start(Tools::on_path(), &mut config).await?)
@@ -453,21 +482,5 @@ async fn serve(mut config: RunConfig, layout: &PinLayout, signals: &mut Signals)
                  `forwarder teardown` removes it",
             ))
         }
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The next tick of `interval`, or never without one.
-async fn tick(interval: Option<&mut tokio::time::Interval>) {
-    match interval {
-        Some(interval) => drop(interval.tick().await),
-        None => std::future::pending().await,
     }
 }

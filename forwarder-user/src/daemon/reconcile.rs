@@ -3,7 +3,7 @@
 //! uplink or downstream interface, downstream MACs), and at the first one
 //! the takeover of what a predecessor left finished.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result};
 use forwarder_common::maps::UPLINK_UP;
@@ -14,7 +14,9 @@ use crate::{
     adopt,
     datapath::{HookKind, Role},
     interfaces::{self, Interfaces},
-    netlink, teardown,
+    internal_nets::InternalNets,
+    netlink::{self, Route, RouteMtu},
+    teardown,
 };
 
 impl Daemon {
@@ -98,6 +100,7 @@ impl Daemon {
             }
         }
         self.sync_downstream_macs()?;
+        self.refresh_internal_nets()?;
         if let Some(takeover) = self.takeover.take() {
             self.finish_takeover(&takeover)?;
         }
@@ -192,10 +195,51 @@ impl Daemon {
         self.datapath.tables.bump_fib_generation()
     }
 
-    /// Copies the MTUs routes set into the datapath; the caller then bumps
-    /// the FIB generation, so no cached route keeps an old one.
+    /// Copies the MTUs routes set into the datapath, and the internal
+    /// networks the routes out of the downstream interfaces make; the
+    /// caller then bumps the FIB generation, so no cached route keeps an
+    /// old MTU.
     pub(super) async fn refresh_route_mtus(&mut self) -> Result<()> {
-        let routes = netlink::route_mtus().await.context("dumping routes")?;
-        self.datapath.tables.sync_route_mtus(&routes)
+        let routes = netlink::routes().await.context("dumping routes")?;
+        let mtus: Vec<RouteMtu> = routes.iter().filter_map(Route::mtu).collect();
+        self.datapath.tables.sync_route_mtus(&mtus)?;
+        self.routes = routes;
+        self.refresh_internal_nets()
+    }
+
+    /// Keeps INTERNAL_NETS equal to what the router knows of its
+    /// downstream side (see `internal_nets`): the relays toward the LAN
+    /// refuse any datagram that names one of these addresses.
+    pub(super) fn refresh_internal_nets(&mut self) -> Result<()> {
+        let downstream: Vec<u32> = self
+            .datapath
+            .attached()
+            .iter()
+            .filter(|(_, a)| a.role == Role::Downstream)
+            .map(|(ifindex, _)| *ifindex)
+            .collect();
+        let routes: Vec<(Ipv4Addr, u8)> = self
+            .routes
+            .iter()
+            .filter(|r| r.oif.is_some_and(|oif| downstream.contains(&oif)))
+            .map(|r| (r.dst, r.prefix_len))
+            .collect();
+        let addresses: Vec<Ipv4Addr> = downstream
+            .iter()
+            .flat_map(|ifindex| self.interfaces.addresses_of(*ifindex))
+            .collect();
+        let nets = InternalNets::gather(
+            &self.config.rules,
+            &self.config.relays,
+            &routes,
+            &addresses,
+            &[],
+        );
+        if self.internal_nets.as_ref() != Some(&nets) {
+            self.datapath.tables.sync_internal_nets(&nets)?;
+            info!("internal networks, never named in a relayed datagram: {nets}");
+            self.internal_nets = Some(nets);
+        }
+        Ok(())
     }
 }

@@ -4,11 +4,8 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::rule_changes::RuleBook;
+use super::rule_changes::{Call, RuleBook};
 use crate::control::{self, Request, Response};
-
-/// A request from a control-socket client, and where its answer goes.
-pub(super) type Call = (Request, oneshot::Sender<Response>);
 
 /// Reads the client's request on its own task (at most
 /// `control::MAX_REQUEST` bytes, within `control::CLIENT_TIMEOUT`) and

@@ -14,7 +14,7 @@ use anyhow::Result;
 use log::info;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{flow_worker::Jobs, requests::Call, sleep_until};
+use super::{flow_worker::Jobs, timers::sleep_until};
 
 /// What the event loop changes in the rule book, besides control requests.
 pub(super) enum Update {
@@ -31,10 +31,15 @@ pub(super) enum Update {
 }
 use crate::{
     config::RunConfig,
-    config_file, nft,
+    config_file,
+    control::{Request, Response},
+    nft,
     rules::{self, Origin, Rule},
     spec::{AllowFrom, ForwardSpec, RuleRef},
 };
+
+/// A request from a control-socket client, and where its answer goes.
+pub(super) type Call = (Request, oneshot::Sender<Response>);
 
 pub(super) struct RuleBook {
     pub(super) rules: Vec<Rule>,

@@ -7,29 +7,7 @@ use anyhow::{Result, anyhow};
 use log::{info, warn};
 
 use super::{Daemon, rule_changes::Update};
-use crate::{config::RunConfig, default_route};
-
-/// The default route's interface now, logging a failure to read it.
-fn current() -> Option<String> {
-    default_route::interface().unwrap_or_else(|err| {
-        warn!("reading the default route: {err}");
-        None
-    })
-}
-
-/// At start: the uplink is the default route's interface, if there is one.
-pub(super) fn pick(config: &mut RunConfig) {
-    if !config.follow_default_route {
-        return;
-    }
-    match current() {
-        Some(uplink) => {
-            info!("uplink {uplink}: the interface of the default route");
-            config.uplink = uplink;
-        }
-        None => info!("no default route yet: the uplink will be the interface of the first one"),
-    }
-}
+use crate::default_route;
 
 impl Daemon {
     /// Moves the uplink to the default route's interface when that changed.
@@ -37,8 +15,13 @@ impl Daemon {
         if !self.config.follow_default_route {
             return Ok(());
         }
-        let Some(uplink) = current() else {
-            return Ok(());
+        let uplink = match default_route::interface() {
+            Ok(Some(uplink)) => uplink,
+            Ok(None) => return Ok(()),
+            Err(err) => {
+                warn!("reading the default route: {err}");
+                return Ok(());
+            }
         };
         if uplink == self.config.uplink {
             return Ok(());

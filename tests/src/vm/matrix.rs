@@ -147,7 +147,7 @@ fn udp(t: &Topology) -> Result<String> {
 }
 
 fn announce(ns: &Netns, tag: &str) -> Result<Announcer> {
-    Announcer::localsend(ns, tag, Duration::from_millis(50))
+    localsend_announcer(ns, tag, Duration::from_millis(50))
 }
 
 fn relay_down(t: &Topology, routers: &Routers) -> Result<String> {
