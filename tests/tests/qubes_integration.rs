@@ -295,17 +295,24 @@ fn moving_the_app_behind_a_vpn_qube_moves_forwarding_within_two_seconds() {
     qubes.dom0(&["expose", "app", "--localsend"]);
     let watch = Watch::start(&qubes.q).unwrap();
     let arrivals = UdpRecorder::start(&t.app, LOCALSEND_PORT).unwrap();
-    let _prober = udp_prober(t, "probe").unwrap();
-    assert!(
-        arrivals.wait_for("probe", Duration::from_secs(5)).is_some(),
-        "positive control: nothing forwarded through sys-firewall"
-    );
+    {
+        let _prober = udp_prober(t, "before-move").unwrap();
+        assert!(
+            arrivals
+                .wait_for("before-move", Duration::from_secs(5))
+                .is_some(),
+            "positive control: nothing forwarded through sys-firewall"
+        );
+    }
     assert!(rules(&sysvpn).is_empty());
 
     let moved = Instant::now();
     qubes_vm::move_app_behind_vpn(t, &vpn).unwrap();
+    // Sent once the app's link to sys-firewall is gone: only the new chain
+    // can bring these.
+    let _prober = udp_prober(t, "after-move").unwrap();
     qubes.q.set_property("app", "netvm", Some("sys-vpn"));
-    let Some(first) = arrivals.first_after("probe", moved, Duration::from_secs(2)) else {
+    let Some(first) = arrivals.first_after("after-move", moved, Duration::from_secs(2)) else {
         panic!(
             "not forwarded on the new chain within 2 s\nwatch:\n{}\nsys-vpn:\n{}\nsys-net:\n{}",
             watch.log(),
