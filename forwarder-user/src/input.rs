@@ -47,7 +47,7 @@ impl Admitted {
     fn complain(&mut self, why: String) {
         if self.complaint.as_ref() != Some(&why) {
             warn!(
-                "QubesDB: {why}; the last good input share stays ({} rules)",
+                "QubesDB: {why}; the last good input share stays (rules: {})",
                 self.rules.len()
             );
             self.complaint = Some(why);

@@ -132,7 +132,7 @@ impl Qubesdb {
     pub(super) fn refuse(&mut self, why: String) {
         if self.refused.as_ref() != Some(&why) {
             warn!(
-                "QubesDB: refused dom0's share: {why}; keeping the last good one ({} rules, {} relays)",
+                "QubesDB: refused dom0's share: {why}; keeping the last good one (rules: {}, relays: {})",
                 self.applied.rules.len(),
                 self.applied.relays.len()
             );
