@@ -155,7 +155,7 @@ impl QubeEnv {
         script += &format!(
             "PATH='{}':\"$PATH\"\nexport PATH\nexec '{}' \"$@\"\n",
             dir.display(),
-            daemon::binary()?.display()
+            std::fs::canonicalize(daemon::binary()?)?.display()
         );
         let program = dir.join("forwarder-in-qube");
         std::fs::write(&program, script)?;

@@ -173,7 +173,9 @@ mod tests {
                 .lines()
                 .find(|l| l.starts_with(&format!("| `qvm-forwarder {name}")))
                 .unwrap_or_else(|| panic!("docs/qubes.md has no row for {name}"));
-            let about = command.get_about().expect("every command says what it does");
+            let about = command
+                .get_about()
+                .expect("every command says what it does");
             assert!(
                 row.ends_with(&format!("| {about} |")),
                 "{name}: --help says {about:?}; the guide's row is {row}"
