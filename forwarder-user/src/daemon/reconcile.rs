@@ -229,8 +229,8 @@ impl Daemon {
             .flat_map(|ifindex| self.interfaces.addresses_of(*ifindex))
             .collect();
         let nets = InternalNets::gather(
-            &self.config.rules,
-            &self.config.relays,
+            &self.rules_for_internal_nets(),
+            &self.relays(),
             &routes,
             &addresses,
             &[],

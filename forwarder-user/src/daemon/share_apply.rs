@@ -20,11 +20,21 @@ use super::{
 use crate::{
     qubesdb::{Tree, router_share},
     router_share as share,
-    rules::Relay,
+    rules::{Relay, Rule},
     vm_config::router::RouterShare,
 };
 
 impl Daemon {
+    /// The config's rules and the share's that run (not `rules add`'s,
+    /// which the rule book alone holds): what the internal networks count.
+    pub(super) fn rules_for_internal_nets(&self) -> Vec<Rule> {
+        let mut rules = self.config.rules.clone();
+        if let Some(q) = &self.qubesdb {
+            rules.extend(q.applied.rules.iter().cloned());
+        }
+        rules
+    }
+
     /// Every relay: the config's and the share's.
     pub(super) fn relays(&self) -> Vec<Relay> {
         let mut relays = self.config.relays.clone();
@@ -135,6 +145,7 @@ impl Daemon {
                 self.follow_uplink()?;
             }
         }
+        self.refresh_internal_nets()?;
         Ok(Ok(()))
     }
 }
