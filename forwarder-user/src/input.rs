@@ -39,6 +39,8 @@ pub fn run(args: &InputArgs) -> Result<()> {
 struct Admitted {
     good: InputShare,
     rules: Vec<String>,
+    /// The chain was made at least once.
+    installed: bool,
     /// Why the last value was refused, or reading failed; logged once.
     complaint: Option<String>,
 }
@@ -66,18 +68,22 @@ impl Admitted {
         }
     }
 
-    /// Makes the firewall hold the good share as of now.
+    /// Makes the firewall hold the good share as of now; unchanged rules
+    /// keep their counters, unless Qubes' table was reloaded meanwhile.
     fn apply(&mut self) -> Result<()> {
         let rules = input_rules::rules(&self.good, SystemTime::now());
+        if self.installed && rules == self.rules && input_rules::in_place()? {
+            return Ok(());
+        }
         for rule in rules.iter().filter(|r| !self.rules.contains(r)) {
             info!("admitting {rule}");
         }
         for rule in self.rules.iter().filter(|r| !rules.contains(r)) {
             info!("no longer admitting {rule}");
         }
-        // Also when nothing changed: Qubes' table may have been reloaded.
         input_rules::install(&rules)?;
         self.rules = rules;
+        self.installed = true;
         Ok(())
     }
 

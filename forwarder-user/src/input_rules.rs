@@ -136,6 +136,12 @@ pub fn install(rules: &[String]) -> Result<()> {
     nft(&["-f", "-"], Some(&script(rules, jump))).map(drop)
 }
 
+/// Whether `custom-input` still jumps to the chain (a reload of Qubes'
+/// table takes both away).
+pub fn in_place() -> Result<bool> {
+    Ok(!jump_handles(&custom_input()?).is_empty())
+}
+
 /// Removes the jump and the chain; returns whether there was anything.
 pub fn remove() -> Result<bool> {
     let Ok(listing) = custom_input() else {

@@ -176,7 +176,9 @@ pub fn resolve(
             resolved.relays.push(relay(entry, targets, defaults));
         }
     }
-    resolved.next_deadline = share.next_deadline().filter(|t| *t > now);
+    let forwards = share.forwards.iter().map(|f| f.attrs.until);
+    let relays = share.relays.iter().map(|r| r.attrs.until);
+    resolved.next_deadline = forwards.chain(relays).flatten().filter(|t| *t > now).min();
     resolved
 }
 
@@ -253,6 +255,27 @@ mod tests {
         assert!(r.held[2].contains("this router's own address"));
         assert!(r.held[3].starts_with("relay=224.0.0.167:53317="));
         assert!(r.next_deadline.is_some());
+    }
+
+    #[test]
+    fn the_next_deadline_is_the_first_still_ahead() {
+        let s = share(&[
+            "forward=tcp:80=10.137.0.17 until=2001-01-01T00:00:00Z",
+            "forward=tcp:81=10.137.0.17 until=2100-01-01T00:00:00Z",
+            "relay=224.0.0.167:53317=10.137.0.17 until=2090-01-01T00:00:00Z",
+        ]);
+        let r = resolve(
+            &s,
+            &defaults(),
+            SystemTime::now(),
+            routes,
+            &downstream(),
+            "eth0",
+        );
+        assert_eq!(
+            r.next_deadline,
+            Some(crate::vm_config::entry::parse_until("2090-01-01T00:00:00Z").unwrap())
+        );
     }
 
     #[test]

@@ -552,3 +552,58 @@ fn the_config_file_and_qubesdb_add_up_and_a_clash_is_refused_naming_both() {
     let _ = std::fs::remove_file(&file);
     qubes.finish();
 }
+
+/// `--expire`: at the deadline the routers' rules go (the datapath stops
+/// them itself), their relays go (the daemon enforces a relay's `until`),
+/// and the app stops admitting the ports (`forwarder input` honours it).
+#[test]
+fn an_expiring_exposure_ends_everywhere_on_time() {
+    let qubes = Qubes::start("expire").unwrap();
+    let t = &qubes.t;
+    let exposed = Instant::now();
+    qubes.dom0(&["expose", "app", "--localsend", "--expire", "4s"]);
+    let relays = |fwd: &Forwarder| fwd.tables().unwrap().installed_relays().unwrap().len();
+    assert!(
+        wait_until(Duration::from_secs(3), || rules(&qubes.sysnet).len() == 2
+            && relays(&qubes.sysnet) == 1
+            && relays(&qubes.sysfw) == 1),
+        "positive control: the exposure was not applied"
+    );
+    assert!(qubes.input.chain(&t.app).unwrap().contains("accept"));
+    let gone = wait_until(Duration::from_secs(8), || {
+        [&qubes.sysnet, &qubes.sysfw]
+            .iter()
+            .all(|r| rules(r).is_empty() && relays(r) == 0)
+            && qubes
+                .input
+                .chain(&t.app)
+                .is_ok_and(|c| !c.contains("accept"))
+    });
+    assert!(
+        gone,
+        "still there {} after expose: rules {:?} {:?}, relays {} {}, app:\n{}",
+        ms(exposed.elapsed()),
+        rules(&qubes.sysnet),
+        rules(&qubes.sysfw),
+        relays(&qubes.sysnet),
+        relays(&qubes.sysfw),
+        qubes.input.chain(&t.app).unwrap_or_default()
+    );
+    let took = exposed.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "gone before its time: {took:?}"
+    );
+    println!(
+        "a 4 s exposure was gone everywhere {} after expose",
+        ms(took)
+    );
+    qubes
+        .sysnet
+        .wait_log(
+            "QubesDB: no longer relaying 224.0.0.167:53317",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+    qubes.finish();
+}
