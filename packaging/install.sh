@@ -38,11 +38,16 @@ put() { # mode source destination
 }
 
 put 0755 "$here/bin/forwarder" "$prefix/bin/forwarder"
-unit=$(mktemp)
-trap 'rm -f "$unit"' EXIT
-# The unit names /usr/bin/forwarder, where the .deb and .rpm put it.
-sed "s|/usr/bin/forwarder|$prefix/bin/forwarder|g" "$here/systemd/forwarder.service" > "$unit"
-put 0644 "$unit" /etc/systemd/system/forwarder.service
+edited=$(mktemp)
+trap 'rm -f "$edited"' EXIT
+# The units and the post-install script name /usr/bin/forwarder, where the
+# .deb and .rpm put it.
+for unit in forwarder.service forwarder-input.service; do
+    sed "s|/usr/bin/forwarder|$prefix/bin/forwarder|g" "$here/systemd/$unit" > "$edited"
+    put 0644 "$edited" "/etc/systemd/system/$unit"
+done
+sed "s|/usr/bin/forwarder|$prefix/bin/forwarder|g" "$here/qubes/50-forwarder.sh" > "$edited"
+put 0755 "$edited" /etc/qubes/post-install.d/50-forwarder.sh
 for f in "$here"/examples/*; do
     put 0644 "$f" "/usr/share/doc/forwarder/examples/$(basename "$f")"
 done
@@ -51,9 +56,11 @@ put 0644 "$here/doc/changelog" /usr/share/doc/forwarder/changelog
 
 if [ -z "$root" ] && [ "$enable" = 1 ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload
-    systemctl enable forwarder.service
-    echo "enabled forwarder.service (it runs only where the forwarder qvm-service is enabled"
-    echo "and /rw/config/forwarder.toml exists)"
+    systemctl enable forwarder.service forwarder-input.service
+    echo "enabled forwarder.service and forwarder-input.service (each runs only where its"
+    echo "qvm-service, forwarder or forwarder-input, is enabled)"
 fi
-echo "done. Next: write /rw/config/forwarder.toml (examples in /usr/share/doc/forwarder/examples),"
-echo "then in dom0: qvm-service --enable <router-vm> forwarder"
+if [ -z "$root" ] && command -v qvm-features-request >/dev/null 2>&1; then
+    /etc/qubes/post-install.d/50-forwarder.sh || true
+fi
+echo "done. Next, in dom0 (package forwarder-dom0): qvm-forwarder expose <qube> --localsend"

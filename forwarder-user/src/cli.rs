@@ -57,6 +57,18 @@ pub enum Command {
     /// Remove everything a dead instance left: clsact filters, TCX links,
     /// pins, records and the nftables table. Refuses while its daemon runs.
     Teardown(TeardownArgs),
+    /// In an exposed Qubes VM: admit in its own firewall (qubes
+    /// custom-input) what dom0 exposes it for (/vm-config/forwarder-input.N),
+    /// live, until SIGINT or SIGTERM, then remove it.
+    Input(InputArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// Remove what an earlier run added (its chain and the jump to it),
+    /// and exit.
+    #[arg(long)]
+    pub remove: bool,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +170,19 @@ pub struct RunArgs {
     /// [default: /sys/fs/bpf/forwarder].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// Whether the command line gives forward rules or relays itself: such
+    /// an instance never follows QubesDB.
+    pub fn names_rules(&self) -> bool {
+        !self.forward.is_empty()
+            || !self.relay.is_empty()
+            || self.localsend.is_some()
+            || self.kdeconnect.is_some()
+            || self.syncthing.is_some()
+            || self.mdns.is_some()
+    }
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,12 @@
 //! - forward rules and relays add up: the file's, the flags' and the
 //!   presets' all apply, and a port or group given twice is an error naming
 //!   both places. Nothing given as a flag is ever written to the file.
+//!
+//! In a Qubes router (the `forwarder` qvm-service on) started without rule
+//! flags, the file is `--config` or else `/rw/config/forwarder.toml` when it
+//! exists, and dom0's share in QubesDB adds its rules and relays to the
+//! file's (see `router_share`); with no uplink given, the uplink is the
+//! interface of the default route, followed as it changes.
 
 use std::{
     fmt::Display,
@@ -30,6 +36,7 @@ use crate::{
     },
     multicast, pin,
     presets::{self, Preset},
+    qubes_vm::RouterVm,
     rules::{self, Origin, Relay, Rule},
     spec::{AllowFrom, ForwardSpec, RelaySpec, parse_ipv4, parse_rate, parse_ttl},
 };
@@ -52,6 +59,13 @@ pub struct RunConfig {
     pub pin_dir: PathBuf,
     /// The file `rules add/del --save` writes to.
     pub config_file: Option<PathBuf>,
+    /// Options of relays that set none themselves (QubesDB's relays).
+    pub relay_defaults: RelayDefaults,
+    /// Follow dom0's share in QubesDB (`/vm-config/forwarder.N`).
+    pub qubesdb: bool,
+    /// No uplink was given: it is the default route's interface (`uplink`
+    /// is empty until there is one).
+    pub follow_default_route: bool,
 }
 
 /// The file's keys. Values stay strings or numbers here and are parsed
@@ -162,15 +176,16 @@ fn parse_expiry(s: &str) -> Result<SystemTime, String> {
 }
 
 /// Relay options every relay gets unless its own table says otherwise.
-struct RelayDefaults {
-    ttl: Option<u8>,
-    rate: u32,
-    rate_down: u32,
-    allow: AllowFrom,
+#[derive(Clone, Debug)]
+pub struct RelayDefaults {
+    pub ttl: Option<u8>,
+    pub rate: u32,
+    pub rate_down: u32,
+    pub allow: AllowFrom,
 }
 
 impl RelayDefaults {
-    fn relay(&self, spec: RelaySpec) -> Relay {
+    pub fn relay(&self, spec: RelaySpec) -> Relay {
         Relay {
             group: spec.group,
             port: spec.port,
@@ -185,8 +200,17 @@ impl RelayDefaults {
 
 impl RunConfig {
     /// Flags and file layered (see the module's documentation), every value
-    /// validated.
+    /// validated, in this VM as it is.
     pub fn from_args(args: RunArgs) -> Result<Self, String> {
+        Self::from_args_in(args, &RouterVm::detect())
+    }
+
+    /// As `from_args`, in the VM `vm` describes.
+    pub fn from_args_in(mut args: RunArgs, vm: &RouterVm) -> Result<Self, String> {
+        let qubesdb = vm.service && !args.names_rules();
+        if qubesdb && args.config.is_none() {
+            args.config.clone_from(&vm.config_file);
+        }
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
@@ -194,9 +218,20 @@ impl RunConfig {
         let src = Source {
             file: args.config.as_deref(),
         };
-        let uplink = src
-            .layer("uplink", args.uplink, file.uplink.as_ref(), parse_ifname)?
-            .ok_or("--uplink is required (or `uplink` in the --config file)")?;
+        let uplink = src.layer("uplink", args.uplink, file.uplink.as_ref(), parse_ifname)?;
+        let follow_default_route = uplink.is_none() && qubesdb;
+        let uplink = match uplink {
+            Some(uplink) => uplink,
+            None if follow_default_route => String::new(),
+            None => {
+                return Err(
+                    "--uplink is required (or `uplink` in the --config file; in a Qubes router \
+                     with the forwarder qvm-service on and no rule flags, the default route's \
+                     interface)"
+                        .into(),
+                );
+            }
+        };
         let downstream = if !args.downstream.is_empty() {
             args.downstream
         } else if let Some(list) = &file.downstream {
@@ -369,11 +404,15 @@ impl RunConfig {
             tc_hook,
             pin_dir,
             config_file: args.config,
+            relay_defaults,
+            qubesdb,
+            follow_default_route,
         })
     }
 
     /// What `check-config` reports: the file alone, as `run --config` would
-    /// see it with no other flags.
+    /// see it with no other flags (in a Qubes router, with QubesDB's share
+    /// still to come).
     pub fn check_file(path: &Path) -> Result<Self, String> {
         Self::from_args(RunArgs {
             config: Some(path.to_path_buf()),
@@ -453,7 +492,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             unreachable!()
         };
-        RunConfig::from_args(args)
+        RunConfig::from_args_in(args, &RouterVm::default())
     }
 
     fn file(text: &str) -> (tempfile_path::TempPath, String) {
@@ -493,10 +532,9 @@ mod tests {
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(c.downstream[0].is_match("vif12.0") && !c.downstream[0].is_match("vif12.0-emu"));
         assert!(c.rules.is_empty() && c.relays.is_empty());
-        assert_eq!(
-            config(&[]).unwrap_err(),
-            "--uplink is required (or `uplink` in the --config file)"
-        );
+        let err = config(&[]).unwrap_err();
+        assert!(err.starts_with("--uplink is required"), "{err}");
+        assert!(!c.qubesdb && !c.follow_default_route);
     }
 
     #[test]
@@ -632,6 +670,64 @@ mod tests {
                 && err.contains("tcp:1740"),
             "{err}"
         );
+    }
+
+    fn qubes_config(args: &[&str], file: Option<&str>) -> Result<RunConfig, String> {
+        let cli = Cli::try_parse_from(["forwarder", "run"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
+        let Command::Run(args) = cli.command else {
+            unreachable!()
+        };
+        let held = file.map(tempfile_path::TempPath::new);
+        let vm = RouterVm {
+            service: true,
+            config_file: held.as_ref().map(|f| f.0.clone()),
+        };
+        RunConfig::from_args_in(args, &vm)
+    }
+
+    #[test]
+    fn a_qubes_router_follows_qubesdb_with_the_file_and_the_default_route() {
+        let c = qubes_config(&[], None).unwrap();
+        assert!(c.qubesdb && c.follow_default_route, "{c:?}");
+        assert_eq!((c.uplink.as_str(), c.config_file.as_deref()), ("", None));
+        assert!(c.rules.is_empty() && c.relays.is_empty());
+
+        let c = qubes_config(
+            &[],
+            Some("relay_rate = 7\n[[forward]]\nspec = \"tcp:8080=10.137.0.9\"\n"),
+        )
+        .unwrap();
+        assert!(c.qubesdb && c.follow_default_route);
+        assert!(c.config_file.is_some(), "/rw/config/forwarder.toml is read");
+        assert_eq!(c.rules[0].origin, Origin::File);
+        assert_eq!(
+            c.relay_defaults.rate, 7,
+            "QubesDB's relays take the file's rates"
+        );
+
+        let c = qubes_config(&["--uplink", "eth1"], Some("uplink = \"eth0\"\n")).unwrap();
+        assert!(c.qubesdb && !c.follow_default_route);
+        assert_eq!(c.uplink, "eth1");
+
+        for flags in [
+            &["--uplink", "eth0", "--localsend", "10.137.0.17"][..],
+            &["--uplink", "eth0", "--forward", "tcp:80=10.137.0.17"],
+            &[
+                "--uplink",
+                "eth0",
+                "--relay",
+                "224.0.0.167:53317=10.137.0.17",
+            ],
+        ] {
+            let c = qubes_config(flags, Some("")).unwrap();
+            assert!(
+                !c.qubesdb && c.config_file.is_none(),
+                "{flags:?}: rule flags, no QubesDB"
+            );
+        }
+        let err = qubes_config(&["--localsend", "10.137.0.17"], None).unwrap_err();
+        assert!(err.starts_with("--uplink is required"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use forwarder::{
     cli::{Cli, Command},
     client,
     config::RunConfig,
-    daemon, flows, inspect, teardown,
+    daemon, flows, input, inspect, teardown,
 };
 
 fn main() -> ExitCode {
@@ -26,7 +26,11 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match RunConfig::check_file(&file) {
             Ok(config) => {
                 println!("{}: valid", file.display());
-                println!("  uplink {}", config.uplink);
+                if config.follow_default_route {
+                    println!("  uplink: the interface of the default route");
+                } else {
+                    println!("  uplink {}", config.uplink);
+                }
                 for rule in &config.rules {
                     println!("  forward {rule}");
                 }
@@ -35,6 +39,9 @@ fn main() -> ExitCode {
                 }
                 for (preset, target) in &config.presets {
                     println!("  {}", preset.advice(*target));
+                }
+                if config.qubesdb {
+                    println!("  and dom0's share in QubesDB (/vm-config/forwarder.N)");
                 }
                 return ExitCode::SUCCESS;
             }
@@ -47,6 +54,7 @@ fn main() -> ExitCode {
         Command::Flows(args) => flows::run(&args),
         Command::Rules(command) => client::run(command),
         Command::Teardown(args) => teardown::run(&args),
+        Command::Input(args) => input::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -91,6 +91,20 @@ impl Memberships {
         }
     }
 
+    /// Changes the groups to those among `relay_groups`; the next
+    /// [`Memberships::follow`] joins them afresh. Returns whether they
+    /// changed.
+    pub fn set_groups(&mut self, relay_groups: Vec<Ipv4Addr>) -> bool {
+        let groups = groups(relay_groups);
+        if groups == self.groups {
+            return false;
+        }
+        self.groups = groups;
+        // Closing the socket leaves the old groups.
+        self.joined = None;
+        true
+    }
+
     pub fn ifindex(&self) -> Option<u32> {
         self.joined.as_ref().map(|(ifindex, _)| *ifindex)
     }

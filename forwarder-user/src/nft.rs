@@ -55,7 +55,9 @@ pub fn script(uplink: &str, rules: &[Rule]) -> String {
     let mut chain = String::new();
     for proto in [Proto::Tcp, Proto::Udp] {
         let ports = ports_of(rules, proto);
-        if ports.is_empty() {
+        // No uplink yet (a Qubes router before its first default route):
+        // nothing is masqueraded out of it.
+        if ports.is_empty() || uplink.is_empty() {
             continue;
         }
         let elements: Vec<String> = ports.iter().map(Ports::to_string).collect();
@@ -189,6 +191,8 @@ mod tests {
             s.contains("oifname \"wls6f0\" udp sport @udp_listen masquerade to :1024-53316"),
             "{s}"
         );
+        let no_uplink = script("", &[rule(Proto::Tcp, 53317)]);
+        assert!(!no_uplink.contains("oifname"), "{no_uplink}");
         let empty = script("eth0", &[]);
         assert!(!empty.contains("masquerade"));
         assert!(empty.contains("priority srcnat - 1"));

@@ -23,7 +23,7 @@
 
 use std::{
     io::Read,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -156,8 +156,19 @@ struct Watch(Child);
 
 impl Watch {
     fn arm(tools: &Tools) -> Result<Watch, String> {
-        tools
-            .command("qubesdb-watch")
+        let mut command = tools.command("qubesdb-watch");
+        // A process that exits without dropping the watch (the daemon's
+        // follower thread is never joined) takes it along.
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
             .arg(QUBESDB_DIR)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -254,6 +265,49 @@ impl Follower {
             }
         }
         self.tools.read_vm_config()
+    }
+}
+
+/// `/vm-config/` entries, names relative to it.
+pub type Tree = Vec<(String, String)>;
+
+/// How soon a failed read or watch is tried again.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// Follows `/vm-config/` on a thread of its own, for as long as the
+/// receiver lives: each tree read, or what stopped the reading (tried
+/// again after [`RETRY`]).
+pub fn feed(tools: Tools) -> std::io::Result<tokio::sync::mpsc::Receiver<Result<Tree, String>>> {
+    let (trees, receiver) = tokio::sync::mpsc::channel(4);
+    std::thread::Builder::new()
+        .name("qubesdb".into())
+        .spawn(move || follow(&tools, &trees))?;
+    Ok(receiver)
+}
+
+fn follow(tools: &Tools, trees: &tokio::sync::mpsc::Sender<Result<Tree, String>>) {
+    loop {
+        let err = match Follower::start(tools.clone()) {
+            Ok((mut follower, tree)) => {
+                let mut read = Ok(tree);
+                loop {
+                    match read {
+                        Ok(tree) => {
+                            if trees.blocking_send(Ok(tree)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(err) => break err,
+                    }
+                    read = follower.changed();
+                }
+            }
+            Err(err) => err,
+        };
+        if trees.blocking_send(Err(err)).is_err() {
+            return;
+        }
+        std::thread::sleep(RETRY);
     }
 }
 

@@ -30,6 +30,8 @@ pub enum Origin {
     Preset,
     /// Added at runtime with `rules add` and not saved.
     Live,
+    /// A router's share from dom0, read from QubesDB (`/vm-config/forwarder.N`).
+    Qubesdb,
 }
 
 impl Origin {
@@ -40,6 +42,7 @@ impl Origin {
             Origin::File => "file",
             Origin::Preset => "preset",
             Origin::Live => "live",
+            Origin::Qubesdb => "qubesdb",
         }
     }
 }
@@ -143,6 +146,7 @@ impl Rule {
                 None => "a preset".into(),
             },
             Origin::Live => "`rules add`".into(),
+            Origin::Qubesdb => "dom0's share in QubesDB (/vm-config/forwarder.N)".into(),
         }
     }
 
@@ -390,7 +394,13 @@ mod tests {
 
     #[test]
     fn origin_names_are_their_json() {
-        for origin in [Origin::Flag, Origin::File, Origin::Preset, Origin::Live] {
+        for origin in [
+            Origin::Flag,
+            Origin::File,
+            Origin::Preset,
+            Origin::Live,
+            Origin::Qubesdb,
+        ] {
             assert_eq!(serde_json::to_value(origin).unwrap(), origin.name());
         }
     }

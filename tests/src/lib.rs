@@ -21,6 +21,7 @@ pub mod netns;
 pub mod notify;
 pub mod packet;
 pub mod pip;
+pub mod qubes_vm;
 pub mod qubesd;
 pub mod qubesdb_store;
 pub mod soak;

@@ -124,8 +124,8 @@ impl Domain {
         self
     }
 
-    /// A template announcing the forwarder package, as its
-    /// `qvm-features-request` would make it.
+    /// A template announcing the forwarder package (router and input
+    /// side), as its post-install script's `qvm-features-request` makes it.
     pub fn template() -> Self {
         Domain::new("TemplateVM")
             .with_property("netvm", Property::vm(None))
@@ -133,6 +133,7 @@ impl Domain {
             .with_property("ip", Property::string(None))
             .with_feature("os", "Linux")
             .with_feature("supported-service.forwarder", "1")
+            .with_feature("supported-service.forwarder-input", "1")
     }
 
     /// A template-based qube behind `netvm` with address `ip`.

@@ -39,12 +39,18 @@ pub fn install_tools(standin: &Path, at: &Path, store: &Path, vm: &str) -> io::R
 }
 
 /// The store the tools at `argv0` serve: the environment's, or the
-/// configuration file's beside them.
+/// configuration file's beside them (found on PATH, as the shell found the
+/// tool, when `argv0` is a bare name).
 pub fn configured(argv0: &Path) -> Option<(PathBuf, String)> {
     if let (Some(dir), Ok(vm)) = (std::env::var_os(DIR_ENV), std::env::var(VM_ENV)) {
         return Some((dir.into(), vm));
     }
-    let conf = std::fs::read_to_string(argv0.parent()?.join(CONF)).ok()?;
+    let dir = match argv0.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => std::env::split_paths(&std::env::var_os("PATH")?)
+            .find(|dir| dir.join(argv0).exists())?,
+    };
+    let conf = std::fs::read_to_string(dir.join(CONF)).ok()?;
     let mut lines = conf.lines();
     Some((lines.next()?.into(), lines.next()?.to_string()))
 }

@@ -196,6 +196,14 @@ impl UdpRecorder {
             d.payload.starts_with(marker.as_bytes()).then_some(d.from)
         })
     }
+
+    /// When the first datagram carrying `marker` arrived after `after`,
+    /// waiting up to `timeout` for one.
+    pub fn first_after(&self, marker: &str, after: Instant, timeout: Duration) -> Option<Instant> {
+        self.datagrams.wait_for(timeout, |d| {
+            (d.at > after && d.payload.starts_with(marker.as_bytes())).then_some(d.at)
+        })
+    }
 }
 
 /// What a client got back: the server's view of the client, and the reply's

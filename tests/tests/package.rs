@@ -26,25 +26,36 @@ use forwarder_tests::{
 /// The oldest glibc of a template in use: Debian 12's.
 const GLIBC_FLOOR: (u32, u32) = (2, 36);
 
-/// `$var` (set by `cargo xtask test`), or the newest file ending in `suffix`
-/// that `cargo xtask package` left in target/package.
-fn package(var: &str, suffix: &str) -> PathBuf {
+/// `$var` (set by `cargo xtask test`), or the newest file of `name`'s
+/// package ending in `suffix` that `cargo xtask package` left in
+/// target/package.
+fn package(var: &str, name: &str, suffix: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(var) {
         return PathBuf::from(path);
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/package");
+    // forwarder_0.1.0-1_amd64.deb, forwarder-0.1.0-1.x86_64.rpm,
+    // forwarder-dom0-0.1.0-1.x86_64.rpm: the name, then the version.
+    let of_package = |file: &str| {
+        file.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(['-', '_']))
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
     std::fs::read_dir(&dir)
         .ok()
         .and_then(|entries| {
             entries
                 .flatten()
                 .map(|e| e.path())
-                .filter(|p| p.to_string_lossy().ends_with(suffix))
+                .filter(|p| {
+                    let file = p.file_name().unwrap_or_default().to_string_lossy();
+                    of_package(&file) && file.ends_with(suffix)
+                })
                 .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
         })
         .unwrap_or_else(|| {
             panic!(
-                "no *{suffix} in {}: run `cargo xtask package` or set {var}",
+                "no {name} *{suffix} in {}: run `cargo xtask package` or set {var}",
                 dir.display()
             )
         })
@@ -172,9 +183,18 @@ fn repo_unit() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/forwarder.service")
 }
 
+/// A file's sha256 in `rpm -qp --dump` output (path size mtime sha256 ...).
+fn dump_digest(dump: &str, path: &str) -> Result<String> {
+    dump.lines()
+        .find(|l| l.starts_with(&format!("{path} ")))
+        .and_then(|l| l.split(' ').nth(3))
+        .map(str::to_string)
+        .with_context(|| format!("{path} not in the dump"))
+}
+
 #[test]
 fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
-    let deb = package("FORWARDER_DEB", ".deb");
+    let deb = package("FORWARDER_DEB", "forwarder", ".deb");
     let mut checks = Checks::default();
     let contents = run(Command::new("dpkg-deb").arg("-c").arg(&deb)).unwrap();
     checks.add(
@@ -184,6 +204,7 @@ fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
                 &contents,
                 &[
                     "./usr/lib/systemd/system/forwarder.service",
+                    "./usr/lib/systemd/system/forwarder-input.service",
                     "./usr/share/doc/forwarder/examples/sys-net.toml",
                     "./usr/share/doc/forwarder/examples/sys-firewall.toml",
                     "./usr/share/doc/forwarder/examples/app-vm-rc.local",
@@ -197,10 +218,17 @@ fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
                 .find(|l| l.ends_with(" ./usr/bin/forwarder"))
                 .context("no ./usr/bin/forwarder")?;
             ensure!(binary.starts_with("-rwxr-xr-x 0/0"), "{binary}");
-            // Nothing under /etc: no conffiles, so `apt remove` leaves none.
+            // Under /etc only the post-install script Qubes runs, executable;
+            // the postrm removes it on `remove` (below).
+            let etc: Vec<&str> = contents
+                .lines()
+                .filter(|l| l.contains(" ./etc/") && !l.ends_with('/'))
+                .collect();
             ensure!(
-                !contents.contains("./etc/"),
-                "ships files under /etc:\n{contents}"
+                etc.len() == 1
+                    && etc[0].starts_with("-rwxr-xr-x 0/0")
+                    && etc[0].ends_with(" ./etc/qubes/post-install.d/50-forwarder.sh"),
+                "files under /etc: {etc:?}"
             );
             Ok(format!("{} entries", contents.lines().count()))
         })(),
@@ -244,14 +272,37 @@ fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
     // restarted (not stopped) on upgrade, stopped on remove, and on remove
     // the enablement is purged too, so nothing but the user's config stays.
     checks.add_ok(
-        "postinst enables and starts",
+        "postinst enables and starts both units",
         deb_member(&deb, "--ctrl-tarfile", "./postinst").and_then(|s| {
             contains_all(
                 &s,
                 &[
                     "deb-systemd-helper enable forwarder.service",
+                    "deb-systemd-helper enable forwarder-input.service",
                     "_dh_action=restart",
-                    "deb-systemd-invoke $_dh_action forwarder.service",
+                    "deb-systemd-invoke $_dh_action forwarder-input.service forwarder.service",
+                ],
+            )
+        }),
+    );
+    checks.add_ok(
+        "the post-install script is the repository's",
+        deb_member(
+            &deb,
+            "--fsys-tarfile",
+            "./etc/qubes/post-install.d/50-forwarder.sh",
+        )
+        .and_then(|script| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            ensure!(
+                script == std::fs::read_to_string(root.join("packaging/qubes/50-forwarder.sh"))?,
+                "differs:\n{script}"
+            );
+            contains_all(
+                &script,
+                &[
+                    "qvm-features-request supported-service.forwarder=1",
+                    "qvm-features-request supported-service.forwarder-input=1",
                 ],
             )
         }),
@@ -263,7 +314,8 @@ fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
                 &s,
                 &[
                     "[ \"$1\" = remove ]",
-                    "deb-systemd-invoke stop forwarder.service",
+                    "deb-systemd-invoke stop forwarder-input.service forwarder.service",
+                    "/usr/bin/forwarder input --remove",
                 ],
             )
         }),
@@ -279,8 +331,10 @@ fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
                 after_debhelper,
                 &[
                     "[ \"$1\" = \"remove\" ]",
-                    "deb-systemd-helper purge forwarder.service",
-                    "deb-systemd-helper unmask forwarder.service",
+                    "for unit in forwarder.service forwarder-input.service",
+                    "deb-systemd-helper purge \"$unit\"",
+                    "deb-systemd-helper unmask \"$unit\"",
+                    "rm -f /etc/qubes/post-install.d/50-forwarder.sh",
                 ],
             )?;
             ensure!(
@@ -295,7 +349,7 @@ fn the_deb_carries_the_binary_unit_docs_and_systemd_scripts() {
 
 #[test]
 fn the_rpm_carries_the_binary_unit_docs_and_systemd_scriptlets() {
-    let rpm = package("FORWARDER_RPM", ".rpm");
+    let rpm = package("FORWARDER_RPM", "forwarder", ".rpm");
     let query = |args: &[&str]| run(Command::new("rpm").arg("-qp").args(args).arg(&rpm));
     let mut checks = Checks::default();
     checks.add(
@@ -303,7 +357,9 @@ fn the_rpm_carries_the_binary_unit_docs_and_systemd_scriptlets() {
         query(&["-l"]).and_then(|list| {
             let files: BTreeSet<&str> = list.lines().collect();
             let expected: BTreeSet<&str> = [
+                "/etc/qubes/post-install.d/50-forwarder.sh",
                 "/usr/bin/forwarder",
+                "/usr/lib/systemd/system/forwarder-input.service",
                 "/usr/lib/systemd/system/forwarder.service",
                 "/usr/lib/systemd/system-preset/50-forwarder.preset",
                 "/usr/share/doc/forwarder/README.md",
@@ -318,29 +374,47 @@ fn the_rpm_carries_the_binary_unit_docs_and_systemd_scriptlets() {
             Ok(format!("{} files", files.len()))
         }),
     );
-    // rpm --dump: path size mtime sha256 mode ...; the unit and the preset
-    // are the repository's, byte for byte.
+    // rpm --dump: path size mtime sha256 mode ...; the units, the preset
+    // and the post-install script are the repository's, byte for byte.
     checks.add_ok(
-        "unit and preset are the repository's",
+        "units, preset and post-install script are the repository's",
         query(&["--dump"]).and_then(|dump| {
-            let digest = |path: &str| {
-                dump.lines()
-                    .find(|l| l.starts_with(&format!("{path} ")))
-                    .and_then(|l| l.split(' ').nth(3))
-                    .map(str::to_string)
-                    .with_context(|| format!("{path} not in the dump"))
-            };
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            ensure!(digest("/usr/lib/systemd/system/forwarder.service")? == sha256(&repo_unit())?);
-            ensure!(
-                digest("/usr/lib/systemd/system-preset/50-forwarder.preset")?
-                    == sha256(&root.join("packaging/rpm/50-forwarder.preset"))?
-            );
+            for (path, source) in [
+                (
+                    "/usr/lib/systemd/system/forwarder.service",
+                    "forwarder.service",
+                ),
+                (
+                    "/usr/lib/systemd/system/forwarder-input.service",
+                    "forwarder-input.service",
+                ),
+                (
+                    "/usr/lib/systemd/system-preset/50-forwarder.preset",
+                    "rpm/50-forwarder.preset",
+                ),
+                (
+                    "/etc/qubes/post-install.d/50-forwarder.sh",
+                    "qubes/50-forwarder.sh",
+                ),
+            ] {
+                ensure!(
+                    dump_digest(&dump, path)? == sha256(&root.join("packaging").join(source))?,
+                    "{path} differs from packaging/{source}"
+                );
+            }
+            let script = dump
+                .lines()
+                .find(|l| l.starts_with("/etc/qubes/post-install.d/50-forwarder.sh "))
+                .context("no post-install script")?;
+            ensure!(script.split(' ').nth(4) == Some("0100755"), "{script}");
             let preset = std::fs::read_to_string(root.join("packaging/rpm/50-forwarder.preset"))?;
-            ensure!(
-                preset.lines().any(|l| l == "enable forwarder.service"),
-                "{preset}"
-            );
+            for unit in ["forwarder.service", "forwarder-input.service"] {
+                ensure!(
+                    preset.lines().any(|l| l == format!("enable {unit}")),
+                    "{preset}"
+                );
+            }
             Ok(())
         }),
     );
@@ -358,21 +432,21 @@ fn the_rpm_carries_the_binary_unit_docs_and_systemd_scriptlets() {
                 &section("postinstall")?,
                 &[
                     "[ $1 -eq 1 ]",
-                    "systemd-update-helper install-system-units forwarder.service",
+                    "systemd-update-helper install-system-units forwarder.service forwarder-input.service",
                 ],
             )?;
             contains_all(
                 &section("preuninstall")?,
                 &[
                     "[ $1 -eq 0 ]",
-                    "systemd-update-helper remove-system-units forwarder.service",
+                    "systemd-update-helper remove-system-units forwarder.service forwarder-input.service",
                 ],
             )?;
             contains_all(
                 &section("postuninstall")?,
                 &[
                     "[ $1 -ge 1 ]",
-                    "systemd-update-helper mark-restart-system-units forwarder.service",
+                    "systemd-update-helper mark-restart-system-units forwarder.service forwarder-input.service",
                 ],
             )?;
             ensure!(
@@ -392,12 +466,103 @@ fn the_rpm_carries_the_binary_unit_docs_and_systemd_scriptlets() {
     checks.assert_all_pass("the .rpm");
 }
 
+/// forwarder-dom0: only `qvm-forwarder`, its watch unit (left disabled:
+/// no preset enables it) and its docs; no nftables; dom0's glibc (Qubes
+/// 4.2's dom0 is Fedora 37, glibc 2.36) is enough.
+#[test]
+fn the_dom0_rpm_carries_only_qvm_forwarder_and_its_disabled_watch_unit() {
+    let rpm = package("FORWARDER_DOM0_RPM", "forwarder-dom0", ".rpm");
+    let query = |args: &[&str]| run(Command::new("rpm").arg("-qp").args(args).arg(&rpm));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut checks = Checks::default();
+    checks.add(
+        "name",
+        query(&["--queryformat", "%{NAME} %{VERSION}-%{RELEASE}"]).and_then(|name| {
+            ensure!(name.starts_with("forwarder-dom0 "), "{name}");
+            Ok(name)
+        }),
+    );
+    checks.add(
+        "files",
+        query(&["-l"]).and_then(|list| {
+            let files: BTreeSet<&str> = list.lines().collect();
+            let expected: BTreeSet<&str> = [
+                "/usr/bin/qvm-forwarder",
+                "/usr/lib/systemd/system/qvm-forwarder-watch.service",
+                "/usr/share/doc/forwarder-dom0/changelog",
+                "/usr/share/doc/forwarder-dom0/qubes.md",
+            ]
+            .into();
+            ensure!(files == expected, "files {files:?}, expected {expected:?}");
+            Ok(format!("{} files", files.len()))
+        }),
+    );
+    checks.add_ok(
+        "the watch unit is the repository's, and runs qvm-forwarder watch",
+        query(&["--dump"]).and_then(|dump| {
+            let source = root.join("packaging/dom0/qvm-forwarder-watch.service");
+            ensure!(
+                dump_digest(&dump, "/usr/lib/systemd/system/qvm-forwarder-watch.service")?
+                    == sha256(&source)?
+            );
+            let binary = dump
+                .lines()
+                .find(|l| l.starts_with("/usr/bin/qvm-forwarder "))
+                .context("no qvm-forwarder")?;
+            ensure!(binary.split(' ').nth(4) == Some("0100755"), "{binary}");
+            contains_all(
+                &std::fs::read_to_string(&source)?,
+                &[
+                    "ExecStart=/usr/bin/qvm-forwarder watch",
+                    "WantedBy=multi-user.target",
+                ],
+            )
+        }),
+    );
+    checks.add_ok(
+        "scriptlets apply the preset (which enables nothing) and stop on removal",
+        query(&["--scripts"]).and_then(|scripts| {
+            let section = |name: &str| -> Result<String> {
+                scriptlets(&scripts)
+                    .remove(name)
+                    .with_context(|| format!("no {name} scriptlet in:\n{scripts}"))
+            };
+            contains_all(
+                &section("postinstall")?,
+                &["systemd-update-helper install-system-units qvm-forwarder-watch.service"],
+            )?;
+            contains_all(
+                &section("preuninstall")?,
+                &["systemd-update-helper remove-system-units qvm-forwarder-watch.service"],
+            )?;
+            contains_all(
+                &section("postuninstall")?,
+                &["systemd-update-helper mark-restart-system-units qvm-forwarder-watch.service"],
+            )?;
+            ensure!(
+                !scripts.contains("forwarder.service") && !scripts.contains("teardown"),
+                "a router's scriptlet in the dom0 package:\n{scripts}"
+            );
+            Ok(())
+        }),
+    );
+    checks.add(
+        "requires",
+        query(&["--requires"]).and_then(|requires| {
+            ensure!(!requires.contains("nftables"), "{requires}");
+            contains_all(&requires, &["libc.so.6(GLIBC_"])?;
+            highest_within_floor(&glibc_versions(&requires))
+        }),
+    );
+    checks.assert_all_pass("the dom0 .rpm");
+}
+
 /// The binary both packages carry needs no glibc newer than Debian 12's:
 /// the highest GLIBC_x.y version among its dynamic symbols, from objdump.
 #[test]
 fn the_packaged_binary_runs_on_the_oldest_template_glibc() {
-    let deb = package("FORWARDER_DEB", ".deb");
-    let rpm = package("FORWARDER_RPM", ".rpm");
+    let deb = package("FORWARDER_DEB", "forwarder", ".deb");
+    let rpm = package("FORWARDER_RPM", "forwarder", ".rpm");
     let scratch = Scratch::new("glibc");
     let binary = scratch.0.join("forwarder");
     sh(&format!(
@@ -436,7 +601,7 @@ fn the_tarball_installs_runs_and_uninstalls() {
     let scratch = &scratch.0;
     run(Command::new("tar")
         .arg("-xzf")
-        .arg(package("FORWARDER_PACKAGE", ".tar.gz"))
+        .arg(package("FORWARDER_PACKAGE", "forwarder", ".tar.gz"))
         .arg("-C")
         .arg(scratch))
     .unwrap();
@@ -457,12 +622,25 @@ fn the_tarball_installs_runs_and_uninstalls() {
     let binary = root.join("usr/bin/forwarder");
     let unit = std::fs::read_to_string(root.join("etc/systemd/system/forwarder.service")).unwrap();
     assert!(
-        unit.contains("ExecStart=/usr/bin/forwarder run --config /rw/config/forwarder.toml"),
+        unit.contains("ExecStart=/usr/bin/forwarder run\n"),
         "{unit}"
     );
     assert!(
-        unit.contains("ConditionPathExists=/run/qubes-service/forwarder"),
+        unit.contains("ConditionPathExists=/run/qubes-service/forwarder\n"),
         "{unit}"
+    );
+    let input =
+        std::fs::read_to_string(root.join("etc/systemd/system/forwarder-input.service")).unwrap();
+    assert!(
+        input.contains("ExecStart=/usr/bin/forwarder input\n")
+            && input.contains("ConditionPathExists=/run/qubes-service/forwarder-input\n"),
+        "{input}"
+    );
+    assert!(
+        root.join("etc/qubes/post-install.d/50-forwarder.sh")
+            .metadata()
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0),
+        "the post-install script is installed executable"
     );
     let examples = root.join("usr/share/doc/forwarder/examples");
     assert!(root.join("usr/share/doc/forwarder/qubes.md").exists());

@@ -172,6 +172,7 @@ fn expose_localsend_on_the_standard_graph_makes_exactly_these_calls() {
             reply(""),
         ),
         set("app", "forwarder-expose", "v1 vm=app | localsend"),
+        set("app", "service.forwarder-input", "1"),
         set("app", "vm-config.forwarder-input.1", ls_input),
         set("sys-firewall", "service.forwarder", "1"),
         set("sys-firewall", "vm-config.forwarder.1", ls_fw),
@@ -189,6 +190,14 @@ fn expose_localsend_on_the_standard_graph_makes_exactly_these_calls() {
         out.ends_with("exposed localsend on app <- sys-firewall <- sys-net\n"),
         "{out}"
     );
+    for vm in ["app", "sys-firewall", "sys-net"] {
+        assert!(
+            out.contains(&format!(
+                "note: {vm} is running, and Qubes turns a qvm-service on at boot"
+            )),
+            "{out}"
+        );
+    }
     eprintln!("Admin API calls of `expose app --localsend` (standard graph):");
     for (method, count) in counts(&calls) {
         eprintln!("  {count:>2}  {method}");
@@ -259,6 +268,7 @@ fn dry_run_prints_each_feature_and_writes_nothing() {
         "{out}"
     );
     for prefix in [
+        "app: would set service.forwarder-input = 1",
         "app: would set vm-config.forwarder-input.1 = v1 part=1/1",
         "sys-firewall: would set service.forwarder = 1",
         "sys-firewall: would set vm-config.forwarder.1 = v1 part=1/1",
@@ -521,6 +531,40 @@ fn check_shows_each_hop_and_what_is_wrong() {
     let (result, out) = run(&q, &["check", "sys-net"]);
     assert!(!result.unwrap());
     assert!(out.contains("problem: sys-net: no netvm"), "{out}");
+}
+
+#[test]
+fn check_names_an_exposed_qube_whose_template_lacks_the_input_side() {
+    let mut bare = Domain::template();
+    bare.features.remove("supported-service.forwarder-input");
+    let q = Qubesd::graph(
+        "check-input",
+        standard_with(&[
+            ("bare-template", bare),
+            (
+                "work",
+                Domain::app("bare-template", Some("sys-firewall"), Some("10.137.0.40")).running(),
+            ),
+        ]),
+    )
+    .unwrap();
+    let (result, out) = run(&q, &["check", "work"]);
+    assert!(result.unwrap(), "nothing exposed, nothing wrong\n{out}");
+    ok(&q, &["expose", "work", "tcp:8080"]);
+    let (result, out) = run(&q, &["check", "work"]);
+    assert!(!result.unwrap(), "{out}");
+    assert!(
+        out.contains(
+            "problem: work: its template has not announced the forwarder package \
+             (supported-service.forwarder-input)"
+        ),
+        "{out}"
+    );
+    let rows: Vec<&str> = out.lines().collect();
+    assert!(
+        rows[1].starts_with("work ") && rows[1].ends_with(" yes      no"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: builds the release binary and the demo driver, then
-//! runs the driver, which owns (and removes) everything it creates.
+//! `cargo xtask demo`: builds the release binaries (`forwarder`,
+//! `qvm-forwarder`), the demo driver and the stand-in `qubesdb-*` tools,
+//! then runs the driver, which owns (and removes) everything it creates.
 
 use anyhow::{Result, bail};
 
@@ -15,6 +16,7 @@ pub fn run() -> Result<()> {
     }
     build_release()?;
     build_driver("demo")?;
+    build_driver("qubesdb-standin")?;
     step("running the demo");
     run_cmd(
         command("target/release/demo")

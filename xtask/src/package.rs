@@ -1,10 +1,13 @@
-//! `cargo xtask package`: what a router VM without a Rust toolchain
-//! installs. A .deb (Debian and Whonix templates) and an .rpm (Fedora
-//! templates, Qubes' default), built by cargo-deb and cargo-generate-rpm from
-//! the metadata in forwarder-user/Cargo.toml; and a tarball with install and
-//! uninstall scripts for every other distribution. Each carries the binary
-//! (eBPF embedded), the systemd unit gated on the `forwarder` qvm-service,
-//! example configs, the Qubes guide and the changelog.
+//! `cargo xtask package`: what a qube without a Rust toolchain installs. A
+//! .deb (Debian and Whonix templates) and an .rpm (Fedora templates, Qubes'
+//! default), built by cargo-deb and cargo-generate-rpm from the metadata in
+//! forwarder-user/Cargo.toml; and a tarball with install and uninstall
+//! scripts for every other distribution. Each carries the binary (eBPF
+//! embedded), the systemd units gated on the `forwarder` and
+//! `forwarder-input` qvm-services, the post-install script that announces
+//! them to dom0, example configs, the Qubes guide and the changelog. And
+//! forwarder-dom0, an .rpm for dom0 with only `qvm-forwarder` and its
+//! optional watch unit.
 
 use std::{
     fs,
@@ -27,11 +30,13 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The three packages `run` built.
+/// The packages `run` built.
 pub struct Packages {
     pub tarball: PathBuf,
     pub deb: PathBuf,
     pub rpm: PathBuf,
+    /// forwarder-dom0: `qvm-forwarder` and its optional watch unit.
+    pub dom0_rpm: PathBuf,
 }
 
 /// Builds the release binary and every package from it.
@@ -66,7 +71,28 @@ pub fn run() -> Result<Packages> {
             .current_dir(workspace_root()),
     )?;
     println!("    {}", rpm.display());
-    Ok(Packages { tarball, deb, rpm })
+    step("building the dom0 .rpm (cargo-generate-rpm, variant dom0: forwarder-dom0)");
+    let dom0_rpm = out.join(format!("forwarder-dom0-{VERSION}-1.x86_64.rpm"));
+    run_cmd(
+        command("cargo")
+            .args([
+                "generate-rpm",
+                "-p",
+                "forwarder-user",
+                "--variant",
+                "dom0",
+                "-o",
+            ])
+            .arg(&dom0_rpm)
+            .current_dir(workspace_root()),
+    )?;
+    println!("    {}", dom0_rpm.display());
+    Ok(Packages {
+        tarball,
+        deb,
+        rpm,
+        dom0_rpm,
+    })
 }
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -83,9 +109,15 @@ fn tarball() -> Result<PathBuf> {
         &root.join("target/release/forwarder"),
         &dir.join("bin/forwarder"),
     )?;
+    for unit in ["forwarder.service", "forwarder-input.service"] {
+        copy(
+            &root.join("packaging").join(unit),
+            &dir.join("systemd").join(unit),
+        )?;
+    }
     copy(
-        &root.join("packaging/forwarder.service"),
-        &dir.join("systemd/forwarder.service"),
+        &root.join("packaging/qubes/50-forwarder.sh"),
+        &dir.join("qubes/50-forwarder.sh"),
     )?;
     for script in ["install.sh", "uninstall.sh"] {
         copy(&root.join("packaging").join(script), &dir.join(script))?;

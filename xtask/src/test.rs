@@ -25,7 +25,8 @@ fn cargo_test(args: &[String], after: &[String], packages: Option<&Packages>) ->
     if let Some(packages) = packages {
         cmd.env("FORWARDER_PACKAGE", &packages.tarball)
             .env("FORWARDER_DEB", &packages.deb)
-            .env("FORWARDER_RPM", &packages.rpm);
+            .env("FORWARDER_RPM", &packages.rpm)
+            .env("FORWARDER_DOM0_RPM", &packages.dom0_rpm);
     }
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let stdout = child.stdout.take().context("cargo stdout")?;

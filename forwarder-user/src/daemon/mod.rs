@@ -10,10 +10,13 @@
 //! start to adopt (or `forwarder teardown` to remove).
 
 mod flow_worker;
+mod qubesdb;
 mod reconcile;
 mod requests;
 mod rule_changes;
+mod share_apply;
 mod timers;
+mod uplink_route;
 
 use std::{collections::BTreeMap, future::poll_fn, task::Poll, time::Duration};
 
@@ -25,7 +28,12 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use self::{flow_worker::FlowWorker, rule_changes::RuleBook, timers::tick};
+use self::{
+    flow_worker::FlowWorker,
+    qubesdb::Qubesdb,
+    rule_changes::{RuleBook, Update},
+    timers::{sleep_until, tick},
+};
 use crate::{
     adopt::{Found, Replaced},
     cli::TcHook,
@@ -41,6 +49,7 @@ use crate::{
     nft,
     notify::Notifier,
     pin::{self, Bpffs, PinLayout},
+    qubesdb::Tools,
     selftest, teardown,
 };
 
@@ -78,6 +87,12 @@ struct Daemon {
     /// write (a predecessor's bits may be there).
     internal_nets: Option<InternalNets>,
     takeover: Option<Takeover>,
+    /// dom0's share, in a Qubes router.
+    qubesdb: Option<Qubesdb>,
+    /// To the rule book: what the event loop changes.
+    updates: mpsc::Sender<Update>,
+    /// The rule book's end, until it starts.
+    updates_rx: Option<mpsc::Receiver<Update>>,
 }
 
 impl Daemon {
@@ -89,6 +104,7 @@ impl Daemon {
         let worker = FlowWorker::start(datapath::pinned_tables(layout)?, &layout.maps, FLOW_SWEEP)?;
         let downstream_macs = datapath.tables.downstream_macs()?;
         let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
+        let (updates, updates_rx) = mpsc::channel(4);
         Ok(Daemon {
             config,
             layout: layout.clone(),
@@ -105,7 +121,17 @@ impl Daemon {
                 copied_from_ns,
                 attachments,
             }),
+            qubesdb: None,
+            updates,
+            updates_rx: Some(updates_rx),
         })
+    }
+
+    /// Follows dom0's share, whose first read `qubesdb` took.
+    fn with_qubesdb(&mut self, qubesdb: Qubesdb) {
+        self.qubesdb = Some(qubesdb);
+        let groups = self.relays().iter().map(|r| r.group).collect();
+        self.memberships.set_groups(groups);
     }
 
     /// What may fail comes before what changes how the predecessor's
@@ -130,7 +156,7 @@ impl Daemon {
         for rule in &self.config.rules {
             info!("forwarding {rule}");
         }
-        self.datapath.tables.sync_relays(&self.config.relays)?;
+        self.datapath.tables.sync_relays(&self.relays())?;
         for relay in &self.config.relays {
             info!("relaying {relay}");
         }
@@ -200,10 +226,14 @@ impl Daemon {
     ) -> Result<()> {
         let (calls_tx, calls) = mpsc::channel::<rule_changes::Call>(16);
         let (stop_rules, rules_stop) = oneshot::channel();
-        let mut rules =
-            tokio::spawn(RuleBook::new(&self.config, self.worker.jobs()).serve(calls, rules_stop));
+        let mut book = RuleBook::new(&self.config, self.worker.jobs());
+        if let Some(updates) = self.updates_rx.take() {
+            book = book.with_updates(updates);
+        }
+        let mut rules = tokio::spawn(book.serve(calls, rules_stop));
         let mut keepalive = notifier.keepalive_interval().map(tokio::time::interval);
         let followed = loop {
+            let qubesdb_wakeup = self.qubesdb.as_ref().and_then(Qubesdb::wakeup);
             tokio::select! {
                 conn = server.accept() => {
                     let stream = match conn.context("accepting on the control socket") {
@@ -220,6 +250,16 @@ impl Daemon {
                     });
                 }
                 () = tick(keepalive.as_mut()) => notifier.alive(),
+                read = self.next_qubesdb_read() => {
+                    if let Err(err) = self.take_tree(read).await {
+                        break Err(err);
+                    }
+                }
+                () = sleep_until(qubesdb_wakeup) => {
+                    if let Err(err) = self.reresolve_qubesdb().await {
+                        break Err(err);
+                    }
+                }
                 events = monitor.next() => {
                     let events = match events.context("reading rtnetlink") {
                         Ok(events) => events,
@@ -260,6 +300,12 @@ impl Daemon {
         }
         if events.contains(&Event::RoutesChanged) {
             self.refresh_route_mtus().await?;
+        }
+        // A default route that moved, a VM's vif and route that came or
+        // went: neighbours alone change neither.
+        if events.iter().any(|e| *e != Event::RoutingChanged) {
+            self.follow_default_route().await?;
+            self.reresolve_qubesdb().await?;
         }
         if !events.is_empty() {
             self.datapath.tables.bump_fib_generation()?;
@@ -318,6 +364,24 @@ pub async fn run(config: RunConfig) -> Result<()> {
     result
 }
 
+/// In a Qubes router started without an uplink: the default route's
+/// interface, if there is one yet (the daemon follows it afterwards).
+fn pick_uplink(config: &mut RunConfig) {
+    if !config.follow_default_route {
+        return;
+    }
+    match crate::default_route::interface() {
+        Ok(Some(uplink)) => {
+            info!("uplink {uplink}: the interface of the default route");
+            config.uplink = uplink;
+        }
+        Ok(None) => {
+            info!("no default route yet: the uplink will be the interface of the first one")
+        }
+        Err(err) => warn!("reading the default route: {err}; the uplink waits for it"),
+    }
+}
+
 /// Runs the self-test and loads the datapath, adopting or migrating what a
 /// predecessor pinned.
 fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Vec<Replaced>)> {
@@ -374,7 +438,7 @@ async fn give_back(err: anyhow::Error, layout: &PinLayout, found: &Found) -> any
     }
 }
 
-async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> Result<()> {
+async fn serve(mut config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> Result<()> {
     // Another running instance holds the socket: found before anything of
     // its datapath is touched.
     let server = control::Server::bind(&config.pin_dir)?;
@@ -382,10 +446,20 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
     // Subscribe before the dump, so no change falls between the two.
     let mut monitor = Monitor::subscribe().context("subscribing to rtnetlink")?;
     let found = Found::read(layout)?;
+    pick_uplink(&mut config);
+    let qubesdb = if config.qubesdb {
+        info!("following dom0's share in QubesDB (/vm-config/forwarder.N)");
+        Some(Qubesdb::start(Tools::on_path(), &mut config).await?)
+    } else {
+        None
+    };
     let mut daemon = match Daemon::load(config, layout) {
         Ok(daemon) => daemon,
         Err(err) => return Err(give_back(err, layout, &found).await),
     };
+    if let Some(qubesdb) = qubesdb {
+        daemon.with_qubesdb(qubesdb);
+    }
     if let Err(err) = daemon.start().await {
         return daemon.abandon(err, &found, signals).await;
     }
@@ -393,7 +467,7 @@ async fn serve(config: RunConfig, layout: &PinLayout, signals: &mut Signals) -> 
     notifier.ready(&format!(
         "forwarding {} rules, relaying {} groups",
         daemon.config.rules.len(),
-        daemon.config.relays.len()
+        daemon.relays().len()
     ));
     let followed = daemon
         .follow(&mut monitor, &server, signals, &notifier)

@@ -26,7 +26,9 @@ impl Daemon {
         let state = self.interfaces.uplink_state(&self.config.uplink);
         if self.uplink != Some(state) {
             self.datapath.tables.set_uplink(state)?;
-            if state.ifindex == 0 {
+            if self.config.uplink.is_empty() {
+                warn!("no uplink until there is a default route; nothing is forwarded");
+            } else if state.ifindex == 0 {
                 warn!(
                     "uplink {} is absent; waiting for it to appear",
                     self.config.uplink
@@ -227,8 +229,8 @@ impl Daemon {
             .flat_map(|ifindex| self.interfaces.addresses_of(*ifindex))
             .collect();
         let nets = InternalNets::gather(
-            &self.config.rules,
-            &self.config.relays,
+            &self.rules_for_internal_nets(),
+            &self.relays(),
             &routes,
             &addresses,
             &[],

@@ -15,6 +15,20 @@ use log::info;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{flow_worker::Jobs, timers::sleep_until};
+
+/// What the event loop changes in the rule book, besides control requests.
+pub(super) enum Update {
+    /// dom0's share changed: its rules are now `apply`, and `all` (the
+    /// routed ones and those waiting for a route) must not clash with any
+    /// other rule. The answer says whether it was taken.
+    Qubesdb {
+        all: Vec<Rule>,
+        apply: Vec<Rule>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The uplink followed the default route to another interface.
+    Uplink(String),
+}
 use crate::{
     config::RunConfig,
     config_file,
@@ -34,6 +48,7 @@ pub(super) struct RuleBook {
     config_file: Option<PathBuf>,
     uplink: String,
     pub(super) jobs: Jobs,
+    updates: Option<mpsc::Receiver<Update>>,
 }
 
 impl RuleBook {
@@ -45,7 +60,14 @@ impl RuleBook {
             config_file: config.config_file.clone(),
             uplink: config.uplink.clone(),
             jobs,
+            updates: None,
         }
+    }
+
+    /// Takes the event loop's updates from `updates` too.
+    pub(super) fn with_updates(mut self, updates: mpsc::Receiver<Update>) -> Self {
+        self.updates = Some(updates);
+        self
     }
 
     /// Answers requests and removes rules whose time is up, until `stop`
@@ -56,6 +78,7 @@ impl RuleBook {
         mut calls: mpsc::Receiver<Call>,
         mut stop: oneshot::Receiver<()>,
     ) -> Result<()> {
+        let mut updates = self.updates.take();
         loop {
             tokio::select! {
                 _ = &mut stop => return Ok(()),
@@ -63,9 +86,47 @@ impl RuleBook {
                     Some((request, reply)) => drop(reply.send(self.handle(request).await)),
                     None => return Ok(()),
                 },
+                Some(update) = next_update(updates.as_mut()) => self.update(update).await?,
                 () = sleep_until(self.next_expiry()) => self.expire_rules().await?,
             }
         }
+    }
+
+    async fn update(&mut self, update: Update) -> Result<()> {
+        match update {
+            Update::Qubesdb { all, apply, reply } => {
+                drop(reply.send(self.replace_qubesdb(all, apply).await));
+                Ok(())
+            }
+            Update::Uplink(uplink) => {
+                self.uplink = uplink;
+                nft::install_off_thread(&self.uplink, &self.rules).await
+            }
+        }
+    }
+
+    /// Replaces the rules from QubesDB, as `rules add` and `rules del`
+    /// change the others: checked as a whole first, unchanged rules keep
+    /// their flows, and a failure puts the previous rules back.
+    async fn replace_qubesdb(&mut self, all: Vec<Rule>, apply: Vec<Rule>) -> Result<(), String> {
+        let others: Vec<Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.origin != Origin::Qubesdb)
+            .cloned()
+            .collect();
+        rules::check(&[others.clone(), all].concat())?;
+        let candidate = [others, apply].concat();
+        if candidate == self.rules {
+            return Ok(());
+        }
+        let previous = std::mem::replace(&mut self.rules, candidate);
+        if let Err(err) = self.apply_rules().await {
+            self.rules = previous;
+            let _ = self.apply_rules().await;
+            return Err(format!("{err:#}"));
+        }
+        Ok(())
     }
 
     /// Makes the datapath and the nftables guard hold the current rules.
@@ -172,6 +233,12 @@ impl RuleBook {
             });
         };
         let origin = self.rules[index].origin;
+        if origin == Origin::Qubesdb {
+            return Err(format!(
+                "{target} comes from dom0's share in QubesDB; `qvm-forwarder unexpose` in dom0 \
+                 removes it (deleted here, it would come back at the next read of QubesDB)"
+            ));
+        }
         if save {
             match origin {
                 Origin::Preset => {
@@ -185,7 +252,7 @@ impl RuleBook {
                         "{target} comes from a --forward flag on the daemon's command line, not from the file; delete it without --save, and drop the flag to drop it for good"
                     ));
                 }
-                Origin::File | Origin::Live => {}
+                Origin::File | Origin::Live | Origin::Qubesdb => {}
             }
         }
         let removed = self.rules.remove(index);
@@ -200,7 +267,7 @@ impl RuleBook {
                     "deleted {removed}; {} gives it again at the next start",
                     removed.source()
                 ),
-                Origin::Live => format!("deleted {removed}"),
+                Origin::Live | Origin::Qubesdb => format!("deleted {removed}"),
             });
         };
         let was_there = config_file::remove_rule(&file, removed.proto, removed.ports)
@@ -211,5 +278,13 @@ impl RuleBook {
         } else {
             format!("deleted {removed}; {} held no rule for it", file.display())
         })
+    }
+}
+
+/// The next update, or never without a channel (or once it is closed).
+async fn next_update(updates: Option<&mut mpsc::Receiver<Update>>) -> Option<Update> {
+    match updates {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -29,6 +29,8 @@ pub trait Domains {
 /// `supported-service.` convention, qubes-core-admin
 /// `doc/qubes-features.rst`).
 pub const SUPPORTED_SERVICE: &str = "supported-service.forwarder";
+/// The same for the exposed VM's side, `forwarder input`.
+pub const SUPPORTED_INPUT_SERVICE: &str = "supported-service.forwarder-input";
 
 /// No chain is longer: a deeper one is a graph gone wrong.
 pub const MAX_HOPS: usize = 16;

@@ -9,11 +9,11 @@ use serde::Serialize;
 
 use super::{
     admin::Admin,
-    chain::{self, Domains as _, MAX_HOPS, SUPPORTED_SERVICE},
+    chain::{self, Domains as _, MAX_HOPS, SUPPORTED_INPUT_SERVICE, SUPPORTED_SERVICE},
     graph::Graph,
     list::ExposureView,
     list::ItemView,
-    sync::{self, Change, SERVICE},
+    sync::{self, Change, INPUT_SERVICE, SERVICE},
 };
 
 #[derive(Debug, Serialize)]
@@ -23,9 +23,11 @@ pub struct HopView {
     pub ip: Option<String>,
     pub provides_network: bool,
     pub running: bool,
-    /// For routers: `service.forwarder` on.
+    /// `service.forwarder` on a router, `service.forwarder-input` on the
+    /// qube itself.
     pub service: Option<bool>,
-    /// For routers: the template announced the forwarder package.
+    /// The template announced the forwarder package (the router's or the
+    /// input side's supported-service).
     pub package: Option<bool>,
 }
 
@@ -56,6 +58,7 @@ fn check(graph: &mut Graph, vm: &str) -> Result<CheckView> {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
     let mut hops = Vec::new();
+    let mut input_package = true;
     for (i, name) in walk(graph, vm)?.into_iter().enumerate() {
         let Some(info) = graph.info(&name).cloned() else {
             hops.push(HopView {
@@ -88,6 +91,14 @@ fn check(graph: &mut Graph, vm: &str) -> Result<CheckView> {
                      ({SUPPORTED_SERVICE}); install it in the template and restart {name}"
                 ));
             }
+            (Some(service), Some(package))
+        } else if !router && !info.is_dom0() {
+            let service = graph.feature(&name, INPUT_SERVICE)?.as_deref() == Some("1");
+            let package = graph
+                .feature_with_template(&name, SUPPORTED_INPUT_SERVICE)?
+                .as_deref()
+                == Some("1");
+            input_package = package;
             (Some(service), Some(package))
         } else {
             (None, None)
@@ -134,6 +145,13 @@ fn check(graph: &mut Graph, vm: &str) -> Result<CheckView> {
             ));
         }
         _ => {}
+    }
+    if report.is_some() && !input_package {
+        problems.push(format!(
+            "{vm}: its template has not announced the forwarder package \
+             ({SUPPORTED_INPUT_SERVICE}): its own firewall does not admit what is exposed; \
+             install the package in its template and restart {vm}"
+        ));
     }
     for item in items.iter().filter(|i| i.state == "refused") {
         problems.push(format!(

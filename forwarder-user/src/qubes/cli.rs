@@ -161,6 +161,39 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// docs/qubes.md's table of commands says what `--help` says: a row
+    /// per command, with its description and every one of its flags.
+    #[test]
+    fn the_guide_lists_every_command_as_help_does() {
+        let guide = include_str!("../../../docs/qubes.md");
+        let cli = Cli::command();
+        for command in cli.get_subcommands() {
+            let name = command.get_name();
+            let row = guide
+                .lines()
+                .find(|l| l.starts_with(&format!("| `qvm-forwarder {name}")))
+                .unwrap_or_else(|| panic!("docs/qubes.md has no row for {name}"));
+            let about = command
+                .get_about()
+                .expect("every command says what it does");
+            assert!(
+                row.ends_with(&format!("| {about} |")),
+                "{name}: --help says {about:?}; the guide's row is {row}"
+            );
+            for arg in command.get_arguments() {
+                let shown = match arg.get_long() {
+                    Some(long) => format!("--{long}"),
+                    None => arg
+                        .get_value_names()
+                        .and_then(|v| v.first())
+                        .map(ToString::to_string)
+                        .unwrap_or_else(|| arg.get_id().to_string().to_uppercase()),
+                };
+                assert!(row.contains(&shown), "{name}: {shown} is missing in {row}");
+            }
+        }
+    }
+
     #[test]
     fn expose_takes_specs_presets_and_attributes() {
         let cli = parse(&[

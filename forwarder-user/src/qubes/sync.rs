@@ -21,6 +21,17 @@ use crate::vm_config::parts::{Family, INPUT, ROUTER};
 
 /// The qvm-service that starts the forwarder in a router.
 pub const SERVICE: &str = "service.forwarder";
+/// The qvm-service that starts `forwarder input` in an exposed VM.
+pub const INPUT_SERVICE: &str = "service.forwarder-input";
+
+/// What one of the services starts, for the note about a running VM.
+fn started_by(service: &str) -> Option<(&'static str, &'static str)> {
+    match service {
+        SERVICE => Some((crate::qubes_vm::ROUTER_SERVICE, "forwarder")),
+        INPUT_SERVICE => Some((crate::qubes_vm::INPUT_SERVICE, "forwarder-input")),
+        _ => None,
+    }
+}
 
 /// One write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +73,8 @@ pub struct Outcome {
     pub problems: Vec<String>,
     /// When the next item expires, for `watch`.
     pub next_deadline: Option<SystemTime>,
+    /// Services turned on in running qubes, which start at their next boot.
+    pub notes: Vec<String>,
 }
 
 impl Outcome {
@@ -96,7 +109,10 @@ pub fn compute(graph: &mut Graph, edit: Option<&Edit>, now: SystemTime) -> Resul
     for vm in &qubes {
         let names = graph.features(vm)?.to_vec();
         for name in &names {
-            let ours = ROUTER.owns_feature(name) || INPUT.owns_feature(name) || name == SERVICE;
+            let ours = ROUTER.owns_feature(name)
+                || INPUT.owns_feature(name)
+                || name == SERVICE
+                || name == INPUT_SERVICE;
             if ours && let Some(value) = graph.feature(vm, name)? {
                 current
                     .entry(vm.clone())
@@ -172,12 +188,36 @@ pub fn compute(graph: &mut Graph, edit: Option<&Edit>, now: SystemTime) -> Resul
         .min();
     let plan = plan::plan(&exposures, now);
     let changes = changes(&plan, &current, &rewrites)?;
+    let notes = changes
+        .iter()
+        .filter_map(|change| match change {
+            Change::Set { vm, feature, .. } => {
+                let (service, unit) = started_by(feature)?;
+                graph
+                    .info(vm)
+                    .is_some_and(|i| i.is_running())
+                    .then(|| running_note(vm, service, unit))
+            }
+            Change::Remove { .. } => None,
+        })
+        .collect();
     Ok(Outcome {
         plan,
         changes,
         problems,
         next_deadline,
+        notes,
     })
+}
+
+/// Qubes creates `/run/qubes-service/NAME` at a qube's start only
+/// (qubes-sysinit), so a unit gated on it does not start in a qube that is
+/// running already.
+fn running_note(vm: &str, service: &str, unit: &str) -> String {
+    format!(
+        "{vm} is running, and Qubes turns a qvm-service on at boot: restart {vm}, or in {vm} run \
+         `sudo touch /run/qubes-service/{service} && sudo systemctl start {unit}`"
+    )
 }
 
 /// Records that `vm`'s intent must be written as `intent`, replacing an
@@ -245,6 +285,13 @@ fn changes(
             add_values(&mut wanted, ROUTER, share.values(), vm)?;
         }
         if let Some(share) = plan.inputs.get(vm) {
+            if now.get(INPUT_SERVICE).map(String::as_str) != Some("1") {
+                sets.push(Change::Set {
+                    vm: vm.clone(),
+                    feature: INPUT_SERVICE.into(),
+                    value: "1".into(),
+                });
+            }
             add_values(&mut wanted, INPUT, share.values(), vm)?;
         }
         for (feature, value) in &wanted {
@@ -257,7 +304,7 @@ fn changes(
             }
         }
         for feature in now.keys() {
-            if feature != SERVICE && !wanted.contains_key(feature) {
+            if feature != SERVICE && feature != INPUT_SERVICE && !wanted.contains_key(feature) {
                 removes.push(Change::Remove {
                     vm: vm.clone(),
                     feature: feature.clone(),
@@ -295,6 +342,9 @@ pub fn apply(admin: &Admin, outcome: &Outcome, dry_run: bool, out: &mut dyn Writ
         if !dry_run {
             change.apply(admin)?;
         }
+    }
+    for note in &outcome.notes {
+        writeln!(out, "note: {note}")?;
     }
     Ok(())
 }

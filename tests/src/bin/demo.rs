@@ -1,7 +1,11 @@
-//! `cargo xtask demo`: the Qubes-like topology in network namespaces, the
-//! forwarder in both router VMs, and a real LocalSend exchange between the
-//! app VM and a LAN peer that starts later, then `forwarder inspect` of both
-//! routers. Everything it creates is removed when it ends, also on failure.
+//! `cargo xtask demo`: the Qubes-like topology in network namespaces, with
+//! dom0 played by a stand-in qubesd. Both routers run `forwarder run` as
+//! `forwarder.service` starts it in a Qubes router (no flags: everything
+//! comes from QubesDB) and the app VM `forwarder input`; then one command
+//! in dom0, `qvm-forwarder expose app --localsend`, and a real LocalSend
+//! exchange between the app VM and a LAN peer that starts later, then
+//! `forwarder inspect` of both routers. Everything it creates is removed
+//! when it ends, also on failure.
 
 use std::{
     process::ExitCode,
@@ -13,6 +17,8 @@ use forwarder_tests::{
     daemon::{Forwarder, cli},
     localsend::Peer,
     netns,
+    qubes_vm::{self, InputSide, QubeEnv, qvm_forwarder},
+    qubesd::Qubesd,
     topology::*,
     wait::wait_until,
 };
@@ -22,6 +28,13 @@ const LAN_ALIAS: &str = "phone-on-the-lan";
 
 fn step(started: Instant, text: &str) {
     println!("[{:>5.1}s] {text}", started.elapsed().as_secs_f64());
+}
+
+/// Whatever `text` printed, indented under its step.
+fn indented(text: &str) {
+    for line in text.lines() {
+        println!("         {line}");
+    }
 }
 
 fn relayed_up(fwd: &Forwarder) -> u64 {
@@ -37,6 +50,14 @@ fn relayed_up(fwd: &Forwarder) -> u64 {
         .unwrap_or(0)
 }
 
+/// How many forward rules a router's maps hold.
+fn rules(fwd: &Forwarder) -> usize {
+    fwd.tables()
+        .and_then(|t| t.installed())
+        .map(|r| r.len())
+        .unwrap_or(0)
+}
+
 fn demo() -> Result<()> {
     let started = Instant::now();
     netns::sweep_leftovers();
@@ -45,31 +66,50 @@ fn demo() -> Result<()> {
         "building the topology: lan -- sys-net -- sys-firewall -- app (Qubes 4.2 netvm tables in both routers)",
     );
     let t = Topology::build(Offload::On)?;
+    // A fresh qube admits nothing in custom-input: `forwarder input` will.
+    t.app.nft("flush chain ip qubes custom-input\n")?;
     println!(
         "         LAN peer {LAN_PEER}, sys-net {SYSNET_LAN} on {SYSNET_UPLINK}, sys-firewall {SYSFW}, app {APP}"
     );
+    let q = Qubesd::graph("demo", qubes_vm::graph())?;
+    step(
+        started,
+        "dom0 is a stand-in qubesd; each qube reads its QubesDB through stand-in qubesdb-* tools",
+    );
+    let sysnet_env = QubeEnv::router(&q, "sys-net")?;
+    let sysfw_env = QubeEnv::router(&q, "sys-firewall")?;
+    step(
+        started,
+        "sys-net, sys-firewall: forwarder run (as forwarder.service starts it: qvm-service forwarder on, no flags)",
+    );
+    let sysnet = sysnet_env.start_router(&t.sysnet, "sys-net")?;
+    let sysfw = sysfw_env.start_router(&t.sysfw, "sys-firewall")?;
+    step(
+        started,
+        "app: forwarder input (as forwarder-input.service starts it); nothing exposed, nothing forwarded yet",
+    );
+    let input = InputSide::start(&QubeEnv::exposed(&q, "app")?, &t.app, "app")?;
 
-    let sysnet_args =
-        ["--uplink", SYSNET_UPLINK, "--localsend", &SYSFW.to_string()].map(String::from);
-    let sysfw_args = ["--uplink", SYSFW_UPLINK, "--localsend", &APP.to_string()].map(String::from);
+    step(started, "dom0: qvm-forwarder expose app --localsend");
+    let exposed = Instant::now();
+    indented(&qvm_forwarder(&q, &["expose", "app", "--localsend"])?);
+    if !wait_until(Duration::from_secs(5), || {
+        rules(&sysnet) == 2 && rules(&sysfw) == 2
+    }) {
+        bail!(
+            "the routers did not apply dom0's share\nsys-net:\n{}\nsys-firewall:\n{}",
+            sysnet.log_text(),
+            sysfw.log_text()
+        );
+    }
     step(
         started,
-        &format!("sys-net:      forwarder run {}", sysnet_args.join(" ")),
+        &format!(
+            "both routers forward LocalSend, {} ms after the command; the app admits:",
+            exposed.elapsed().as_millis()
+        ),
     );
-    let sysnet = Forwarder::start(
-        &t.sysnet,
-        "sys-net",
-        &sysnet_args.each_ref().map(String::as_str),
-    )?;
-    step(
-        started,
-        &format!("sys-firewall: forwarder run {}", sysfw_args.join(" ")),
-    );
-    let sysfw = Forwarder::start(
-        &t.sysfw,
-        "sys-firewall",
-        &sysfw_args.each_ref().map(String::as_str),
-    )?;
+    indented(&input.chain(&t.app)?);
 
     step(
         started,
@@ -136,6 +176,8 @@ fn demo() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&dir);
 
+    step(started, "dom0: qvm-forwarder check app");
+    indented(&qvm_forwarder(&q, &["check", "app"])?);
     for (name, ns, fwd) in [
         ("sys-net", &t.sysnet, &sysnet),
         ("sys-firewall", &t.sysfw, &sysfw),
