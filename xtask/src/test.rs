@@ -127,6 +127,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "hostile_config",
         "daemon_robustness",
         "qubes_admin",
+        "qubes_integration",
         "avahi",
         "soak",
     ];
