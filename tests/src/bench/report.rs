@@ -98,7 +98,7 @@ pub struct HopRow {
     /// (1/rate - 1/rate_bare) / 2, microseconds per packet per hop.
     pub per_hop_us: f64,
     /// End-to-end rate relative to the nftables recipe's.
-    pub rate_vs_nftables: f64,
+    pub rate_vs_nftables: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -144,15 +144,38 @@ pub struct ReactionRow {
     pub event_to_packet_ms: Spread,
 }
 
+/// A goal and how this run did: `met` is None when a stage it needs failed
+/// (or was not run), and `measured` then says which.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
     pub name: String,
     pub target: String,
     pub measured: String,
-    pub met: bool,
+    pub met: Option<bool>,
 }
 
+/// A stage that failed on its retry too: its figures are missing, the
+/// others stand.
 #[derive(Clone, Debug, Serialize)]
+pub struct FailedStage {
+    pub stage: String,
+    pub error: String,
+}
+
+/// The stages, by the names the driver runs them under; a section of the
+/// report shows the failures of the stages whose names start with its own.
+pub mod stage {
+    pub const PACKET_RATE: &str = "packet rate";
+    pub const TCP: &str = "TCP throughput";
+    pub const LATENCY: &str = "latency";
+    pub const REACTION: &str = "reaction to renumbering";
+    pub const RULE_SCALING: &str = "rule scaling";
+    pub const FLOW_TABLE: &str = "flow table";
+    pub const NEW_FLOWS: &str = "new flows";
+    pub const PROGRAM_COST: &str = "program cost";
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub machine: Machine,
     pub command: String,
@@ -168,6 +191,19 @@ pub struct Report {
     pub program_cost_ns: Vec<(String, f64)>,
     pub reaction: Vec<ReactionRow>,
     pub targets: Vec<Target>,
+    pub failed: Vec<FailedStage>,
+    /// Every stage has run; a report written while the run goes on (or one
+    /// it left when it was stopped) says it is partial.
+    pub finished: bool,
+}
+
+/// A contender as a sentence names it.
+fn the(setup: &str) -> String {
+    if setup == "nftables recipe" {
+        format!("the {setup}")
+    } else {
+        setup.into()
+    }
 }
 
 fn find<'a, T>(rows: &'a [T], setup: &str, name: impl Fn(&T) -> &str) -> Option<&'a T> {
@@ -207,156 +243,239 @@ const METHOD: &str = "
   runs per announcement, a few a second, not per forwarded packet.
 - **Reaction**: sys-net's LAN address is changed back and forth with one `ip -batch` while the app
   announces every 200 us. *Event to map* runs from the rtnetlink event, as an independent
-  listener sees it, to the state map holding the new address (a busy poller); *event to packet*
+  listener at a real-time priority sees it (woken when the kernel delivers it, before the daemon
+  can act on it), to the state map holding the new address (a busy poller); *event to packet*
   from that event to the first relayed announcement with the new source; *ip addr to packet* from
   just before `ip` is started in the namespace, so it includes starting the process. The seed's
   recipe has no map: its dispatcher script (run from `ip monitor address`) rewrites an nftables
   rule. Maxima come from scheduling on two shared CPUs.
+- **Stages**: the report is written after every stage, so a run that stops keeps what it
+  measured. A stage that fails is retried once on contenders built afresh; if it fails again, its
+  section says why and its targets are listed as not measured, while the other figures stand.
 ";
 
 impl Report {
-    /// Per-hop costs and the targets, from the measurements.
+    /// Per-hop costs and the targets, from the measurements. A target whose
+    /// figures are missing is listed as not measured, with the reason.
     pub fn evaluate(&mut self) {
         let rate = |setup: &str| {
             find(&self.packet_rate, setup, |r| &r.setup).map(|r| r.received_pps.median)
         };
-        let (Some(bare), Some(nft)) = (rate("bare veth"), rate("nftables recipe")) else {
-            return;
+        self.per_hop = match rate("bare veth") {
+            Some(bare) => self
+                .packet_rate
+                .iter()
+                .filter(|r| r.setup != "bare veth")
+                .map(|r| HopRow {
+                    setup: r.setup.clone(),
+                    per_hop_us: (1.0 / r.received_pps.median - 1.0 / bare) / 2.0 * 1e6,
+                    rate_vs_nftables: rate("nftables recipe")
+                        .map(|nft| r.received_pps.median / nft),
+                })
+                .collect(),
+            None => vec![],
         };
-        self.per_hop = self
-            .packet_rate
-            .iter()
-            .filter(|r| r.setup != "bare veth")
-            .map(|r| HopRow {
-                setup: r.setup.clone(),
-                per_hop_us: (1.0 / r.received_pps.median - 1.0 / bare) / 2.0 * 1e6,
-                rate_vs_nftables: r.received_pps.median / nft,
-            })
-            .collect();
         let hop = |setup: &str| find(&self.per_hop, setup, |r| &r.setup).map(|r| r.per_hop_us);
         let mut targets = Vec::new();
-        if let (Some(f), Some(n), Some(p)) = (
+        let mut add = |name: String, goal: &str, needs: &str, found: Option<(String, bool)>| {
+            targets.push(self.target(name, goal, needs, found));
+        };
+
+        let (f, n, p) = (
             hop("forwarder"),
             hop("nftables recipe"),
             hop("plain routing"),
-        ) {
-            targets.push(Target {
-                name: "router cost per packet per hop vs the nftables recipe".into(),
-                target: "at most 1/3 (0.333)".into(),
-                measured: format!("{:.3} ({f:.2} us vs {n:.2} us)", f / n),
-                met: f / n <= 1.0 / 3.0,
-            });
-            targets.push(Target {
-                name: "router cost per packet per hop vs plain routing".into(),
-                target: "below 1".into(),
-                measured: format!("{:.3} ({f:.2} us vs {p:.2} us)", f / p),
-                met: f < p,
-            });
-        }
-        for (dir, pick) in [
-            (
-                "LAN to app",
-                (|r: &TcpRow| r.lan_to_app_bps.median) as fn(&TcpRow) -> f64,
-            ),
-            ("app to LAN", |r: &TcpRow| r.app_to_lan_bps.median),
-        ] {
-            if let (Some(f), Some(n)) = (
-                find(&self.tcp, "forwarder", |r| &r.setup),
-                find(&self.tcp, "nftables recipe", |r| &r.setup),
-            ) {
-                let ratio = pick(f) / pick(n);
-                targets.push(Target {
-                    name: format!("TCP throughput {dir} vs the nftables recipe"),
-                    target: "at least 1".into(),
-                    measured: format!(
-                        "{ratio:.3} ({:.2} vs {:.2} Gbit/s)",
-                        pick(f) / 1e9,
-                        pick(n) / 1e9
-                    ),
-                    met: ratio >= 1.0,
-                });
+        );
+        add(
+            "router cost per packet per hop vs the nftables recipe".into(),
+            "at most 1/3 (0.333)",
+            stage::PACKET_RATE,
+            f.zip(n).map(|(f, n)| {
+                (
+                    format!("{:.3} ({f:.2} us vs {n:.2} us)", f / n),
+                    f / n <= 1.0 / 3.0,
+                )
+            }),
+        );
+        add(
+            "router cost per packet per hop vs plain routing".into(),
+            "at most 0.8",
+            stage::PACKET_RATE,
+            f.zip(p).map(|(f, p)| {
+                (
+                    format!("{:.3} ({f:.2} us vs {p:.2} us)", f / p),
+                    f / p <= 0.8,
+                )
+            }),
+        );
+
+        let tcp = |setup: &str| find(&self.tcp, setup, |r| &r.setup);
+        for other in ["plain routing", "nftables recipe"] {
+            for (dir, pick) in [
+                (
+                    "LAN to app",
+                    (|r: &TcpRow| r.lan_to_app_bps.median) as fn(&TcpRow) -> f64,
+                ),
+                ("app to LAN", |r: &TcpRow| r.app_to_lan_bps.median),
+            ] {
+                add(
+                    format!("TCP throughput {dir} vs {}", the(other)),
+                    "at least 1",
+                    stage::TCP,
+                    tcp("forwarder").zip(tcp(other)).map(|(f, o)| {
+                        let ratio = pick(f) / pick(o);
+                        (
+                            format!(
+                                "{ratio:.3} ({:.2} vs {:.2} Gbit/s)",
+                                pick(f) / 1e9,
+                                pick(o) / 1e9
+                            ),
+                            ratio >= 1.0,
+                        )
+                    }),
+                );
             }
         }
-        if let (Some(f), Some(n)) = (
-            find(&self.latency, "forwarder", |r| &r.setup),
-            find(&self.latency, "nftables recipe", |r| &r.setup),
-        ) {
-            targets.push(Target {
-                name: "p99 request/response latency vs the nftables recipe".into(),
-                target: "below 1".into(),
-                measured: format!(
-                    "{:.3} ({:.1} us vs {:.1} us)",
-                    f.p99_us.median / n.p99_us.median,
-                    f.p99_us.median,
-                    n.p99_us.median
-                ),
-                met: f.p99_us.median < n.p99_us.median,
-            });
+
+        let latency = |setup: &str| find(&self.latency, setup, |r| &r.setup);
+        for (other, quantiles) in [
+            ("plain routing", &["p50", "p99"][..]),
+            ("nftables recipe", &["p99"][..]),
+        ] {
+            for quantile in quantiles {
+                let pick = |r: &LatencyRow| {
+                    if *quantile == "p50" {
+                        r.p50_us.median
+                    } else {
+                        r.p99_us.median
+                    }
+                };
+                add(
+                    format!("{quantile} request/response latency vs {}", the(other)),
+                    "at most 1",
+                    stage::LATENCY,
+                    latency("forwarder").zip(latency(other)).map(|(f, o)| {
+                        let ratio = pick(f) / pick(o);
+                        (
+                            format!("{ratio:.3} ({:.1} us vs {:.1} us)", pick(f), pick(o)),
+                            ratio <= 1.0,
+                        )
+                    }),
+                );
+            }
         }
+
         let scale = |rules: usize| {
             self.rule_scaling
                 .iter()
                 .find(|r| r.variant == "forwarder" && r.rules == rules)
                 .map(|r| r.pps.median)
         };
-        if let (Some(one), Some(many)) = (scale(1), scale(10_000)) {
-            targets.push(Target {
-                name: "packet rate with 10,000 rules vs 1 rule".into(),
-                target: "within 10% (at least 0.9)".into(),
-                measured: format!("{:.3}", many / one),
-                met: many / one >= 0.9,
-            });
-        }
+        add(
+            "packet rate with 10,000 rules vs 1 rule".into(),
+            "within 10% (at least 0.9)",
+            stage::RULE_SCALING,
+            scale(1)
+                .zip(scale(10_000))
+                .map(|(one, many)| (format!("{:.3}", many / one), many / one >= 0.9)),
+        );
         let flows = |n: usize| {
             self.flow_scaling
                 .iter()
                 .find(|r| r.live_flows == n)
                 .map(|r| r.pps.median)
         };
-        if let (Some(one), Some(many)) = (flows(1), flows(100_000)) {
-            targets.push(Target {
-                name: "packet rate with 100,000 live flows vs 1 flow".into(),
-                target: "within 10% (at least 0.9)".into(),
-                measured: format!("{:.3}", many / one),
-                met: many / one >= 0.9,
-            });
-        }
-        if let Some((_, ns)) = self
-            .program_cost_ns
-            .iter()
-            .find(|(name, _)| name.starts_with("DNAT"))
-        {
-            targets.push(Target {
-                name: "DNAT program cost per packet".into(),
-                target: "under 100 ns".into(),
-                measured: format!("{ns:.0} ns"),
-                met: *ns < 100.0,
-            });
-        }
-        if let Some(fwd) = find(&self.reaction, "forwarder", |r| &r.setup) {
-            if let Some(map) = &fwd.event_to_map_us {
-                targets.push(Target {
-                    name: "rtnetlink event to state map update".into(),
-                    target: "under 1 ms".into(),
-                    measured: format!(
+        add(
+            "packet rate with 100,000 live flows vs 1 flow".into(),
+            "within 10% (at least 0.9)",
+            stage::FLOW_TABLE,
+            flows(1)
+                .zip(flows(100_000))
+                .map(|(one, many)| (format!("{:.3}", many / one), many / one >= 0.9)),
+        );
+        add(
+            "DNAT program cost per packet".into(),
+            "under 100 ns",
+            stage::PROGRAM_COST,
+            self.program_cost_ns
+                .iter()
+                .find(|(name, _)| name.starts_with("DNAT"))
+                .map(|(_, ns)| (format!("{ns:.0} ns"), *ns < 100.0)),
+        );
+        let fwd = find(&self.reaction, "forwarder", |r| &r.setup);
+        add(
+            "rtnetlink event to state map update".into(),
+            "under 1 ms",
+            stage::REACTION,
+            fwd.and_then(|r| r.event_to_map_us.as_ref()).map(|map| {
+                (
+                    format!(
                         "{:.3} ms median (max {:.3})",
                         map.median / 1e3,
                         map.max / 1e3
                     ),
-                    met: map.median < 1000.0,
-                });
-            }
-            targets.push(Target {
-                name: "address change to first correct relayed packet".into(),
-                target: "under 10 ms".into(),
-                measured: format!(
-                    "{:.2} ms median (max {:.2})",
-                    fwd.command_to_packet_ms.median, fwd.command_to_packet_ms.max
-                ),
-                met: fwd.command_to_packet_ms.median < 10.0,
-            });
-        }
+                    map.median < 1000.0,
+                )
+            }),
+        );
+        add(
+            "address change to first correct relayed packet".into(),
+            "under 10 ms",
+            stage::REACTION,
+            fwd.map(|r| {
+                (
+                    format!(
+                        "{:.2} ms median (max {:.2})",
+                        r.command_to_packet_ms.median, r.command_to_packet_ms.max
+                    ),
+                    r.command_to_packet_ms.median < 10.0,
+                )
+            }),
+        );
         self.targets = targets;
+    }
+
+    /// A target from its figures, or one not measured, naming the failed
+    /// stages it needed.
+    fn target(
+        &self,
+        name: String,
+        goal: &str,
+        needs: &str,
+        found: Option<(String, bool)>,
+    ) -> Target {
+        let (measured, met) = match found {
+            Some((measured, met)) => (measured, Some(met)),
+            None => {
+                let failed: Vec<&str> = self.failures(needs).map(|f| f.stage.as_str()).collect();
+                let why = if failed.is_empty() {
+                    "not measured".into()
+                } else {
+                    format!("not measured: {} failed", failed.join(", "))
+                };
+                (why, None)
+            }
+        };
+        Target {
+            name,
+            target: goal.into(),
+            measured,
+            met,
+        }
+    }
+
+    /// The failed stages of a section.
+    fn failures<'a>(&'a self, section: &'a str) -> impl Iterator<Item = &'a FailedStage> {
+        self.failed
+            .iter()
+            .filter(move |f| f.stage.starts_with(section))
+    }
+
+    /// The lines that stand in a section for its failed stages.
+    fn failure_lines(&self, section: &str) -> String {
+        self.failures(section)
+            .map(|f| format!("  FAILED {}: {}\n", f.stage, f.error))
+            .collect()
     }
 
     pub fn text(&self) -> String {
@@ -372,6 +491,12 @@ impl Report {
             "command: {}   repetitions: {}   (median, range)\n",
             self.command, self.repetitions
         );
+        if !self.finished {
+            let _ = writeln!(
+                s,
+                "PARTIAL: written as the stages completed; the run has not finished (or was stopped)\n"
+            );
+        }
         let _ = writeln!(s, "64-byte UDP, LAN peer to app through both routers");
         let _ = writeln!(
             s,
@@ -390,16 +515,17 @@ impl Report {
                 r.interface_drops
             );
         }
+        s += &self.failure_lines(stage::PACKET_RATE);
         let _ = writeln!(
             s,
             "\nrouter cost per packet per hop, (1/rate - 1/rate_bare) / 2"
         );
         for h in &self.per_hop {
-            let _ = writeln!(
-                s,
-                "  {:<18} {:>7.2} us/hop   end-to-end rate {:.2}x the nftables recipe's",
-                h.setup, h.per_hop_us, h.rate_vs_nftables
-            );
+            let _ = write!(s, "  {:<18} {:>7.2} us/hop", h.setup, h.per_hop_us);
+            if let Some(ratio) = h.rate_vs_nftables {
+                let _ = write!(s, "   end-to-end rate {ratio:.2}x the nftables recipe's");
+            }
+            s.push('\n');
         }
         let _ = writeln!(
             s,
@@ -414,6 +540,7 @@ impl Report {
                 r.app_to_lan_bps.show(1e9, 2)
             );
         }
+        s += &self.failure_lines(stage::TCP);
         let _ = writeln!(s, "\nrequest/response latency, 64-byte TCP round trips, us");
         for r in &self.latency {
             let _ = writeln!(
@@ -424,6 +551,7 @@ impl Report {
                 r.p99_us.show(1.0, 1)
             );
         }
+        s += &self.failure_lines(stage::LATENCY);
         let _ = writeln!(
             s,
             "\nrule scaling: packet rate to the last of N rules, kpps"
@@ -437,6 +565,7 @@ impl Report {
                 r.pps.show(1e3, 1)
             );
         }
+        s += &self.failure_lines(stage::RULE_SCALING);
         let _ = writeln!(
             s,
             "\nflow table: forwarder packet rate with N live flows (table of 131,072), kpps"
@@ -449,6 +578,7 @@ impl Report {
                 r.pps.show(1e3, 1)
             );
         }
+        s += &self.failure_lines(stage::FLOW_TABLE);
         let _ = writeln!(
             s,
             "\nnew flows per second: TCP SYNs from new peer ports reaching the app, thousands"
@@ -461,6 +591,7 @@ impl Report {
                 r.new_flows_per_sec.show(1e3, 1)
             );
         }
+        s += &self.failure_lines(stage::NEW_FLOWS);
         let _ = writeln!(
             s,
             "\nprogram cost per packet (BPF_PROG_TEST_RUN, routes and neighbours present)"
@@ -468,6 +599,7 @@ impl Report {
         for (name, ns) in &self.program_cost_ns {
             let _ = writeln!(s, "  {name:<45} {ns:>6.0} ns");
         }
+        s += &self.failure_lines(stage::PROGRAM_COST);
         let _ = writeln!(s, "\nreaction to renumbering sys-net's LAN address");
         for r in &self.reaction {
             let map = r
@@ -483,12 +615,17 @@ impl Report {
                 r.event_to_packet_ms.show(1.0, 2)
             );
         }
+        s += &self.failure_lines(stage::REACTION);
         let _ = writeln!(s, "\ntargets");
         for t in &self.targets {
             let _ = writeln!(
                 s,
                 "  [{}] {}: {} (target {})",
-                if t.met { "met" } else { "MISSED" },
+                match t.met {
+                    Some(true) => "met",
+                    Some(false) => "MISSED",
+                    None => "not measured",
+                },
                 t.name,
                 t.measured,
                 t.target
@@ -637,7 +774,11 @@ impl Report {
                 t.name,
                 t.target,
                 t.measured,
-                if t.met { "met" } else { "**missed**" }
+                match t.met {
+                    Some(true) => "met",
+                    Some(false) => "**missed**",
+                    None => "**not measured**",
+                }
             );
         }
         s.push_str("\n## Results\n\n```\n");
@@ -671,8 +812,6 @@ mod tests {
             interface_drops: 0,
         };
         let mut report = Report {
-            machine: Machine::default(),
-            command: String::new(),
             quick: true,
             repetitions: 1,
             // The issue's rough figures: 207k bare, 146k routing, 100k nftables.
@@ -682,15 +821,7 @@ mod tests {
                 row("nftables recipe", 100e3),
                 row("forwarder", 180e3),
             ],
-            per_hop: vec![],
-            tcp: vec![],
-            latency: vec![],
-            rule_scaling: vec![],
-            flow_scaling: vec![],
-            new_flows: vec![],
-            program_cost_ns: vec![],
-            reaction: vec![],
-            targets: vec![],
+            ..Default::default()
         };
         report.evaluate();
         let hop = |s: &str| {
@@ -711,5 +842,47 @@ mod tests {
         );
         assert!(report.text().contains("us/hop"));
         assert!(report.svg().starts_with("<svg"));
+    }
+
+    #[test]
+    fn a_failed_stage_is_reported_and_its_targets_are_not_measured() {
+        let mut report = Report {
+            latency: vec![
+                LatencyRow {
+                    setup: "forwarder".into(),
+                    p50_us: Spread::of(vec![30.0]),
+                    p99_us: Spread::of(vec![60.0]),
+                },
+                LatencyRow {
+                    setup: "plain routing".into(),
+                    p50_us: Spread::of(vec![40.0]),
+                    p99_us: Spread::of(vec![50.0]),
+                },
+            ],
+            failed: vec![FailedStage {
+                stage: format!("{}, forwarder", stage::REACTION),
+                error: "no announcement within 10 s".into(),
+            }],
+            ..Default::default()
+        };
+        report.evaluate();
+        let target = |name: &str| report.targets.iter().find(|t| t.name == name).unwrap();
+        let p50 = target("p50 request/response latency vs plain routing");
+        assert_eq!(p50.met, Some(true), "{p50:?}");
+        let p99 = target("p99 request/response latency vs plain routing");
+        assert_eq!(p99.met, Some(false), "{p99:?}");
+        let reaction = target("address change to first correct relayed packet");
+        assert_eq!(reaction.met, None);
+        assert_eq!(
+            reaction.measured,
+            "not measured: reaction to renumbering, forwarder failed"
+        );
+        let text = report.text();
+        assert!(
+            text.contains("FAILED reaction to renumbering, forwarder: no announcement within 10 s"),
+            "{text}"
+        );
+        assert!(text.contains("PARTIAL"), "{text}");
+        assert!(report.markdown().contains("**not measured**"));
     }
 }
