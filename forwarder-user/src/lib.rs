@@ -23,6 +23,7 @@ pub mod notify;
 mod object_check;
 pub mod pin;
 pub mod presets;
+pub mod prog_stats;
 pub mod qubes;
 pub mod qubesdb;
 pub mod raw_map;
