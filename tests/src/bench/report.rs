@@ -752,7 +752,7 @@ impl Report {
     /// The page committed as docs/benchmarks.md.
     pub fn markdown(&self) -> String {
         let mut s = String::from(
-            "# Benchmarks\n\nThe forwarder against the seed's nftables recipe (`../shared/seeds/000`), plain kernel routing with\nno netfilter rules, and a bare veth (sender and receiver alone), measured in one run by\n`cargo xtask bench`, contenders alternating, every measurement repeated. This page is the\nlatest full run; `target/bench/` holds its table, JSON and chart.\n\n",
+            "# Benchmarks\n\nThe forwarder against the seed's nftables recipe (`../shared/seeds/000`), plain kernel routing with\nno netfilter rules in the routers, and a bare veth (sender and receiver alone), measured in one run by\n`cargo xtask bench`, contenders alternating, every measurement repeated. This page is the\nlatest full run; `target/bench/` holds its table, JSON and chart.\n\n",
         );
         let m = &self.machine;
         let _ = writeln!(
