@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::hops::HopTiming;
+
 /// Median and range of repeated measurements.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Spread {
@@ -168,6 +170,7 @@ pub mod stage {
     pub const PACKET_RATE: &str = "packet rate";
     pub const TCP: &str = "TCP throughput";
     pub const LATENCY: &str = "latency";
+    pub const LATENCY_HOPS: &str = "latency per hop";
     pub const REACTION: &str = "reaction to renumbering";
     pub const RULE_SCALING: &str = "rule scaling";
     pub const FLOW_TABLE: &str = "flow table";
@@ -185,6 +188,7 @@ pub struct Report {
     pub per_hop: Vec<HopRow>,
     pub tcp: Vec<TcpRow>,
     pub latency: Vec<LatencyRow>,
+    pub latency_hops: Vec<HopTiming>,
     pub rule_scaling: Vec<ScaleRow>,
     pub flow_scaling: Vec<FlowRow>,
     pub new_flows: Vec<NewFlowRow>,
@@ -471,6 +475,45 @@ impl Report {
             .filter(move |f| f.stage.starts_with(section))
     }
 
+    /// The per-hop breakdown of the round trips, one column per contender.
+    fn hops_table(&self) -> String {
+        let mut s = String::new();
+        if self.latency_hops.is_empty() {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\nthe same round trips hop by hop: kernel tracepoints, median (90th percentile), us"
+        );
+        let _ = write!(s, "  {:<42}", "");
+        for h in &self.latency_hops {
+            let _ = write!(s, " {:>18}", h.setup);
+        }
+        s.push('\n');
+        for (i, segment) in super::hops::SEGMENTS.iter().enumerate() {
+            let _ = write!(s, "  {segment:<42}");
+            for h in &self.latency_hops {
+                let cell = h.segments_us.get(i).map_or("-".into(), |(_, median, p90)| {
+                    format!("{median:.2} ({p90:.2})")
+                });
+                let _ = write!(s, " {cell:>18}");
+            }
+            s.push('\n');
+        }
+        let _ = write!(s, "  {:<42}", "sum of the medians");
+        for h in &self.latency_hops {
+            let sum: f64 = h.segments_us.iter().map(|(_, median, _)| median).sum();
+            let _ = write!(s, " {sum:>18.2}");
+        }
+        s.push('\n');
+        let _ = write!(s, "  {:<42}", "server on another CPU than the client");
+        for h in &self.latency_hops {
+            let _ = write!(s, " {:>18}", format!("{}/{}", h.cross_cpu, h.round_trips));
+        }
+        s.push('\n');
+        s
+    }
+
     /// The lines that stand in a section for its failed stages.
     fn failure_lines(&self, section: &str) -> String {
         self.failures(section)
@@ -552,6 +595,7 @@ impl Report {
             );
         }
         s += &self.failure_lines(stage::LATENCY);
+        s += &self.hops_table();
         let _ = writeln!(
             s,
             "\nrule scaling: packet rate to the last of N rules, kpps"

@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use forwarder_tests::{
     bench::{
         env::{Env, Setup},
-        measure,
+        hops, measure,
         report::*,
     },
     netns,
@@ -287,6 +287,21 @@ fn run(o: &Options) -> Report {
                 })
                 .collect();
         },
+    );
+    run.stage(
+        stage::LATENCY_HOPS,
+        &mut main,
+        || build_all(&MAIN),
+        |envs| {
+            envs.iter()
+                .filter(|env| env.setup != Setup::BareVeth)
+                .map(|env| {
+                    progress(&format!("latency per hop, {}", env.setup.label()));
+                    hops::per_hop(env, 2000)
+                })
+                .collect::<Result<Vec<_>>>()
+        },
+        |report, hops| report.latency_hops = hops,
     );
     drop(main);
 
