@@ -53,6 +53,10 @@ pub const SEGMENTS: [&str; 13] = [
     "LAN peer: received to the client's read",
 ];
 
+/// The segments that are the routers' own work (a device's receive to the
+/// next device's transmit), as opposed to veth crossings and endpoints.
+pub const ROUTER_SEGMENTS: [usize; 4] = [1, 3, 8, 10];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     /// net:net_dev_start_xmit
@@ -85,6 +89,17 @@ pub struct HopTiming {
     pub cross_cpu: usize,
     /// Per segment of `SEGMENTS`: (median, 90th percentile) in us.
     pub segments_us: Vec<(String, f64, f64)>,
+}
+
+impl HopTiming {
+    /// The routers' work in a round trip: the sum of their segments'
+    /// medians, in us.
+    pub fn router_us(&self) -> Option<f64> {
+        ROUTER_SEGMENTS
+            .iter()
+            .map(|&i| self.segments_us.get(i).map(|(_, median, _)| median))
+            .sum()
+    }
 }
 
 /// A trace instance of our own (so nobody else's tracing is touched),
@@ -312,5 +327,9 @@ mod tests {
         assert_eq!((t.round_trips, t.cross_cpu), (2, 1));
         assert_eq!(t.segments_us.len(), SEGMENTS.len());
         assert!(t.segments_us.iter().all(|(_, median, _)| *median == 1.0));
+        assert_eq!(t.router_us(), Some(4.0));
+        for i in ROUTER_SEGMENTS {
+            assert!(SEGMENTS[i].starts_with("sys-") && !SEGMENTS[i].contains("veth"));
+        }
     }
 }

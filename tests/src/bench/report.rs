@@ -227,9 +227,15 @@ const METHOD: &str = "
   app), one stream, both directions. Veth pairs on a 2-CPU guest: sender, both routers and the
   receiver share the CPUs, so these are relative figures.
 - **Latency**: the project's own client and server, one 64-byte request and reply at a time over
-  one TCP connection. A round trip crosses four router hops, about 1 us of router work for the
-  forwarder and 3 us for the recipe, while p99 varies by tens of microseconds between rounds on two
-  shared CPUs: the p99 comparison mostly measures scheduling, and can go either way from run to run.
+  one TCP connection; behind every Qubes contender the app keeps its own firewall (conntrack and
+  an input chain). A round trip crosses four router hops. **Per hop**: the same round trips again
+  with kernel tracepoints (every device's transmit and receive and the socket reads, stamped with
+  the TSC in a trace instance of the bench's own), split into the routers' work, the veth
+  crossings and the endpoints' stacks and wakeups. The endpoints dominate on a 2-vCPU guest: a
+  round trip whose server or client is woken on the other, idle vCPU pays about 25-30 us per
+  such wakeup (the guest halts without polling), and how many do changes from run to run, so p50
+  and p99 move between runs by more than the routers' whole share (a few us per round trip). The
+  routers' traced time is the latency comparison the datapath decides.
 - **Rule scaling**: the packets go to the last of N rules; the forwarder's rules are one hash
   lookup (its configurations also hold KDE Connect's 51-port range, 51 map entries), the seed
   writes one nftables rule per port (a linear walk), and a verdict map is nftables' own answer to
@@ -369,6 +375,18 @@ impl Report {
             }
         }
 
+        let routers = |setup: &str| {
+            find(&self.latency_hops, setup, |r| &r.setup).and_then(HopTiming::router_us)
+        };
+        add(
+            "routers' time per round trip (traced) vs plain routing".into(),
+            "at most 1",
+            stage::LATENCY_HOPS,
+            routers("forwarder")
+                .zip(routers("plain routing"))
+                .map(|(f, p)| (format!("{:.3} ({f:.2} us vs {p:.2} us)", f / p), f <= p)),
+        );
+
         let scale = |rules: usize| {
             self.rule_scaling
                 .iter()
@@ -504,6 +522,12 @@ impl Report {
         for h in &self.latency_hops {
             let sum: f64 = h.segments_us.iter().map(|(_, median, _)| median).sum();
             let _ = write!(s, " {sum:>18.2}");
+        }
+        s.push('\n');
+        let _ = write!(s, "  {:<42}", "the routers' segments");
+        for h in &self.latency_hops {
+            let cell = h.router_us().map_or("-".into(), |us| format!("{us:.2}"));
+            let _ = write!(s, " {cell:>18}");
         }
         s.push('\n');
         let _ = write!(s, "  {:<42}", "server on another CPU than the client");
