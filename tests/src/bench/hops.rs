@@ -56,6 +56,9 @@ pub const SEGMENTS: [&str; 13] = [
 /// The segments that are the routers' own work (a device's receive to the
 /// next device's transmit), as opposed to veth crossings and endpoints.
 pub const ROUTER_SEGMENTS: [usize; 4] = [1, 3, 8, 10];
+/// The veth crossings: the same kernel code behind every contender, so
+/// the yardstick of how fast the host ran that moment.
+pub const VETH_SEGMENTS: [usize; 6] = [0, 2, 4, 7, 9, 11];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -89,16 +92,62 @@ pub struct HopTiming {
     pub cross_cpu: usize,
     /// Per segment of `SEGMENTS`: (median, 90th percentile) in us.
     pub segments_us: Vec<(String, f64, f64)>,
+    /// The routers' time over the veth crossings' in the same round trips:
+    /// the host's speed of the moment, which moves every segment of a run
+    /// together, cancels out.
+    pub routers_per_veth: Option<f64>,
 }
 
 impl HopTiming {
-    /// The routers' work in a round trip: the sum of their segments'
-    /// medians, in us.
-    pub fn router_us(&self) -> Option<f64> {
-        ROUTER_SEGMENTS
+    /// Repeated runs of one contender as one: each segment's median (and
+    /// 90th percentile) is the median of the runs' own, the counts are
+    /// summed.
+    pub fn combine(runs: Vec<HopTiming>) -> HopTiming {
+        let Some(first) = runs.first() else {
+            return HopTiming::default();
+        };
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            quantile(&v, 0.5)
+        };
+        let segments_us = (0..first.segments_us.len())
+            .map(|i| {
+                let of = |pick: fn(&(String, f64, f64)) -> f64| {
+                    median(
+                        runs.iter()
+                            .filter_map(|r| r.segments_us.get(i).map(pick))
+                            .collect(),
+                    )
+                };
+                (first.segments_us[i].0.clone(), of(|s| s.1), of(|s| s.2))
+            })
+            .collect();
+        let ratios: Vec<f64> = runs.iter().filter_map(|r| r.routers_per_veth).collect();
+        HopTiming {
+            setup: first.setup.clone(),
+            round_trips: runs.iter().map(|r| r.round_trips).sum(),
+            cross_cpu: runs.iter().map(|r| r.cross_cpu).sum(),
+            segments_us,
+            routers_per_veth: (!ratios.is_empty()).then(|| median(ratios)),
+        }
+    }
+
+    fn sum_of(&self, segments: &[usize]) -> Option<f64> {
+        segments
             .iter()
             .map(|&i| self.segments_us.get(i).map(|(_, median, _)| median))
             .sum()
+    }
+
+    /// The routers' work in a round trip: the sum of their segments'
+    /// medians, in us.
+    pub fn router_us(&self) -> Option<f64> {
+        self.sum_of(&ROUTER_SEGMENTS)
+    }
+
+    /// The veth crossings of a round trip, in us.
+    pub fn veth_us(&self) -> Option<f64> {
+        self.sum_of(&VETH_SEGMENTS)
     }
 }
 
@@ -236,10 +285,11 @@ fn timing(setup: &str, events: &[Event], ticks_per_us: f64) -> HopTiming {
         }
         i += PATH.len();
     }
-    HopTiming {
+    let mut timing = HopTiming {
         setup: setup.into(),
         round_trips,
         cross_cpu,
+        routers_per_veth: None,
         segments_us: SEGMENTS
             .iter()
             .zip(durations)
@@ -249,7 +299,12 @@ fn timing(setup: &str, events: &[Event], ticks_per_us: f64) -> HopTiming {
                 (name.to_string(), quantile(&d, 0.5), quantile(&d, 0.9))
             })
             .collect(),
-    }
+    };
+    timing.routers_per_veth = timing
+        .router_us()
+        .zip(timing.veth_us())
+        .map(|(routers, veth)| routers / veth);
+    timing
 }
 
 /// `rounds` request/response round trips through `env`, traced.
@@ -328,6 +383,13 @@ mod tests {
         assert_eq!(t.segments_us.len(), SEGMENTS.len());
         assert!(t.segments_us.iter().all(|(_, median, _)| *median == 1.0));
         assert_eq!(t.router_us(), Some(4.0));
+        assert_eq!(t.routers_per_veth, Some(4.0 / 6.0));
+        let mut slow = t.clone();
+        slow.segments_us[1].1 = 3.0;
+        let both = HopTiming::combine(vec![t.clone(), slow.clone(), slow]);
+        assert_eq!((both.round_trips, both.cross_cpu), (6, 3));
+        assert_eq!(both.segments_us[1].1, 3.0, "the median of 1, 3 and 3");
+        assert_eq!(both.segments_us[0].1, 1.0);
         for i in ROUTER_SEGMENTS {
             assert!(SEGMENTS[i].starts_with("sys-") && !SEGMENTS[i].contains("veth"));
         }

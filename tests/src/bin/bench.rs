@@ -293,15 +293,29 @@ fn run(o: &Options) -> Report {
         &mut main,
         || build_all(&MAIN),
         |envs| {
-            envs.iter()
+            // Like every other measurement, alternated and repeated: one
+            // traced run moves with the host's load by as much as the
+            // routers' differences.
+            let traced: Vec<&Env> = envs
+                .iter()
                 .filter(|env| env.setup != Setup::BareVeth)
-                .map(|env| {
-                    progress(&format!("latency per hop, {}", env.setup.label()));
-                    hops::per_hop(env, 2000)
-                })
-                .collect::<Result<Vec<_>>>()
+                .collect();
+            let mut runs = vec![Vec::new(); traced.len()];
+            for rep in 0..reps {
+                for (i, env) in traced.iter().enumerate() {
+                    progress(&format!(
+                        "latency per hop, {}, round {}",
+                        env.setup.label(),
+                        rep + 1
+                    ));
+                    runs[i].push(hops::per_hop(env, 1000)?);
+                }
+            }
+            Ok(runs)
         },
-        |report, hops| report.latency_hops = hops,
+        |report, runs| {
+            report.latency_hops = runs.into_iter().map(hops::HopTiming::combine).collect();
+        },
     );
     drop(main);
 
