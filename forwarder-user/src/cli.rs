@@ -202,6 +202,13 @@ pub struct InspectArgs {
     /// Refresh interval for --watch.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     pub interval: Duration,
+
+    /// Also each attached program's cost per packet and packets, from the
+    /// kernel's run-time statistics while they are on
+    /// (kernel.bpf_stats_enabled; they add two clock reads to every run of
+    /// every BPF program on the host); with --watch, per interval too.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 #[derive(Debug, Args)]

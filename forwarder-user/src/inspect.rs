@@ -24,6 +24,7 @@ use crate::{
     flow_table::FlowTable,
     interfaces::{self, address_text, mac_text},
     pin::{LEGACY_DIRS, PinLayout},
+    prog_stats::{self, ProgramStats},
     rule_view::{RuleView, allow_text, expires_text},
     tables::Tables,
 };
@@ -43,6 +44,9 @@ pub struct Snapshot {
     pub rules: Vec<RuleStats>,
     pub relays: Vec<RelayStats>,
     pub reasons: Vec<ReasonView>,
+    /// The programs' run-time statistics (`--stats` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub program_stats: Option<ProgramStats>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -240,7 +244,17 @@ pub fn collect(pin_dir: &Path) -> Result<Snapshot> {
         rules,
         relays,
         reasons,
+        program_stats: None,
     })
+}
+
+/// `collect`, with the programs' run-time statistics when `stats`.
+fn sample(pin_dir: &Path, stats: bool) -> Result<Snapshot> {
+    let mut snapshot = collect(pin_dir)?;
+    if stats {
+        snapshot.program_stats = Some(prog_stats::read(&PinLayout::new(pin_dir).maps)?);
+    }
+    Ok(snapshot)
 }
 
 fn per_second(now: u64, before: u64, elapsed: Duration) -> f64 {
@@ -279,6 +293,9 @@ pub fn add_rates(current: &mut Snapshot, previous: &Snapshot, elapsed: Duration)
                 bytes_out: per_second(relay.bytes_down, b.bytes_down, elapsed),
             });
         }
+    }
+    if let (Some(now), Some(before)) = (&mut current.program_stats, &previous.program_stats) {
+        prog_stats::add_rates(now, before, elapsed);
     }
 }
 
@@ -427,6 +444,10 @@ pub fn render(s: &Snapshot) -> String {
         }
     }
 
+    if let Some(stats) = &s.program_stats {
+        out += &render_program_stats(stats, &s.interfaces);
+    }
+
     out += "\nskip and drop reasons (packets not forwarded, and why)\n";
     let counted: Vec<&ReasonView> = s.reasons.iter().filter(|r| r.count > 0).collect();
     if counted.is_empty() {
@@ -441,8 +462,67 @@ pub fn render(s: &Snapshot) -> String {
     out
 }
 
+/// The programs' cost, with the interfaces each runs on, and how to turn
+/// the statistics on while they are off.
+fn render_program_stats(stats: &ProgramStats, interfaces: &[InterfaceView]) -> String {
+    let setting = match stats.sysctl_enabled {
+        Some(true) => format!("{} = 1", prog_stats::SYSCTL),
+        Some(false) => format!("{} = 0", prog_stats::SYSCTL),
+        None => format!("no {} on this kernel", prog_stats::SYSCTL),
+    };
+    let mut out = format!("\nprogram cost (the kernel's run-time statistics, {setting})\n");
+    if !stats.counting() {
+        out += "  The kernel is not counting";
+        if stats.programs.iter().any(|p| p.packets > 0) {
+            out += " (unless a program holds BPF_ENABLE_STATS: --watch tells)";
+        }
+        out += ": the figures below are from while it was.\n";
+        for line in prog_stats::HOW_TO_ENABLE {
+            out += &format!("  {line}\n");
+        }
+    }
+    if stats.programs.is_empty() {
+        out += "  no loaded program uses this instance's maps\n";
+        return out;
+    }
+    let watching = stats.programs.iter().any(|p| p.rates.is_some());
+    out += &format!(
+        "  {:<12} {:>7}  {:<24} {:>14} {:>10}",
+        "PROGRAM", "ID", "INTERFACES", "PACKETS", "NS/PACKET"
+    );
+    if watching {
+        out += &format!(" {:>12} {:>14}", "PACKETS/S", "NS/PACKET NOW");
+    }
+    out += "\n";
+    let ns = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+    for p in &stats.programs {
+        let on: Vec<&str> = interfaces
+            .iter()
+            .filter(|i| i.role == p.role)
+            .map(|i| i.name.as_deref().unwrap_or("?"))
+            .collect();
+        out += &format!(
+            "  {:<12} {:>7}  {:<24} {:>14} {:>10}",
+            p.role,
+            p.id,
+            if on.is_empty() {
+                "-".into()
+            } else {
+                on.join(",")
+            },
+            p.packets,
+            ns(p.ns_per_packet)
+        );
+        if let Some(r) = p.rates {
+            out += &format!(" {:>12.1} {:>14}", r.packets_per_sec, ns(r.ns_per_packet));
+        }
+        out += "\n";
+    }
+    out
+}
+
 pub fn run(args: &InspectArgs) -> Result<()> {
-    let mut previous = collect(&args.pin_dir)?;
+    let mut previous = sample(&args.pin_dir, args.stats)?;
     let mut taken = Instant::now();
     if !args.watch {
         if args.json {
@@ -454,7 +534,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     }
     loop {
         std::thread::sleep(args.interval);
-        let mut current = collect(&args.pin_dir)?;
+        let mut current = sample(&args.pin_dir, args.stats)?;
         let now = Instant::now();
         add_rates(&mut current, &previous, now - taken);
         if args.json {
@@ -520,6 +600,7 @@ mod tests {
             rules: vec![r],
             relays: vec![],
             reasons: vec![],
+            program_stats: None,
         };
         let before = snapshot(rule(10, 1000));
         let mut after = snapshot(rule(30, 5000));

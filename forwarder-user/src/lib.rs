@@ -27,6 +27,7 @@ pub mod notify;
 mod object_check;
 pub mod pin;
 pub mod presets;
+pub mod prog_stats;
 pub mod qubes;
 pub mod qubes_vm;
 pub mod qubesdb;

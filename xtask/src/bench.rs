@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: builds the release binary and the benchmark driver,
-//! runs the driver, and with --update-docs refreshes docs/benchmarks.md.
+//! runs the driver, and with --update-docs refreshes docs/benchmarks.md
+//! from a run whose every stage completed.
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{
     build::{build_driver, build_release},
@@ -16,6 +17,7 @@ pub fn run(quick: bool, json: bool, update_docs: bool) -> Result<()> {
     build_driver("bench")?;
     step("running the benchmark");
     let root = workspace_root();
+    let out = root.join("target/bench");
     let mut bench = command(
         root.join("target/release/bench")
             .to_str()
@@ -24,23 +26,22 @@ pub fn run(quick: bool, json: bool, update_docs: bool) -> Result<()> {
     bench
         .env("FORWARDER_BIN", root.join("target/release/forwarder"))
         .arg("--out")
-        .arg(root.join("target/bench"));
+        .arg(&out);
     if quick {
         bench.arg("--quick");
     }
     if json {
         bench.arg("--json");
     }
-    run_cmd(&mut bench)?;
+    run_cmd(&mut bench).with_context(|| {
+        format!(
+            "the benchmark did not complete: what it measured, and which stages failed, is in {}",
+            out.display()
+        )
+    })?;
     if update_docs {
-        std::fs::copy(
-            root.join("target/bench/benchmarks.md"),
-            root.join("docs/benchmarks.md"),
-        )?;
-        std::fs::copy(
-            root.join("target/bench/chart.svg"),
-            root.join("docs/benchmarks.svg"),
-        )?;
+        std::fs::copy(out.join("benchmarks.md"), root.join("docs/benchmarks.md"))?;
+        std::fs::copy(out.join("chart.svg"), root.join("docs/benchmarks.svg"))?;
         println!("    updated docs/benchmarks.md and docs/benchmarks.svg");
     }
     Ok(())

@@ -515,7 +515,7 @@ pub fn reaction(env: &Env, trials: usize) -> Result<Reaction> {
         let first = first.with_context(|| format!("no announcement from {new} within 10 s"))?;
         let event = watch
             .added_after(new, Some(start))
-            .context("no rtnetlink event")?;
+            .with_context(|| format!("no rtnetlink event adding {new}"))?;
         if let Some(seen) = map_seen {
             result
                 .event_to_map_us

@@ -3,5 +3,6 @@
 //! alternating and every measurement repeated.
 
 pub mod env;
+pub mod hops;
 pub mod measure;
 pub mod report;

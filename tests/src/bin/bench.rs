@@ -1,13 +1,20 @@
 //! The benchmark driver behind `cargo xtask bench`. Writes
-//! target/bench/{results.txt,results.json,chart.svg,benchmarks.md}.
+//! target/bench/{results.txt,results.json,chart.svg,benchmarks.md} after
+//! every stage, so a run that stops keeps what it measured. A stage that
+//! fails is retried once, on contenders built afresh, and then reported as
+//! failed while the others carry on.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use forwarder_tests::{
     bench::{
         env::{Env, Setup},
-        measure,
+        hops, measure,
         report::*,
     },
     netns,
@@ -17,6 +24,8 @@ struct Options {
     quick: bool,
     json: bool,
     out: PathBuf,
+    /// Run only the stages whose names start with this.
+    only: Option<String>,
 }
 
 fn options() -> Result<Options> {
@@ -24,6 +33,7 @@ fn options() -> Result<Options> {
         quick: false,
         json: false,
         out: PathBuf::from("target/bench"),
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -31,9 +41,10 @@ fn options() -> Result<Options> {
             "--quick" => o.quick = true,
             "--json" => o.json = true,
             "--out" => o.out = args.next().context("--out needs a directory")?.into(),
-            other => {
-                anyhow::bail!("unknown argument {other:?}: expected --quick, --json or --out DIR")
-            }
+            "--only" => o.only = Some(args.next().context("--only needs a stage name")?),
+            other => anyhow::bail!(
+                "unknown argument {other:?}: expected --quick, --json, --out DIR or --only STAGE"
+            ),
         }
     }
     Ok(o)
@@ -43,100 +54,289 @@ fn progress(text: &str) {
     eprintln!("bench: {text}");
 }
 
-fn run(o: &Options) -> Result<Report> {
+/// The four contenders most stages compare.
+const MAIN: [Setup; 4] = [
+    Setup::SeedRecipe,
+    Setup::Forwarder,
+    Setup::PlainRouting,
+    Setup::BareVeth,
+];
+
+fn build_all(setups: &[Setup]) -> Result<Vec<Env>> {
+    setups.iter().map(|s| Env::build(*s)).collect()
+}
+
+/// The run so far, written out after every stage.
+struct Run<'a> {
+    o: &'a Options,
+    report: Report,
+}
+
+impl Run<'_> {
+    fn wanted(&self, stage: &str) -> bool {
+        self.o
+            .only
+            .as_ref()
+            .is_none_or(|only| stage.starts_with(only.as_str()))
+    }
+
+    /// Runs a stage on `contenders` (built by `build` when there are none),
+    /// stores what it measured and writes the report. A failure drops the
+    /// contenders, so the retry builds them afresh; a second failure is
+    /// recorded in the report instead of its figures.
+    fn stage<S, T>(
+        &mut self,
+        name: &str,
+        contenders: &mut Option<S>,
+        build: impl Fn() -> Result<S>,
+        mut measure: impl FnMut(&S) -> Result<T>,
+        store: impl FnOnce(&mut Report, T),
+    ) {
+        if !self.wanted(name) {
+            return;
+        }
+        let mut error = None;
+        for attempt in 1..=2 {
+            progress(&if attempt == 1 {
+                name.to_string()
+            } else {
+                format!("{name}: retrying once")
+            });
+            let result = (|| {
+                if contenders.is_none() {
+                    *contenders = Some(build()?);
+                }
+                measure(contenders.as_ref().expect("built above"))
+            })();
+            match result {
+                Ok(found) => {
+                    store(&mut self.report, found);
+                    self.save();
+                    return;
+                }
+                Err(err) => {
+                    progress(&format!("{name} failed: {err:#}"));
+                    *contenders = None;
+                    error = Some(err);
+                }
+            }
+        }
+        self.report.failed.push(FailedStage {
+            stage: name.into(),
+            error: format!("{:#}", error.expect("two attempts failed")),
+        });
+        self.save();
+    }
+
+    /// A stage that builds and drops its own contenders.
+    fn stage_alone<T>(
+        &mut self,
+        name: &str,
+        measure: impl FnMut(&()) -> Result<T>,
+        store: impl FnOnce(&mut Report, T),
+    ) {
+        self.stage(name, &mut None, || Ok(()), measure, store);
+    }
+
+    fn save(&mut self) {
+        self.report.evaluate();
+        if let Err(err) = write_files(&self.report, &self.o.out) {
+            progress(&format!(
+                "could not write {}: {err:#}",
+                self.o.out.display()
+            ));
+        }
+    }
+}
+
+/// Replaces each output file whole (a new file renamed over the old), so a
+/// run stopped while writing leaves the previous stage's report.
+fn write_files(report: &Report, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    for (name, text) in [
+        ("results.txt", report.text()),
+        ("results.json", serde_json::to_string_pretty(report)?),
+        ("chart.svg", report.svg()),
+        ("benchmarks.md", report.markdown()),
+    ] {
+        let path = out.join(name);
+        let partial = out.join(format!(".{name}.new"));
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, &path)
+            .with_context(|| format!("replacing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run(o: &Options) -> Report {
     netns::sweep_leftovers();
     let reps = if o.quick { 1 } else { 5 };
     let duration = Duration::from_secs(if o.quick { 1 } else { 3 });
-    let main = [
-        Setup::SeedRecipe,
-        Setup::Forwarder,
-        Setup::PlainRouting,
-        Setup::BareVeth,
-    ];
-    progress("building the four contenders");
-    let envs: Vec<Env> = main.iter().map(|s| Env::build(*s)).collect::<Result<_>>()?;
+    let mut run = Run {
+        o,
+        report: Report {
+            machine: Machine::read(),
+            command: format!("cargo xtask bench{}", if o.quick { " --quick" } else { "" }),
+            quick: o.quick,
+            repetitions: reps,
+            ..Default::default()
+        },
+    };
+    let labels: Vec<String> = MAIN.iter().map(Setup::label).collect();
+    let mut main = None;
 
-    let mut rates: Vec<Vec<measure::RateSample>> = vec![Vec::new(); envs.len()];
-    for rep in 0..reps {
-        for (i, env) in envs.iter().enumerate() {
-            progress(&format!(
-                "packet rate, {}, round {}",
-                env.setup.label(),
-                rep + 1
-            ));
-            rates[i].push(measure::packet_rate(env, duration)?);
-        }
-    }
-    let packet_rate = envs
-        .iter()
-        .zip(&rates)
-        .map(|(env, samples)| RateRow {
-            setup: env.setup.label(),
-            received_pps: Spread::of(samples.iter().map(|s| s.received_pps).collect()),
-            sent_pps: Spread::of(samples.iter().map(|s| s.sent_pps).collect()),
-            loss: Spread::of(samples.iter().map(|s| s.loss).collect()),
-            softnet_drops: samples.iter().map(|s| s.softnet_drops).sum(),
-            interface_drops: samples.iter().map(|s| s.interface_drops).sum(),
-        })
-        .collect();
+    run.stage(
+        stage::PACKET_RATE,
+        &mut main,
+        || build_all(&MAIN),
+        |envs| {
+            let mut rates = vec![Vec::new(); envs.len()];
+            for rep in 0..reps {
+                for (i, env) in envs.iter().enumerate() {
+                    progress(&format!(
+                        "packet rate, {}, round {}",
+                        env.setup.label(),
+                        rep + 1
+                    ));
+                    rates[i].push(measure::packet_rate(env, duration)?);
+                }
+            }
+            Ok(rates)
+        },
+        |report, rates| {
+            report.packet_rate = labels
+                .iter()
+                .zip(rates)
+                .map(|(setup, samples)| RateRow {
+                    setup: setup.clone(),
+                    received_pps: Spread::of(samples.iter().map(|s| s.received_pps).collect()),
+                    sent_pps: Spread::of(samples.iter().map(|s| s.sent_pps).collect()),
+                    loss: Spread::of(samples.iter().map(|s| s.loss).collect()),
+                    softnet_drops: samples.iter().map(|s| s.softnet_drops).sum(),
+                    interface_drops: samples.iter().map(|s| s.interface_drops).sum(),
+                })
+                .collect();
+        },
+    );
 
-    let mut tcp_samples = vec![(Vec::new(), Vec::new()); envs.len()];
-    let mut rr_samples = vec![(Vec::new(), Vec::new()); envs.len()];
+    run.stage(
+        stage::TCP,
+        &mut main,
+        || build_all(&MAIN),
+        |envs| {
+            let mut samples = vec![(Vec::new(), Vec::new()); envs.len()];
+            for rep in 0..reps {
+                for (i, env) in envs.iter().enumerate() {
+                    progress(&format!(
+                        "TCP throughput, {}, round {}",
+                        env.setup.label(),
+                        rep + 1
+                    ));
+                    samples[i]
+                        .0
+                        .push(measure::tcp_throughput(env, duration, false)?);
+                    samples[i]
+                        .1
+                        .push(measure::tcp_throughput(env, duration, true)?);
+                }
+            }
+            Ok(samples)
+        },
+        |report, samples| {
+            report.tcp = labels
+                .iter()
+                .zip(samples)
+                .map(|(setup, (up, down))| TcpRow {
+                    setup: setup.clone(),
+                    lan_to_app_bps: Spread::of(up),
+                    app_to_lan_bps: Spread::of(down),
+                })
+                .collect();
+        },
+    );
+
     let rounds = if o.quick { 1000 } else { 20_000 };
-    for rep in 0..reps {
-        for (i, env) in envs.iter().enumerate() {
-            progress(&format!(
-                "TCP throughput and latency, {}, round {}",
-                env.setup.label(),
-                rep + 1
-            ));
-            tcp_samples[i]
-                .0
-                .push(measure::tcp_throughput(env, duration, false)?);
-            tcp_samples[i]
-                .1
-                .push(measure::tcp_throughput(env, duration, true)?);
-            let latency = measure::rr_latency(env, rounds)?;
-            rr_samples[i].0.push(latency.p50_us);
-            rr_samples[i].1.push(latency.p99_us);
-        }
-    }
-    let tcp = envs
-        .iter()
-        .zip(tcp_samples)
-        .map(|(env, (up, down))| TcpRow {
-            setup: env.setup.label(),
-            lan_to_app_bps: Spread::of(up),
-            app_to_lan_bps: Spread::of(down),
-        })
-        .collect();
-    let latency = envs
-        .iter()
-        .zip(rr_samples)
-        .map(|(env, (p50, p99))| LatencyRow {
-            setup: env.setup.label(),
-            p50_us: Spread::of(p50),
-            p99_us: Spread::of(p99),
-        })
-        .collect();
+    run.stage(
+        stage::LATENCY,
+        &mut main,
+        || build_all(&MAIN),
+        |envs| {
+            let mut samples = vec![(Vec::new(), Vec::new()); envs.len()];
+            for rep in 0..reps {
+                for (i, env) in envs.iter().enumerate() {
+                    progress(&format!(
+                        "latency, {}, round {}",
+                        env.setup.label(),
+                        rep + 1
+                    ));
+                    let latency = measure::rr_latency(env, rounds)?;
+                    samples[i].0.push(latency.p50_us);
+                    samples[i].1.push(latency.p99_us);
+                }
+            }
+            Ok(samples)
+        },
+        |report, samples| {
+            report.latency = labels
+                .iter()
+                .zip(samples)
+                .map(|(setup, (p50, p99))| LatencyRow {
+                    setup: setup.clone(),
+                    p50_us: Spread::of(p50),
+                    p99_us: Spread::of(p99),
+                })
+                .collect();
+        },
+    );
+    run.stage(
+        stage::LATENCY_HOPS,
+        &mut main,
+        || build_all(&MAIN),
+        |envs| {
+            // Like every other measurement, alternated and repeated: one
+            // traced run moves with the host's load by as much as the
+            // routers' differences.
+            let traced: Vec<&Env> = envs
+                .iter()
+                .filter(|env| env.setup != Setup::BareVeth)
+                .collect();
+            let mut runs = vec![Vec::new(); traced.len()];
+            for rep in 0..reps {
+                for (i, env) in traced.iter().enumerate() {
+                    progress(&format!(
+                        "latency per hop, {}, round {}",
+                        env.setup.label(),
+                        rep + 1
+                    ));
+                    runs[i].push(hops::per_hop(env, 1000)?);
+                }
+            }
+            Ok(runs)
+        },
+        |report, runs| {
+            report.latency_hops = runs.into_iter().map(hops::HopTiming::combine).collect();
+        },
+    );
+    drop(main);
 
-    progress("reaction to renumbering");
     let trials = if o.quick { 4 } else { 20 };
-    let mut reaction = Vec::new();
-    for env in envs
-        .iter()
-        .filter(|e| matches!(e.setup, Setup::Forwarder | Setup::SeedRecipe))
-    {
-        let r = measure::reaction(env, trials)?;
-        reaction.push(ReactionRow {
-            setup: env.setup.label(),
-            event_to_map_us: (!r.event_to_map_us.is_empty())
-                .then(|| Spread::of(r.event_to_map_us.clone())),
-            command_to_packet_ms: Spread::of(r.command_to_packet_ms),
-            event_to_packet_ms: Spread::of(r.event_to_packet_ms),
-        });
+    for setup in [Setup::SeedRecipe, Setup::Forwarder] {
+        run.stage(
+            &format!("{}, {}", stage::REACTION, setup.label()),
+            &mut None,
+            || Env::build(setup),
+            |env| measure::reaction(env, trials),
+            |report, r| {
+                report.reaction.push(ReactionRow {
+                    setup: setup.label(),
+                    event_to_map_us: (!r.event_to_map_us.is_empty())
+                        .then(|| Spread::of(r.event_to_map_us.clone())),
+                    command_to_packet_ms: Spread::of(r.command_to_packet_ms),
+                    event_to_packet_ms: Spread::of(r.event_to_packet_ms),
+                });
+            },
+        );
     }
-    drop(envs);
 
     let sizes: &[usize] = if o.quick {
         &[1, 10_000]
@@ -144,122 +344,132 @@ fn run(o: &Options) -> Result<Report> {
         &[1, 100, 1_000, 10_000]
     };
     let scale_reps = if o.quick { 1 } else { 3 };
-    let mut rule_scaling = Vec::new();
     for &n in sizes {
-        progress(&format!("rule scaling, {n} rules"));
         let variants = [
             ("forwarder", Setup::ForwarderRules(n)),
             ("nftables per-port rules", Setup::NftPerPort(n)),
             ("nftables maps", Setup::NftMaps(n)),
         ];
-        let scale_envs: Vec<(&str, Env)> = variants
-            .iter()
-            .map(|(name, setup)| Ok((*name, Env::build(*setup)?)))
-            .collect::<Result<_>>()?;
-        let mut samples = vec![Vec::new(); scale_envs.len()];
-        for _ in 0..scale_reps {
-            for (i, (_, env)) in scale_envs.iter().enumerate() {
-                samples[i].push(measure::packet_rate(env, duration)?.received_pps);
+        run.stage(
+            &format!("{}, {n} rules", stage::RULE_SCALING),
+            &mut None,
+            || {
+                variants
+                    .iter()
+                    .map(|(_, setup)| Env::build(*setup))
+                    .collect::<Result<Vec<_>>>()
+            },
+            |envs| {
+                let mut samples = vec![Vec::new(); envs.len()];
+                for _ in 0..scale_reps {
+                    for (i, env) in envs.iter().enumerate() {
+                        samples[i].push(measure::packet_rate(env, duration)?.received_pps);
+                    }
+                }
+                Ok(samples)
+            },
+            |report, samples| {
+                for ((name, _), samples) in variants.iter().zip(samples) {
+                    report.rule_scaling.push(ScaleRow {
+                        variant: (*name).into(),
+                        rules: n,
+                        pps: Spread::of(samples),
+                    });
+                }
+                report
+                    .rule_scaling
+                    .sort_by(|a, b| a.variant.cmp(&b.variant).then(a.rules.cmp(&b.rules)));
+            },
+        );
+    }
+
+    let live = [1usize, 100_000];
+    run.stage(
+        stage::FLOW_TABLE,
+        &mut None,
+        || {
+            live.iter()
+                .map(|&n| {
+                    progress(&format!("flow table, planting {n} live flows"));
+                    Env::build(Setup::ForwarderFlows(n))
+                })
+                .collect::<Result<Vec<_>>>()
+        },
+        |envs| {
+            let mut samples = vec![Vec::new(); envs.len()];
+            for rep in 0..reps {
+                for (i, (n, env)) in live.iter().zip(envs).enumerate() {
+                    progress(&format!(
+                        "packet rate with {n} live flows, round {}",
+                        rep + 1
+                    ));
+                    samples[i].push(measure::packet_rate(env, duration)?.received_pps);
+                }
             }
-        }
-        for ((name, _), samples) in scale_envs.iter().zip(samples) {
-            rule_scaling.push(ScaleRow {
-                variant: (*name).into(),
-                rules: n,
-                pps: Spread::of(samples),
-            });
-        }
-    }
-    rule_scaling.sort_by(|a, b| a.variant.cmp(&b.variant).then(a.rules.cmp(&b.rules)));
+            Ok(samples)
+        },
+        |report, samples| {
+            report.flow_scaling = live
+                .iter()
+                .zip(samples)
+                .map(|(n, samples)| FlowRow {
+                    live_flows: *n,
+                    pps: Spread::of(samples),
+                })
+                .collect();
+        },
+    );
 
-    let mut flow_scaling = Vec::new();
-    let flow_envs: Vec<(usize, Env)> = [1usize, 100_000]
-        .iter()
-        .map(|&n| {
-            progress(&format!("flow table, planting {n} live flows"));
-            Ok((n, Env::build(Setup::ForwarderFlows(n))?))
-        })
-        .collect::<Result<_>>()?;
-    let mut flow_samples = vec![Vec::new(); flow_envs.len()];
-    for rep in 0..reps {
-        for (i, (n, env)) in flow_envs.iter().enumerate() {
-            progress(&format!(
-                "packet rate with {n} live flows, round {}",
-                rep + 1
-            ));
-            flow_samples[i].push(measure::packet_rate(env, duration)?.received_pps);
-        }
-    }
-    for ((n, _), samples) in flow_envs.iter().zip(flow_samples) {
-        flow_scaling.push(FlowRow {
-            live_flows: *n,
-            pps: Spread::of(samples),
-        });
-    }
-    drop(flow_envs);
+    let syn_setups = [Setup::Forwarder, Setup::SeedRecipe];
+    run.stage(
+        stage::NEW_FLOWS,
+        &mut None,
+        || build_all(&syn_setups),
+        |envs| {
+            let mut samples = vec![Vec::new(); envs.len()];
+            for rep in 0..reps {
+                for (i, env) in envs.iter().enumerate() {
+                    progress(&format!(
+                        "new flows, {}, round {}",
+                        env.setup.label(),
+                        rep + 1
+                    ));
+                    samples[i].push(measure::new_flow_rate(env, duration)?.received_pps);
+                }
+            }
+            Ok(samples)
+        },
+        |report, samples| {
+            report.new_flows = syn_setups
+                .iter()
+                .zip(samples)
+                .map(|(setup, samples)| NewFlowRow {
+                    setup: setup.label(),
+                    new_flows_per_sec: Spread::of(samples),
+                })
+                .collect();
+        },
+    );
 
-    let syn_envs: Vec<Env> = [Setup::Forwarder, Setup::SeedRecipe]
-        .iter()
-        .map(|s| Env::build(*s))
-        .collect::<Result<_>>()?;
-    let mut syn_samples = vec![Vec::new(); syn_envs.len()];
-    for rep in 0..reps {
-        for (i, env) in syn_envs.iter().enumerate() {
-            progress(&format!(
-                "new flows, {}, round {}",
-                env.setup.label(),
-                rep + 1
-            ));
-            syn_samples[i].push(measure::new_flow_rate(env, duration)?.received_pps);
-        }
-    }
-    let new_flows = syn_envs
-        .iter()
-        .zip(syn_samples)
-        .map(|(env, samples)| NewFlowRow {
-            setup: env.setup.label(),
-            new_flows_per_sec: Spread::of(samples),
-        })
-        .collect();
-    drop(syn_envs);
+    run.stage_alone(
+        stage::PROGRAM_COST,
+        |()| measure::program_cost(if o.quick { 3_000 } else { 20_000 }),
+        |report, costs| {
+            report.program_cost_ns = costs
+                .into_iter()
+                .map(|(name, ns)| (name.to_string(), ns))
+                .collect();
+        },
+    );
 
-    progress("program cost through BPF_PROG_TEST_RUN");
-    let program_cost_ns = measure::program_cost(if o.quick { 3_000 } else { 20_000 })?
-        .into_iter()
-        .map(|(name, ns)| (name.to_string(), ns))
-        .collect();
-
-    let mut report = Report {
-        machine: Machine::read(),
-        command: format!("cargo xtask bench{}", if o.quick { " --quick" } else { "" }),
-        quick: o.quick,
-        repetitions: reps,
-        packet_rate,
-        per_hop: vec![],
-        tcp,
-        latency,
-        rule_scaling,
-        flow_scaling,
-        new_flows,
-        program_cost_ns,
-        reaction,
-        targets: vec![],
-    };
-    report.evaluate();
-    Ok(report)
+    run.report.finished = true;
+    run.save();
+    run.report
 }
 
 fn main() -> ExitCode {
     let result = options().and_then(|o| {
-        let report = run(&o)?;
-        std::fs::create_dir_all(&o.out)?;
-        std::fs::write(o.out.join("results.txt"), report.text())?;
-        std::fs::write(
-            o.out.join("results.json"),
-            serde_json::to_string_pretty(&report)?,
-        )?;
-        std::fs::write(o.out.join("chart.svg"), report.svg())?;
-        std::fs::write(o.out.join("benchmarks.md"), report.markdown())?;
+        let report = run(&o);
         if o.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -269,11 +479,15 @@ fn main() -> ExitCode {
             "bench: wrote {}/{{results.txt,results.json,chart.svg,benchmarks.md}}",
             o.out.display()
         );
-        Ok(())
+        Ok(report.failed.len())
     });
     let _ = forwarder::pin::unmount_if_empty(std::path::Path::new(forwarder_tests::bpffs::ROOT));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(failed) => {
+            eprintln!("bench: {failed} stage(s) failed twice; their figures are missing");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("bench failed: {err:#}");
             ExitCode::FAILURE
