@@ -128,6 +128,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "daemon_robustness",
         "qubes_admin",
         "qubes_integration",
+        "stats",
         "avahi",
         "soak",
     ];
