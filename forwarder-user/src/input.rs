@@ -14,6 +14,7 @@ use crate::{
     cli::InputArgs,
     input_rules,
     qubesdb::{self, Tools, Tree, input_share},
+    timers::sleep_until,
     vm_config::input::InputShare,
 };
 
@@ -139,11 +140,4 @@ async fn follow(tools: Tools) -> Result<()> {
         info!("removed every rule it added");
     }
     Ok(())
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }

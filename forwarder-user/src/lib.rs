@@ -41,6 +41,7 @@ pub mod selftest;
 pub mod spec;
 pub mod tables;
 pub mod teardown;
+pub mod timers;
 pub mod vm_config;
 
 /// The compiled eBPF object, embedded so the binary is self-contained.

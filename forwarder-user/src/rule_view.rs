@@ -7,7 +7,6 @@ use forwarder_common::maps::{ALLOW_ANY, ALLOW_AUTO, Allow, ForwardRule, RuleCoun
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clock,
     rules::Origin,
     spec::{Ports, Proto},
 };
@@ -116,9 +115,4 @@ pub fn expires_text(secs: Option<u64>) -> String {
         Some(0) => "expired".into(),
         Some(s) => humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
     }
-}
-
-/// The boot-clock reading views are computed at.
-pub fn now_ns() -> u64 {
-    clock::boot_ns()
 }

@@ -15,7 +15,6 @@ mod reconcile;
 mod requests;
 mod rule_changes;
 mod share_apply;
-mod timers;
 mod uplink_route;
 
 use std::{collections::BTreeMap, future::poll_fn, task::Poll, time::Duration};
@@ -32,7 +31,6 @@ use self::{
     flow_worker::FlowWorker,
     qubesdb::Qubesdb,
     rule_changes::{RuleBook, Update},
-    timers::{sleep_until, tick},
 };
 use crate::{
     adopt::{Found, Replaced},
@@ -51,6 +49,7 @@ use crate::{
     pin::{self, Bpffs, PinLayout},
     qubesdb::Tools,
     selftest, teardown,
+    timers::{sleep_until, tick},
 };
 
 /// How often expired flows are swept from the table. The datapath ignores

@@ -14,7 +14,7 @@ use anyhow::Result;
 use log::info;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{flow_worker::Jobs, timers::sleep_until};
+use super::flow_worker::Jobs;
 
 /// What the event loop changes in the rule book, besides control requests.
 pub(super) enum Update {
@@ -36,6 +36,7 @@ use crate::{
     nft,
     rules::{self, Origin, Rule},
     spec::{AllowFrom, ForwardSpec, RuleRef},
+    timers::sleep_until,
 };
 
 /// A request from a control-socket client, and where its answer goes.

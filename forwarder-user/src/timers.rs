@@ -2,7 +2,7 @@
 //! interval that is not set.
 
 /// Sleeps until `deadline`, or forever when there is none.
-pub(super) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
@@ -10,7 +10,7 @@ pub(super) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// The next tick of `interval`, or never without one.
-pub(super) async fn tick(interval: Option<&mut tokio::time::Interval>) {
+pub async fn tick(interval: Option<&mut tokio::time::Interval>) {
     match interval {
         Some(interval) => drop(interval.tick().await),
         None => std::future::pending().await,
