@@ -174,8 +174,10 @@ fn uplink_flaps_and_vm_restarts_leave_the_datapath_consistent_and_leak_nothing()
     let idle = kernel_objects::settled().unwrap();
     let t = Topology::build(Offload::On).unwrap();
     let (mut sysnet, mut sysfw) = Forwarder::start_localsend_routers(&t).unwrap();
-    let running =
-        kernel_objects::wait_links(idle.links + QUBES_LINKS, Duration::from_secs(5)).unwrap();
+    kernel_objects::wait_links(idle.links + QUBES_LINKS, Duration::from_secs(5)).unwrap();
+    // Settled: the self-tests' programs and maps (a program array among
+    // them) are released a while after the daemons attach.
+    let running = kernel_objects::settled().unwrap();
     everything_works(&t, "before");
     let sysnet_pins = sysnet.link_pins();
 
