@@ -12,12 +12,13 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use forwarder_common::{
     maps::{
-        FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP, Relay,
-        RelayKey, STAGE_COPY, STAGE_SCAN, TICKET_NS, TRAIN_END, TRAIN_NEXT, TRAIN_START, Ticket,
-        Train, UplinkState, among_first, relay_dst_mac,
+        FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, RELAY_DNS_QUERIES_UP, Relay, RelayKey,
+        STAGE_COPY, STAGE_SCAN, TICKET_NS, TRAIN_END, TRAIN_NEXT, TRAIN_START, Ticket, Train,
+        UplinkState, among_first, relay_dst_mac,
     },
     reason::Reason,
 };
+use network_types::ip::IpProto;
 
 use crate::{
     Verdict, fib, lan, leak,
@@ -55,7 +56,7 @@ fn record(train: &Train) {
 /// nothing.
 #[inline(always)]
 fn lookup(ctx: &TcContext, ip: &Ipv4, group: u32, ifindex: u32) -> Result<Relayed, Reason> {
-    if ip.proto != PROTO_UDP {
+    if !ip.carries(IpProto::Udp) {
         return Err(Reason::OtherProtocol);
     }
     let key = FragmentKey {
