@@ -11,7 +11,7 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use crate::maps;
+use crate::{log, maps};
 
 /// Moves a live entry by one checked packet; `seen_ns` is rewritten when
 /// the state changes or it is older than REFRESH_NS.
@@ -92,7 +92,9 @@ pub fn from_peer(
     }
     let mut entry = flow::opened(rule_id, segment, now);
     entry.to_target = to_target.unwrap_or_default();
-    maps::insert_flow(key, &entry);
+    if let Err(code) = maps::insert_flow(key, &entry) {
+        log::flow_refused(key.peer_addr, key.peer_port, code);
+    }
 }
 
 /// A packet from the target, past every check, in the flow `of_target`

@@ -13,6 +13,7 @@ mod forward;
 mod kernel;
 mod lan;
 mod leak;
+mod log;
 mod maps;
 mod mem;
 mod nat;
@@ -44,8 +45,8 @@ impl From<Result<Verdict, Reason>> for Verdict {
     }
 }
 
-fn finish(verdict: Verdict) -> i32 {
-    match verdict {
+fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
+    let action = match verdict {
         Verdict::Redirected(action) => action,
         Verdict::Relayed => TC_ACT_UNSPEC,
         Verdict::Skipped(reason) => {
@@ -55,29 +56,37 @@ fn finish(verdict: Verdict) -> i32 {
                 Disposition::Dropped => TC_ACT_SHOT,
             }
         }
-    }
+    };
+    log::flush(ctx, action)
 }
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    finish(forward::uplink_ingress(&ctx))
+    finish(&ctx, forward::uplink_ingress(&ctx))
 }
 
 #[classifier]
 pub fn downstream_ingress(ctx: TcContext) -> i32 {
-    finish(reply::downstream_ingress(&ctx))
+    finish(&ctx, reply::downstream_ingress(&ctx))
 }
 
 /// Tail-called by `downstream_ingress` (see relay::to_lan).
 #[classifier]
 pub fn relay_up_scan(ctx: TcContext) -> i32 {
-    finish(relay::scan_up(&ctx).into())
+    finish(&ctx, relay::scan_up(&ctx).into())
 }
 
 /// Tail-called by `relay_up_scan`.
 #[classifier]
 pub fn relay_up_copy(ctx: TcContext) -> i32 {
-    finish(relay::copy_up(&ctx).into())
+    finish(&ctx, relay::copy_up(&ctx).into())
+}
+
+/// Tail-called on the way out by any program that noted a kernel log
+/// record (see log).
+#[classifier]
+pub fn kernel_log(ctx: TcContext) -> i32 {
+    log::write(&ctx)
 }
 
 #[cfg(not(test))]

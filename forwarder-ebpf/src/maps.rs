@@ -75,11 +75,11 @@ pub fn flow(key: &FlowKey) -> Option<*mut FlowEntry> {
     FLOWS.get_ptr_mut(key)
 }
 
+/// An LRU insert only fails without memory; the flow is then recreated by
+/// the peer's next packet.
 #[inline(always)]
-pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) {
-    // An LRU insert only fails without memory; the flow is then recreated
-    // by the peer's next packet.
-    let _ = FLOWS.insert(key, entry, u64::from(BPF_ANY));
+pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) -> Result<(), i32> {
+    FLOWS.insert(key, entry, u64::from(BPF_ANY))
 }
 
 #[inline(always)]
@@ -99,10 +99,10 @@ pub fn fragment_train(key: &FragmentKey) -> Option<FragmentTrain> {
     unsafe { FRAGMENTS.get(key).copied() }
 }
 
+/// Failure only means the later fragments are left to the stack.
 #[inline(always)]
-pub fn set_fragment_train(key: &FragmentKey, train: &FragmentTrain) {
-    // Failure only means the later fragments are left to the stack.
-    let _ = FRAGMENTS.insert(key, train, u64::from(BPF_ANY));
+pub fn set_fragment_train(key: &FragmentKey, train: &FragmentTrain) -> Result<(), i32> {
+    FRAGMENTS.insert(key, train, u64::from(BPF_ANY))
 }
 
 #[inline(always)]
@@ -177,6 +177,70 @@ pub fn route_mtu(daddr: u32) -> u32 {
     ROUTE_MTUS.get(Key::new(32, daddr)).copied().unwrap_or(0)
 }
 
+/// A kernel log record noted for `kernel_log` to write (see log), with the
+/// action of the program that noted it.
+pub struct LogEvent {
+    pub pending: u32,
+    pub kind: u32,
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub extra: u32,
+    pub code: i64,
+    pub action: i32,
+}
+
+/// The record the program running on this CPU noted, if any.
+#[map]
+static LOG_EVENT: PerCpuArray<LogEvent> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn log_event() -> Option<*mut LogEvent> {
+    LOG_EVENT.get_ptr_mut(0)
+}
+
+/// `kernel_log`, filled by userspace with each load's program. Not pinned:
+/// with no daemon to read the records, none need be written.
+#[map]
+static KERNEL_LOG_STAGE: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Goes on with `kernel_log`; returns only if it is missing.
+#[inline(always)]
+pub fn write_log<C: EbpfContext>(ctx: &C) {
+    // SAFETY: `kernel_log` is a program of this object, of the same type,
+    // reading what the caller left in LOG_EVENT.
+    unsafe { KERNEL_LOG_STAGE.tail_call(ctx, 0) };
+}
+
+/// Kinds of kernel log records (see log::Kind) LOG_TIMES has room for.
+pub const LOG_KINDS: u32 = 16;
+/// The least time between two kernel log records of one kind.
+const LOG_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// When each kind of kernel log record was last written (ktime). Shared by
+/// all CPUs: two records may slip through together, which a limit against
+/// flooding the daemon's log can afford.
+#[map]
+static LOG_TIMES: Array<u64> = Array::with_max_entries(LOG_KINDS, 0);
+
+/// Whether a kernel log record of `kind` may be written now; if so, it is
+/// taken as written.
+#[inline(always)]
+pub fn log_allowed(kind: u32) -> bool {
+    let Some(last) = LOG_TIMES.get_ptr_mut(kind) else {
+        return false;
+    };
+    // SAFETY: plain helper call; last points into the map value.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
+
 #[inline(always)]
 pub fn fib_generation() -> u32 {
     FIB_GENERATION.get(0).copied().unwrap_or(0)
@@ -188,11 +252,11 @@ pub fn cached_route(key: &RouteKey) -> Option<RouteEntry> {
     unsafe { ROUTE_CACHE.get(key).copied() }
 }
 
+/// A full cache evicts the least recently used entry; failure only costs a
+/// FIB lookup next time.
 #[inline(always)]
-pub fn cache_route(key: &RouteKey, entry: &RouteEntry) {
-    // A full cache evicts the least recently used entry; failure only costs
-    // a FIB lookup next time.
-    let _ = ROUTE_CACHE.insert(key, entry, 0);
+pub fn cache_route(key: &RouteKey, entry: &RouteEntry) -> Result<(), i32> {
+    ROUTE_CACHE.insert(key, entry, 0)
 }
 
 #[inline(always)]

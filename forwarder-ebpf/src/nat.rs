@@ -2,7 +2,7 @@
 //! fix, and the redirect itself.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_redir_neigh},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, bpf_redir_neigh},
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
@@ -14,6 +14,7 @@ use network_types::{
 
 use crate::{
     fib::Route,
+    log,
     parse::{Aligned, DPORT_OFF, Ipv4, L3_OFF, L4, L4_OFF, SPORT_OFF, TCP_CHECK_OFF, ptr_at},
 };
 
@@ -87,7 +88,14 @@ pub fn set_addr(
         u64::from(new),
         l4_flags(ip) | u64::from(BPF_F_PSEUDO_HDR) | 4,
     )
-    .map_err(|_| RewriteFailed)
+    .map_err(|code| checksum_failed(ip, l4, code))
+}
+
+/// A transport checksum fix the kernel refused, noted for the kernel log.
+#[inline(always)]
+fn checksum_failed(ip: &Ipv4, l4: &L4, code: i64) -> RewriteFailed {
+    log::checksum_failed(l4.check_off, ip.saddr, ip.daddr, code);
+    RewriteFailed
 }
 
 /// Replaces the port at `end` and fixes the transport checksum.
@@ -117,7 +125,7 @@ pub fn set_port(
         u64::from(new),
         l4_flags(ip) | 2,
     )
-    .map_err(|_| RewriteFailed)
+    .map_err(|code| checksum_failed(ip, l4, code))
 }
 
 /// Sets the TTL and fixes the IP checksum.
@@ -220,7 +228,7 @@ pub fn restore_checksums(ctx: &TcContext, saved: Checksums) -> Result<(), Rewrit
 /// action the redirect helper chose.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, route: Route) -> Result<i32, RewriteFailed> {
-    match route {
+    let (ifindex, nexthop, action) = match route {
         Route::Resolved {
             ifindex,
             smac,
@@ -228,7 +236,7 @@ pub fn redirect(ctx: &TcContext, route: Route) -> Result<i32, RewriteFailed> {
         } => {
             set_macs(ctx, dmac, smac)?;
             // SAFETY: plain helper call.
-            Ok(unsafe { bpf_redirect(ifindex, 0) as i32 })
+            (ifindex, None, unsafe { bpf_redirect(ifindex, 0) })
         }
         Route::Unresolved { ifindex, nexthop } => {
             let mut nh = bpf_redir_neigh {
@@ -238,9 +246,30 @@ pub fn redirect(ctx: &TcContext, route: Route) -> Result<i32, RewriteFailed> {
                 },
             };
             // SAFETY: nh is a valid bpf_redir_neigh for IPv4.
-            Ok(unsafe {
-                bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) as i32
-            })
+            let action = unsafe {
+                bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+            };
+            (ifindex, Some(nexthop), action)
         }
+    };
+    if action != i64::from(TC_ACT_REDIRECT) {
+        let (saddr, daddr) = addrs(ctx);
+        log::redirect_refused(ifindex, nexthop, saddr, daddr, action);
+    }
+    Ok(action as i32)
+}
+
+/// The packet's addresses as it carries them now, for a log record.
+#[inline(always)]
+fn addrs(ctx: &TcContext) -> (u32, u32) {
+    match ptr_at::<Aligned<Ipv4Hdr>>(ctx, L3_OFF) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(hdr) => unsafe {
+            (
+                u32::from_ne_bytes((*hdr).0.src_addr),
+                u32::from_ne_bytes((*hdr).0.dst_addr),
+            )
+        },
+        None => (0, 0),
     }
 }

@@ -17,6 +17,8 @@ use network_types::{
     udp::UdpHdr,
 };
 
+use crate::log;
+
 pub const ETH_HLEN: usize = EthHdr::LEN;
 pub const IPV4_HLEN: usize = Ipv4Hdr::LEN;
 /// Offset of the IPv4 header: only untagged Ethernet frames are handled.
@@ -90,10 +92,13 @@ pub fn pull_headers(ctx: &TcContext, len: usize) {
     if ctx.data() + len <= ctx.data_end() {
         return;
     }
-    let want = (ctx.len() as usize).min(len);
+    let want = (ctx.len() as usize).min(len) as u32;
     // A failed pull leaves the packet as it was; the parsers then report it
     // as truncated and it is passed untouched.
-    let _ = ctx.pull_data(want as u32);
+    if let Err(code) = ctx.pull_data(want) {
+        // SAFETY: reading a field of the context the program was given.
+        log::pull_failed(unsafe { (*ctx.skb.skb).ifindex }, want, code);
+    }
 }
 
 /// Only untagged IPv4 goes further.

@@ -21,7 +21,7 @@ use forwarder_common::{
 use network_types::ip::IpProto;
 
 use crate::{
-    Verdict, fib, lan, leak,
+    Verdict, fib, lan, leak, log,
     maps::{self, RelayDirection, RelayEvent},
     mem,
     nat::{self, End},
@@ -45,7 +45,12 @@ struct Relayed {
 #[inline(always)]
 fn record(train: &Train) {
     match train.step {
-        TRAIN_START | TRAIN_NEXT => maps::set_fragment_train(&train.key, &train.value),
+        TRAIN_START | TRAIN_NEXT => {
+            if let Err(code) = maps::set_fragment_train(&train.key, &train.value) {
+                let key = &train.key;
+                log::fragment_refused(key.ifindex, key.saddr, key.daddr, key.id, code);
+            }
+        }
         TRAIN_END => maps::end_fragment_train(&train.key),
         _ => {}
     }
@@ -250,10 +255,12 @@ fn copy_down(
         return Ok(true);
     };
     nat::set_macs(ctx, mac, egress_mac)?;
-    if ctx.clone_redirect(ifindex, 0).is_ok() {
-        maps::count_relay(relay.slot, RelayEvent::Down(ip.tot_len));
-    } else {
-        copies.failed = true;
+    match ctx.clone_redirect(ifindex, 0) {
+        Ok(()) => maps::count_relay(relay.slot, RelayEvent::Down(ip.tot_len)),
+        Err(code) => {
+            log::clone_failed(ifindex, ip.saddr, target, code);
+            copies.failed = true;
+        }
     }
     if let Some(slot) = copies.sent_to.get_mut(copies.count) {
         *slot = ifindex;
@@ -309,14 +316,22 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
             (L3_OFF + usize::from(ip.tot_len)) as u32,
         );
     }
-    Err(maps::next_stage(ctx, STAGE_SCAN))
+    Err(next_stage(ctx, STAGE_SCAN))
 }
 
 /// The first stage: the address scan, whose count of hits goes to the copy.
 #[inline(always)]
 pub fn scan_up(ctx: &TcContext) -> Result<Verdict, Reason> {
     leak::scan_pending(ctx)?;
-    Err(maps::next_stage(ctx, STAGE_COPY))
+    Err(next_stage(ctx, STAGE_COPY))
+}
+
+/// Goes on with the next stage; returns only if it is missing.
+#[inline(always)]
+fn next_stage(ctx: &TcContext, stage: u32) -> Reason {
+    let reason = maps::next_stage(ctx, stage);
+    log::stage_missing(stage);
+    reason
 }
 
 /// The pending copy's ticket for the packet `ip`, arriving on `ifindex`.
@@ -376,7 +391,11 @@ pub fn copy_up(ctx: &TcContext) -> Result<Verdict, Reason> {
     let copied = nat::set_addr(ctx, &ip, l4.as_ref(), End::Source, uplink.addr)
         .and_then(|()| nat::set_ttl(ctx, ttl))
         .and_then(|()| nat::set_macs(ctx, relay_dst_mac(ip.daddr), uplink.mac))
-        .map(|()| ctx.clone_redirect(uplink.ifindex, 0).is_ok());
+        .map(|()| {
+            ctx.clone_redirect(uplink.ifindex, 0)
+                .inspect_err(|&code| log::clone_failed(uplink.ifindex, uplink.addr, ip.daddr, code))
+                .is_ok()
+        });
     let restored = nat::set_addr(ctx, &ip, l4.as_ref(), End::Source, ip.saddr)
         .and_then(|()| nat::set_ttl(ctx, ip.ttl))
         .and_then(|()| nat::set_macs(ctx, dst_mac, src_mac))

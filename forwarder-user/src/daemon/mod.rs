@@ -35,6 +35,7 @@ use crate::{
     interfaces::Interfaces,
     internal_nets::InternalNets,
     kernel::Kernel,
+    kernel_log,
     multicast::Memberships,
     netlink::{Event, Monitor, Route},
     nft,
@@ -77,6 +78,8 @@ struct Daemon {
     /// write (a predecessor's bits may be there).
     internal_nets: Option<InternalNets>,
     takeover: Option<Takeover>,
+    /// Writes the programs' kernel log records, with `--kernel-log`.
+    _kernel_log: Option<kernel_log::Reader>,
 }
 
 impl Daemon {
@@ -84,7 +87,11 @@ impl Daemon {
     fn load(config: RunConfig, layout: &PinLayout) -> Result<Self> {
         let attachments = datapath::recorded_attachments(layout).unwrap_or_default();
         let copied_from_ns = clock::boot_ns();
-        let (datapath, replaced) = load_datapath(&config, layout)?;
+        let (mut datapath, replaced) = load_datapath(&config, layout)?;
+        let kernel_log = config
+            .kernel_log
+            .then(|| datapath.read_kernel_log())
+            .transpose()?;
         let worker = FlowWorker::start(datapath::pinned_tables(layout)?, &layout.maps, FLOW_SWEEP)?;
         let downstream_macs = datapath.tables.downstream_macs()?;
         let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
@@ -104,6 +111,7 @@ impl Daemon {
                 copied_from_ns,
                 attachments,
             }),
+            _kernel_log: kernel_log,
         })
     }
 
@@ -321,7 +329,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
 /// predecessor pinned.
 fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Vec<Replaced>)> {
     let kernel = Kernel::running();
-    let support = selftest::run(&layout.selftest, config.flow_table_size)?;
+    let support = selftest::run(&layout.selftest, config.flow_table_size, config.kernel_log)?;
     let hook = match config.tc_hook {
         TcHook::Auto => HookKind::for_kernel(&kernel),
         TcHook::Fixed(hook) => hook,
@@ -336,7 +344,14 @@ fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Ve
     let options = LoadOptions {
         support,
         flow_table_size: config.flow_table_size,
+        kernel_log: config.kernel_log,
     };
+    if config.kernel_log {
+        info!(
+            "kernel log on: what only the kernel sees goes to the log as warnings under {}",
+            kernel_log::TARGET
+        );
+    }
     let (datapath, replaced) = Datapath::load(layout, &options, hook)?;
     for r in &replaced {
         warn!(
