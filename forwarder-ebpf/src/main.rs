@@ -45,6 +45,7 @@ impl From<Result<Verdict, Reason>> for Verdict {
     }
 }
 
+#[inline(always)]
 fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
     let action = match verdict {
         Verdict::Redirected(action) => action,
@@ -60,24 +61,33 @@ fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
     log::flush(ctx, action)
 }
 
+// Each program's body is inlined into the function the macro wraps it in:
+// the kernel log's branches (dead unless the log is on, which LLVM cannot
+// know) make it look big enough to LLVM to be left a BPF-to-BPF call, which
+// every packet would pay for.
+
 #[classifier]
+#[inline(always)]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     finish(&ctx, forward::uplink_ingress(&ctx))
 }
 
 #[classifier]
+#[inline(always)]
 pub fn downstream_ingress(ctx: TcContext) -> i32 {
     finish(&ctx, reply::downstream_ingress(&ctx))
 }
 
 /// Tail-called by `downstream_ingress` (see relay::to_lan).
 #[classifier]
+#[inline(always)]
 pub fn relay_up_scan(ctx: TcContext) -> i32 {
     finish(&ctx, relay::scan_up(&ctx).into())
 }
 
 /// Tail-called by `relay_up_scan`.
 #[classifier]
+#[inline(always)]
 pub fn relay_up_copy(ctx: TcContext) -> i32 {
     finish(&ctx, relay::copy_up(&ctx).into())
 }
@@ -85,6 +95,7 @@ pub fn relay_up_copy(ctx: TcContext) -> i32 {
 /// Tail-called on the way out by any program that noted a kernel log
 /// record (see log).
 #[classifier]
+#[inline(always)]
 pub fn kernel_log(ctx: TcContext) -> i32 {
     log::write(&ctx)
 }
