@@ -350,7 +350,7 @@ pub fn write(ctx: &TcContext) -> i32 {
         Kind::FibAnswer => warn!(
             ctx,
             target: TARGET,
-            "bpf_fib_lookup from ifindex {} for {:i} -> {:i} answered {} ({}): not forwarded",
+            "bpf_fib_lookup from ifindex {} for {:i} -> {:i} answered {} ({}), taken as no route",
             ifindex,
             saddr,
             daddr,
