@@ -50,6 +50,7 @@ pub mod names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const INTERNAL_NETS: &str = "INTERNAL_NETS";
     pub const RELAY_UP_STAGES: &str = "RELAY_UP_STAGES";
+    pub const KERNEL_LOG_STAGE: &str = "KERNEL_LOG_STAGE";
 }
 
 /// The key and value fingerprint of every map the programs define, by
@@ -96,6 +97,9 @@ pub mod programs {
     /// scan's loop with a fresh budget and one state, and in this order in
     /// RELAY_UP_STAGES.
     pub const RELAY_UP_STAGES: [&str; 2] = ["relay_up_scan", "relay_up_copy"];
+    /// Writes the kernel log record a program noted; every program
+    /// tail-calls it through KERNEL_LOG_STAGE on the way out.
+    pub const KERNEL_LOG: &str = "kernel_log";
 }
 
 /// RELAY_UP_STAGES' slot of the address scan.

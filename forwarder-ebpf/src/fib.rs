@@ -15,7 +15,7 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use crate::{kernel, maps, mem};
+use crate::{kernel, log, maps, mem};
 
 const AF_INET: u8 = 2;
 
@@ -85,8 +85,11 @@ pub fn egress(ctx: &TcContext, ifindex: u32, saddr: u32, daddr: u32) -> Option<u
         kind: 0,
     };
     let (ret, params) = fib(ctx, &key, 0, no_neigh_flags());
-    let ret = ret as u32;
-    (ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH).then_some(params.ifindex)
+    if ret == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return Some(params.ifindex);
+    }
+    log::relay_route(ifindex, saddr, daddr, ret);
+    None
 }
 
 /// What the stack would do with a packet from `saddr` to `daddr` arriving on
@@ -198,6 +201,7 @@ fn cached_fib(
     let lookup_len = if mtu_result { 0 } else { tot_len };
     let (ret, params) = fib(ctx, key, lookup_len, flags);
     if ret < 0 {
+        log::fib_refused(key.ifindex, key.saddr, key.daddr, flags, ret);
         return Err(Reason::FibLookupRejected);
     }
     // SAFETY: the kernel filled the union members for IPv4.
@@ -223,8 +227,10 @@ fn cached_fib(
                 pad: 0,
             };
             let lasting = (reverse_path || (mtu_result && !gso)).then_some(entry);
-            if let Some(entry) = &lasting {
-                maps::cache_route(key, entry);
+            if let Some(entry) = &lasting
+                && let Err(code) = maps::cache_route(key, entry)
+            {
+                log::route_refused(key.ifindex, key.saddr, key.daddr, code);
             }
             Ok((resolved(&entry, tot_len)?, lasting))
         }
@@ -240,7 +246,10 @@ fn cached_fib(
         // Blackhole, unreachable, prohibit, not forwarded (local or
         // broadcast destination), unsupported LWT and no source address:
         // none of them is a route to use.
-        _ => Err(Reason::FibNoRoute),
+        _ => {
+            log::fib_answer(key.ifindex, key.saddr, key.daddr, ret);
+            Err(Reason::FibNoRoute)
+        }
     }
 }
 

@@ -11,9 +11,7 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use core::mem::MaybeUninit;
-
-use crate::{maps, mem};
+use crate::{log, maps};
 
 /// Moves a live entry by one checked packet; `seen_ns` is rewritten when
 /// the state changes or it is older than REFRESH_NS.
@@ -92,16 +90,18 @@ pub fn from_peer(
         }
         return;
     }
-    let mut words = MaybeUninit::<[u64; size_of::<FlowEntry>() / 8]>::uninit();
-    let words = mem::zeroed(&mut words);
-    // SAFETY: FlowEntry is plain old data of this size, with an alignment a
-    // u64 array satisfies, and every byte is zero.
-    let entry = unsafe { &mut *words.as_mut_ptr().cast::<FlowEntry>() };
+    // Without a scratch entry the flow is not recorded, and the peer's next
+    // packet tries again.
+    let Some(entry) = maps::new_flow() else {
+        return;
+    };
     flow::open(entry, rule_id, segment, now);
     if let Some(route) = to_target {
         entry.to_target = route;
     }
-    maps::insert_flow(key, entry);
+    if let Err(code) = maps::insert_flow(key, entry) {
+        log::flow_refused(key.peer_addr, key.peer_port, code);
+    }
 }
 
 /// A packet from the target, past every check, in the flow `of_target`

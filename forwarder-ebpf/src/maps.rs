@@ -8,6 +8,8 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
 };
+use core::mem::MaybeUninit;
+
 use forwarder_common::{
     maps::{
         DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, ForwardRule, FragmentKey, FragmentTrain,
@@ -17,6 +19,8 @@ use forwarder_common::{
     },
     reason::Reason,
 };
+
+use crate::mem;
 
 #[map]
 static UPLINK: Array<UplinkState> = Array::pinned(1, 0);
@@ -75,11 +79,29 @@ pub fn flow(key: &FlowKey) -> Option<*mut FlowEntry> {
     FLOWS.get_ptr_mut(key)
 }
 
+/// An LRU insert only fails without memory; the flow is then recreated by
+/// the peer's next packet.
+/// Where a new flow's entry is built (one per CPU, a scratch map): a
+/// FlowEntry on the stack would not fit beside the rest of the uplink
+/// program's.
+#[map]
+static NEW_FLOW: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch entry, zeroed.
 #[inline(always)]
-pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) {
-    // An LRU insert only fails without memory; the flow is then recreated
-    // by the peer's next packet.
-    let _ = FLOWS.insert(key, entry, u64::from(BPF_ANY));
+pub fn new_flow() -> Option<&'static mut FlowEntry> {
+    let slot = NEW_FLOW.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value, this program's alone while it runs;
+    // FlowEntry is plain old data of a whole number of u64 words.
+    unsafe {
+        mem::zeroed(&mut *slot.cast::<MaybeUninit<[u64; size_of::<FlowEntry>() / 8]>>());
+        Some(&mut *slot)
+    }
+}
+
+#[inline(always)]
+pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) -> Result<(), i32> {
+    FLOWS.insert(key, entry, u64::from(BPF_ANY))
 }
 
 #[inline(always)]
@@ -99,10 +121,10 @@ pub fn fragment_train(key: &FragmentKey) -> Option<FragmentTrain> {
     unsafe { FRAGMENTS.get(key).copied() }
 }
 
+/// Failure only means the later fragments are left to the stack.
 #[inline(always)]
-pub fn set_fragment_train(key: &FragmentKey, train: &FragmentTrain) {
-    // Failure only means the later fragments are left to the stack.
-    let _ = FRAGMENTS.insert(key, train, u64::from(BPF_ANY));
+pub fn set_fragment_train(key: &FragmentKey, train: &FragmentTrain) -> Result<(), i32> {
+    FRAGMENTS.insert(key, train, u64::from(BPF_ANY))
 }
 
 #[inline(always)]
@@ -177,6 +199,70 @@ pub fn route_mtu(daddr: u32) -> u32 {
     ROUTE_MTUS.get(Key::new(32, daddr)).copied().unwrap_or(0)
 }
 
+/// A kernel log record noted for `kernel_log` to write (see log), with the
+/// action of the program that noted it.
+pub struct LogEvent {
+    pub pending: u32,
+    pub kind: u32,
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub extra: u32,
+    pub code: i64,
+    pub action: i32,
+}
+
+/// The record the program running on this CPU noted, if any.
+#[map]
+static LOG_EVENT: PerCpuArray<LogEvent> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn log_event() -> Option<*mut LogEvent> {
+    LOG_EVENT.get_ptr_mut(0)
+}
+
+/// `kernel_log`, filled by userspace with each load's program. Not pinned:
+/// with no daemon to read the records, none need be written.
+#[map]
+static KERNEL_LOG_STAGE: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Goes on with `kernel_log`; returns only if it is missing.
+#[inline(always)]
+pub fn write_log<C: EbpfContext>(ctx: &C) {
+    // SAFETY: `kernel_log` is a program of this object, of the same type,
+    // reading what the caller left in LOG_EVENT.
+    unsafe { KERNEL_LOG_STAGE.tail_call(ctx, 0) };
+}
+
+/// Kinds of kernel log records (see log::Kind) LOG_TIMES has room for.
+pub const LOG_KINDS: u32 = 16;
+/// The least time between two kernel log records of one kind.
+const LOG_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// When each kind of kernel log record was last written (ktime). Shared by
+/// all CPUs: two records may slip through together, which a limit against
+/// flooding the daemon's log can afford.
+#[map]
+static LOG_TIMES: Array<u64> = Array::with_max_entries(LOG_KINDS, 0);
+
+/// Whether a kernel log record of `kind` may be written now; if so, it is
+/// taken as written.
+#[inline(always)]
+pub fn log_allowed(kind: u32) -> bool {
+    let Some(last) = LOG_TIMES.get_ptr_mut(kind) else {
+        return false;
+    };
+    // SAFETY: plain helper call; last points into the map value.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
+
 #[inline(always)]
 pub fn fib_generation() -> u32 {
     FIB_GENERATION.get(0).copied().unwrap_or(0)
@@ -188,11 +274,11 @@ pub fn cached_route(key: &RouteKey) -> Option<RouteEntry> {
     unsafe { ROUTE_CACHE.get(key).copied() }
 }
 
+/// A full cache evicts the least recently used entry; failure only costs a
+/// FIB lookup next time.
 #[inline(always)]
-pub fn cache_route(key: &RouteKey, entry: &RouteEntry) {
-    // A full cache evicts the least recently used entry; failure only costs
-    // a FIB lookup next time.
-    let _ = ROUTE_CACHE.insert(key, entry, 0);
+pub fn cache_route(key: &RouteKey, entry: &RouteEntry) -> Result<(), i32> {
+    ROUTE_CACHE.insert(key, entry, 0)
 }
 
 #[inline(always)]

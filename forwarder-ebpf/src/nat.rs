@@ -2,22 +2,26 @@
 //! fix, and the redirect itself.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_redir_neigh},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, bpf_redir_neigh},
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use forwarder_common::{csum, maps::PROTO_UDP, reason::Reason};
+use forwarder_common::{csum, reason::Reason};
+use network_types::{
+    eth::EthHdr,
+    ip::{IpProto, Ipv4Hdr},
+};
 
 use crate::{
     fib::Route,
-    parse::{EthHdr, Ipv4, Ipv4Hdr, L3_OFF, L4, L4_OFF, Ports, ptr_at},
+    log,
+    parse::{Aligned, DPORT_OFF, Ipv4, L3_OFF, L4, L4_OFF, SPORT_OFF, TCP_CHECK_OFF, ptr_at},
 };
 
 const AF_INET: u32 = 2;
-/// Covers the offset of every transport checksum: TCP's, the farthest, is
-/// at L4_OFF + 16.
+/// Covers the offset of every transport checksum: TCP's is the farthest.
 const CHECK_OFF_MASK: usize = 63;
-const _: () = assert!(L4_OFF + 16 < CHECK_OFF_MASK);
+const _: () = assert!(L4_OFF + TCP_CHECK_OFF < CHECK_OFF_MASK);
 
 /// Which end of the flow a rewrite replaces.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -40,7 +44,7 @@ impl From<RewriteFailed> for Reason {
 /// must stay zero.
 #[inline(always)]
 fn l4_flags(ip: &Ipv4) -> u64 {
-    if ip.proto == PROTO_UDP {
+    if ip.carries(IpProto::Udp) {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
@@ -61,23 +65,20 @@ pub fn set_addr(
     end: End,
     new: u32,
 ) -> Result<(), RewriteFailed> {
-    let hdr: *mut Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
+    let hdr: *mut Aligned<Ipv4Hdr> = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
     // SAFETY: bounds checked by ptr_at; no helper ran since.
-    let hdr = unsafe { &mut *hdr };
+    let Aligned(hdr) = unsafe { &mut *hdr };
     let old = match end {
-        End::Source => hdr.saddr,
-        End::Destination => hdr.daddr,
+        End::Source => hdr.src_addr,
+        End::Destination => hdr.dst_addr,
     };
-    let check = csum::update_addr(
-        u16::from_be_bytes(hdr.check),
-        old.to_ne_bytes(),
-        new.to_ne_bytes(),
-    );
+    let check = csum::update_addr(u16::from_be_bytes(hdr.check), old, new.to_ne_bytes());
     hdr.check = check.to_be_bytes();
     match end {
-        End::Source => hdr.saddr = new,
-        End::Destination => hdr.daddr = new,
+        End::Source => hdr.src_addr = new.to_ne_bytes(),
+        End::Destination => hdr.dst_addr = new.to_ne_bytes(),
     }
+    let old = u32::from_ne_bytes(old);
     let Some(l4) = l4 else {
         return Ok(());
     };
@@ -87,7 +88,14 @@ pub fn set_addr(
         u64::from(new),
         l4_flags(ip) | u64::from(BPF_F_PSEUDO_HDR) | 4,
     )
-    .map_err(|_| RewriteFailed)
+    .map_err(|code| checksum_failed(ip, l4, code))
+}
+
+/// A transport checksum fix the kernel refused, noted for the kernel log.
+#[inline(always)]
+fn checksum_failed(ip: &Ipv4, l4: &L4, code: i64) -> RewriteFailed {
+    log::checksum_failed(l4.check_off, ip.saddr, ip.daddr, code);
+    RewriteFailed
 }
 
 /// Replaces the port at `end` and fixes the transport checksum.
@@ -99,35 +107,33 @@ pub fn set_port(
     end: End,
     new: u16,
 ) -> Result<(), RewriteFailed> {
-    let ports: *mut Ports = ptr_at(ctx, L4_OFF).ok_or(RewriteFailed)?;
-    // SAFETY: bounds checked by ptr_at; no helper ran since.
-    let ports = unsafe { &mut *ports };
-    let old = match end {
-        End::Source => ports.sport,
-        End::Destination => ports.dport,
+    let off = match end {
+        End::Source => SPORT_OFF,
+        End::Destination => DPORT_OFF,
     };
+    let port: *mut u16 = ptr_at(ctx, L4_OFF + off).ok_or(RewriteFailed)?;
+    // SAFETY: bounds checked by ptr_at; no helper ran since.
+    let port = unsafe { &mut *port };
+    let old = *port;
     if old == new {
         return Ok(());
     }
-    match end {
-        End::Source => ports.sport = new,
-        End::Destination => ports.dport = new,
-    }
+    *port = new;
     ctx.l4_csum_replace(
         l4.check_off,
         u64::from(old),
         u64::from(new),
         l4_flags(ip) | 2,
     )
-    .map_err(|_| RewriteFailed)
+    .map_err(|code| checksum_failed(ip, l4, code))
 }
 
 /// Sets the TTL and fixes the IP checksum.
 #[inline(always)]
 pub fn set_ttl(ctx: &TcContext, ttl: u8) -> Result<(), RewriteFailed> {
-    let hdr: *mut Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
+    let hdr: *mut Aligned<Ipv4Hdr> = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
     // SAFETY: bounds checked by ptr_at.
-    let hdr = unsafe { &mut *hdr };
+    let Aligned(hdr) = unsafe { &mut *hdr };
     let old = u16::from_be_bytes([hdr.ttl, hdr.proto]);
     let new = u16::from_be_bytes([ttl, hdr.proto]);
     hdr.check = csum::update_word(u16::from_be_bytes(hdr.check), old, new).to_be_bytes();
@@ -156,8 +162,8 @@ pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), Rewri
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(RewriteFailed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst = dst;
-        (*eth).src = src;
+        (*eth).dst_addr = dst;
+        (*eth).src_addr = src;
     }
     Ok(())
 }
@@ -167,7 +173,7 @@ pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), Rewri
 pub fn macs(ctx: &TcContext) -> Option<([u8; 6], [u8; 6])> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    unsafe { Some(((*eth).dst, (*eth).src)) }
+    unsafe { Some(((*eth).dst_addr, (*eth).src_addr)) }
 }
 
 /// The IP and (when there is a transport header) transport checksum
@@ -180,7 +186,7 @@ pub struct Checksums {
 
 #[inline(always)]
 pub fn checksums(ctx: &TcContext, l4: Option<&L4>) -> Option<Checksums> {
-    let hdr: *const Ipv4Hdr = ptr_at(ctx, L3_OFF)?;
+    let hdr: *const Aligned<Ipv4Hdr> = ptr_at(ctx, L3_OFF)?;
     let l4 = match l4 {
         Some(l4) => {
             // The mask changes nothing (the field sits in the first 64
@@ -195,7 +201,7 @@ pub fn checksums(ctx: &TcContext, l4: Option<&L4>) -> Option<Checksums> {
     };
     // SAFETY: bounds checked by ptr_at.
     Some(Checksums {
-        ip: unsafe { (*hdr).check },
+        ip: unsafe { (*hdr).0.check },
         l4,
     })
 }
@@ -207,9 +213,9 @@ pub fn checksums(ctx: &TcContext, l4: Option<&L4>) -> Option<Checksums> {
 /// very bytes it found.
 #[inline(always)]
 pub fn restore_checksums(ctx: &TcContext, saved: Checksums) -> Result<(), RewriteFailed> {
-    let hdr: *mut Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
+    let hdr: *mut Aligned<Ipv4Hdr> = ptr_at(ctx, L3_OFF).ok_or(RewriteFailed)?;
     // SAFETY: bounds checked by ptr_at.
-    unsafe { (*hdr).check = saved.ip };
+    unsafe { (*hdr).0.check = saved.ip };
     if let Some((off, check)) = saved.l4 {
         let l4_check: *mut [u8; 2] = ptr_at(ctx, off & CHECK_OFF_MASK).ok_or(RewriteFailed)?;
         // SAFETY: bounds checked by ptr_at.
@@ -222,7 +228,7 @@ pub fn restore_checksums(ctx: &TcContext, saved: Checksums) -> Result<(), Rewrit
 /// action the redirect helper chose.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, route: Route) -> Result<i32, RewriteFailed> {
-    match route {
+    let (ifindex, nexthop, action) = match route {
         Route::Resolved {
             ifindex,
             smac,
@@ -230,7 +236,7 @@ pub fn redirect(ctx: &TcContext, route: Route) -> Result<i32, RewriteFailed> {
         } => {
             set_macs(ctx, dmac, smac)?;
             // SAFETY: plain helper call.
-            Ok(unsafe { bpf_redirect(ifindex, 0) as i32 })
+            (ifindex, None, unsafe { bpf_redirect(ifindex, 0) })
         }
         Route::Unresolved { ifindex, nexthop } => {
             let mut nh = bpf_redir_neigh {
@@ -240,9 +246,30 @@ pub fn redirect(ctx: &TcContext, route: Route) -> Result<i32, RewriteFailed> {
                 },
             };
             // SAFETY: nh is a valid bpf_redir_neigh for IPv4.
-            Ok(unsafe {
-                bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) as i32
-            })
+            let action = unsafe {
+                bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+            };
+            (ifindex, Some(nexthop), action)
         }
+    };
+    if action != i64::from(TC_ACT_REDIRECT) {
+        let (saddr, daddr) = addrs(ctx);
+        log::redirect_refused(ifindex, nexthop, saddr, daddr, action);
+    }
+    Ok(action as i32)
+}
+
+/// The packet's addresses as it carries them now, for a log record.
+#[inline(always)]
+fn addrs(ctx: &TcContext) -> (u32, u32) {
+    match ptr_at::<Aligned<Ipv4Hdr>>(ctx, L3_OFF) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(hdr) => unsafe {
+            (
+                u32::from_ne_bytes((*hdr).0.src_addr),
+                u32::from_ne_bytes((*hdr).0.dst_addr),
+            )
+        },
+        None => (0, 0),
     }
 }

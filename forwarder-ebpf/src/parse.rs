@@ -2,74 +2,77 @@
 //! packet access and returns the fields the programs need, or the reason the
 //! packet is not ours to touch. Fields stay in wire order.
 
+use core::mem::offset_of;
+
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
     flow::{Segment, TCP_SYN},
-    maps::{PROTO_TCP, PROTO_UDP},
     reason::Reason,
 };
+use network_types::{
+    eth::{EthHdr, EtherType},
+    icmp::{Icmpv4Hdr, Icmpv4Type},
+    ip::{IpProto, Ipv4Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
-pub const ETH_HLEN: usize = 14;
-pub const IPV4_HLEN: usize = 20;
+use crate::log;
+
+pub const ETH_HLEN: usize = EthHdr::LEN;
+pub const IPV4_HLEN: usize = Ipv4Hdr::LEN;
 /// Offset of the IPv4 header: only untagged Ethernet frames are handled.
 pub const L3_OFF: usize = ETH_HLEN;
 /// Offset of the transport header: packets with IP options are not handled.
 pub const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
-const TCP_HLEN: usize = 20;
-pub const UDP_HLEN: usize = 8;
-const ICMP_HLEN: usize = 8;
+const TCP_HLEN: usize = TcpHdr::LEN;
+pub const UDP_HLEN: usize = UdpHdr::LEN;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-pub const PROTO_ICMP: u8 = 1;
+/// Where TCP and UDP keep their ports: at the same offsets in both, so the
+/// programs read and rewrite them without asking which one they hold.
+pub const SPORT_OFF: usize = offset_of!(UdpHdr, src);
+pub const DPORT_OFF: usize = offset_of!(UdpHdr, dst);
+const _: () =
+    assert!(offset_of!(TcpHdr, source) == SPORT_OFF && offset_of!(TcpHdr, dest) == DPORT_OFF);
+/// Offsets of the transport checksums.
+pub const TCP_CHECK_OFF: usize = offset_of!(TcpHdr, check);
+const UDP_CHECK_OFF: usize = offset_of!(UdpHdr, check);
 
-#[repr(C)]
-pub struct EthHdr {
-    pub dst: [u8; 6],
-    pub src: [u8; 6],
-    pub ether_type: [u8; 2],
-}
+/// EtherTypes as the frame carries them (network-types keeps them in wire
+/// order, as the field reads).
+const ETHER_IPV4: u16 = EtherType::Ipv4 as u16;
+const ETHER_IPV6: u16 = EtherType::Ipv6 as u16;
+const ETHER_VLAN: u16 = EtherType::Ieee8021q as u16;
+const ETHER_QINQ: u16 = EtherType::Ieee8021ad as u16;
 
-#[repr(C)]
-pub struct Ipv4Hdr {
-    pub version_ihl: u8,
-    pub tos: u8,
-    pub tot_len: [u8; 2],
-    pub id: [u8; 2],
-    pub frag_off: [u8; 2],
-    pub ttl: u8,
-    pub proto: u8,
-    pub check: [u8; 2],
-    pub saddr: u32,
-    pub daddr: u32,
-}
+/// IPv4's More Fragments flag and fragment offset, in the 16 bits
+/// `Ipv4Hdr::frags` holds (network-types' `frag_flags` and `frag_offset`).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+/// The bit where the flags (FIN first) start in TCP's data-offset-and-flags
+/// bitfield, as network-types numbers it.
+const TCP_FLAGS_BIT: usize = 8;
 
-/// The first four bytes of TCP and UDP: ports at the same place in both.
-#[repr(C)]
-pub struct Ports {
-    pub sport: u16,
-    pub dport: u16,
-}
+const ICMP_DEST_UNREACHABLE: u8 = Icmpv4Type::DestinationUnreachable as u8;
+const ICMP_PARAMETER_PROBLEM: u8 = Icmpv4Type::ParameterProblem as u8;
+/// network-types' `Icmpv4Type` has no Time Exceeded.
+const ICMP_TIME_EXCEEDED: u8 = 11;
 
-/// TCP's fixed header after the ports.
-#[repr(C)]
-pub struct TcpFields {
-    pub seq: [u8; 4],
-    pub ack: [u8; 4],
-    pub offset: u8,
-    pub flags: u8,
-    pub window: [u8; 2],
-}
+/// A network-types header the programs read in words. Its multi-byte fields
+/// are byte arrays (alignment 1), which LLVM's BPF backend loads one byte
+/// at a time, each spilled to the stack on its own; wrapped, a field at a
+/// 4-byte offset is one load. The kernels the forwarder runs on do not ask
+/// BPF loads from packets to be aligned. Its fields are read directly:
+/// network-types' accessors of multi-byte fields read unaligned again.
+#[repr(C, align(4))]
+pub struct Aligned<T>(pub T);
 
-#[repr(C)]
-pub struct IcmpHdr {
-    pub kind: u8,
-    pub code: u8,
-    pub check: [u8; 2],
-    pub rest: [u8; 4],
-}
+const _: () = assert!(
+    size_of::<Aligned<Ipv4Hdr>>() == Ipv4Hdr::LEN
+        && size_of::<Aligned<TcpHdr>>() == TcpHdr::LEN
+        && size_of::<Aligned<UdpHdr>>() == UdpHdr::LEN
+        && size_of::<Aligned<Icmpv4Hdr>>() == Icmpv4Hdr::LEN
+);
 
 /// A pointer to a `T` at `off`, if the linear data holds all of it.
 #[inline(always)]
@@ -89,10 +92,13 @@ pub fn pull_headers(ctx: &TcContext, len: usize) {
     if ctx.data() + len <= ctx.data_end() {
         return;
     }
-    let want = (ctx.len() as usize).min(len);
+    let want = (ctx.len() as usize).min(len) as u32;
     // A failed pull leaves the packet as it was; the parsers then report it
     // as truncated and it is passed untouched.
-    let _ = ctx.pull_data(want as u32);
+    if let Err(code) = ctx.pull_data(want) {
+        // SAFETY: reading a field of the context the program was given.
+        log::pull_failed(unsafe { (*ctx.skb.skb).ifindex }, want, code);
+    }
 }
 
 /// Only untagged IPv4 goes further.
@@ -100,10 +106,10 @@ pub fn pull_headers(ctx: &TcContext, len: usize) {
 pub fn parse_eth(ctx: &TcContext) -> Result<(), Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
-    match u16::from_be_bytes(unsafe { (*eth).ether_type }) {
-        ETH_P_IP => Ok(()),
-        ETH_P_IPV6 => Err(Reason::Ipv6),
-        ETH_P_8021Q | ETH_P_8021AD => Err(Reason::Vlan),
+    match unsafe { (*eth).ether_type } {
+        ETHER_IPV4 => Ok(()),
+        ETHER_IPV6 => Err(Reason::Ipv6),
+        ETHER_VLAN | ETHER_QINQ => Err(Reason::Vlan),
         _ => Err(Reason::NotIpv4),
     }
 }
@@ -135,6 +141,12 @@ pub struct Ipv4 {
 }
 
 impl Ipv4 {
+    /// Whether the payload is `proto`'s.
+    #[inline(always)]
+    pub fn carries(&self, proto: IpProto) -> bool {
+        self.proto == proto as u8
+    }
+
     /// Bytes after the IP header: what a fragment carries of its datagram.
     #[inline(always)]
     pub fn payload_len(&self) -> u16 {
@@ -154,15 +166,13 @@ impl Ipv4 {
 
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, L3_OFF).ok_or(Reason::Truncated)?;
+    let ip: *const Aligned<Ipv4Hdr> = ptr_at(ctx, L3_OFF).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &*ip };
-    let version = ip.version_ihl >> 4;
-    let ihl = ip.version_ihl & 0x0f;
-    if version != 4 || ihl < 5 {
+    let Aligned(ip) = unsafe { &*ip };
+    if ip.version() != 4 || usize::from(ip.ihl()) < IPV4_HLEN {
         return Err(Reason::BadIpHeader);
     }
-    if ihl != 5 {
+    if usize::from(ip.ihl()) != IPV4_HLEN {
         return Err(Reason::IpOptions);
     }
     let tot_len = u16::from_be_bytes(ip.tot_len);
@@ -171,22 +181,23 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, Reason> {
     {
         return Err(Reason::BadLength);
     }
-    let frag_off = u16::from_be_bytes(ip.frag_off);
-    let more = frag_off & 0x2000 != 0;
-    let fragment = match (frag_off & 0x1fff, more) {
+    let frags = u16::from_be_bytes(ip.frags);
+    let frag_offset = frags & IP_OFFSET;
+    let more = frags & IP_MF != 0;
+    let fragment = match (frag_offset, more) {
         (0, false) => Fragment::Whole,
         (0, true) => Fragment::First,
         (_, more) => Fragment::Later { last: !more },
     };
     Ok(Ipv4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
         proto: ip.proto,
         ttl: ip.ttl,
         tot_len,
         id: u16::from_be_bytes(ip.id),
         fragment,
-        frag_offset: frag_off & 0x1fff,
+        frag_offset,
     })
 }
 
@@ -201,58 +212,67 @@ pub struct L4 {
     pub segment: Segment,
 }
 
+/// TCP or UDP, each by its own header.
 #[inline(always)]
 pub fn parse_l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Reason> {
-    let (hlen, check_off) = match ip.proto {
-        PROTO_TCP => (TCP_HLEN, L4_OFF + 16),
-        PROTO_UDP => (UDP_HLEN, L4_OFF + 6),
-        _ => return Err(Reason::OtherProtocol),
-    };
-    if (ip.tot_len as usize) < IPV4_HLEN + hlen {
+    if ip.carries(IpProto::Tcp) {
+        parse_tcp(ctx, ip)
+    } else if ip.carries(IpProto::Udp) {
+        parse_udp(ctx, ip)
+    } else {
+        Err(Reason::OtherProtocol)
+    }
+}
+
+#[inline(always)]
+fn parse_udp(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Reason> {
+    if (ip.tot_len as usize) < IPV4_HLEN + UDP_HLEN {
         return Err(Reason::BadLength);
     }
-    let ports: *const Ports = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
+    let udp: *const Aligned<UdpHdr> = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
-    let ports = unsafe { &*ports };
-    let (sport, dport) = (ports.sport, ports.dport);
-    let (hlen, segment) = if ip.proto == PROTO_TCP {
-        let (hlen, segment) = parse_tcp(ctx, ip)?;
-        (u16::from(hlen), segment)
-    } else {
-        (hlen as u16, Segment::default())
-    };
+    let Aligned(udp) = unsafe { &*udp };
     Ok(L4 {
-        sport,
-        dport,
-        check_off,
-        hlen,
-        segment,
+        sport: u16::from_ne_bytes(udp.src),
+        dport: u16::from_ne_bytes(udp.dst),
+        check_off: L4_OFF + UDP_CHECK_OFF,
+        hlen: UDP_HLEN as u16,
+        segment: Segment::default(),
     })
 }
 
-/// TCP's header length and the fields that move a flow; a SYN's options
-/// are read for its window scale.
+/// TCP's ports, header length and the fields that move a flow; a SYN's
+/// options are read for its window scale.
 #[inline(always)]
-fn parse_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<(u8, Segment), Reason> {
-    let tcp: *const TcpFields = ptr_at(ctx, L4_OFF + 4).ok_or(Reason::Truncated)?;
-    // SAFETY: bounds checked by ptr_at.
-    let tcp = unsafe { &*tcp };
-    let data_offset = tcp.offset >> 4;
-    if data_offset < 5 || (ip.tot_len as usize) < IPV4_HLEN + usize::from(data_offset) * 4 {
+fn parse_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Reason> {
+    if (ip.tot_len as usize) < IPV4_HLEN + TCP_HLEN {
         return Err(Reason::BadLength);
     }
-    let hlen = data_offset * 4;
-    let mut segment = Segment {
-        flags: tcp.flags,
-        seq: u32::from_be_bytes(tcp.seq),
-        ack: u32::from_be_bytes(tcp.ack),
-        window: u16::from_be_bytes(tcp.window),
-        wscale: None,
-    };
-    if segment.flags & TCP_SYN != 0 && hlen > TCP_HLEN as u8 {
-        segment.wscale = window_scale(ctx, usize::from(hlen));
+    let tcp: *const Aligned<TcpHdr> = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
+    // SAFETY: bounds checked by ptr_at. Every field is read before the
+    // window-scale walk pulls data, which can move the packet.
+    let Aligned(tcp) = unsafe { &*tcp };
+    let hlen = tcp.doff() * 4;
+    if usize::from(hlen) < TCP_HLEN || (ip.tot_len as usize) < IPV4_HLEN + usize::from(hlen) {
+        return Err(Reason::BadLength);
     }
-    Ok((hlen, segment))
+    let mut l4 = L4 {
+        sport: u16::from_ne_bytes(tcp.source),
+        dport: u16::from_ne_bytes(tcp.dest),
+        check_off: L4_OFF + TCP_CHECK_OFF,
+        hlen,
+        segment: Segment {
+            flags: tcp._bitfield_1.get(TCP_FLAGS_BIT, 8) as u8,
+            seq: u32::from_be_bytes(tcp.seq),
+            ack: u32::from_be_bytes(tcp.ack_seq),
+            window: u16::from_be_bytes(tcp.window),
+            wscale: None,
+        },
+    };
+    if l4.segment.flags & TCP_SYN != 0 && usize::from(hlen) > TCP_HLEN {
+        l4.segment.wscale = window_scale(ctx, usize::from(hlen));
+    }
+    Ok(l4)
 }
 
 /// The longest TCP options area.
@@ -317,29 +337,33 @@ pub struct QuotedFlow {
 /// message, the flow it quotes; `None` for every other ICMP message.
 #[inline(always)]
 pub fn parse_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<QuotedFlow>, Reason> {
-    let icmp: *const IcmpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
+    let icmp: *const Aligned<Icmpv4Hdr> = ptr_at(ctx, L4_OFF).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
-    let kind = unsafe { (*icmp).kind };
-    if !matches!(kind, 3 | 11 | 12) {
+    let kind = unsafe { (*icmp).0.type_ };
+    if !matches!(
+        kind,
+        ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    ) {
         return Ok(None);
     }
-    let inner_off = L4_OFF + ICMP_HLEN;
-    let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off).ok_or(Reason::Truncated)?;
+    let inner_off = L4_OFF + Icmpv4Hdr::LEN;
+    let inner: *const Aligned<Ipv4Hdr> = ptr_at(ctx, inner_off).ok_or(Reason::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
-    let inner = unsafe { &*inner };
-    if inner.version_ihl != 0x45 {
+    let Aligned(inner) = unsafe { &*inner };
+    if inner.vihl != 0x45 {
         return Err(Reason::IpOptions);
     }
-    if (ip.tot_len as usize) < IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + 4 {
+    // Of the quoted transport header, only the ports are read.
+    if (ip.tot_len as usize) < IPV4_HLEN + Icmpv4Hdr::LEN + IPV4_HLEN + DPORT_OFF + 2 {
         return Err(Reason::BadLength);
     }
-    let ports: *const Ports = ptr_at(ctx, inner_off + IPV4_HLEN).ok_or(Reason::Truncated)?;
-    // SAFETY: bounds checked by ptr_at.
-    let ports = unsafe { &*ports };
+    let dport: *const u16 =
+        ptr_at(ctx, inner_off + IPV4_HLEN + DPORT_OFF).ok_or(Reason::Truncated)?;
     Ok(Some(QuotedFlow {
-        daddr: inner.daddr,
+        daddr: u32::from_ne_bytes(inner.dst_addr),
         proto: inner.proto,
-        dport: ports.dport,
+        // SAFETY: bounds checked by ptr_at.
+        dport: unsafe { *dport },
     }))
 }
 

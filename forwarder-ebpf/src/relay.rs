@@ -12,15 +12,16 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use forwarder_common::{
     maps::{
-        FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, PROTO_UDP, RELAY_DNS_QUERIES_UP, Relay,
-        RelayKey, STAGE_COPY, STAGE_SCAN, TICKET_NS, TRAIN_END, TRAIN_NEXT, TRAIN_START, Ticket,
-        Train, UplinkState, among_first, relay_dst_mac,
+        FragmentKey, FragmentTrain, MAX_RELAY_TARGETS, RELAY_DNS_QUERIES_UP, Relay, RelayKey,
+        STAGE_COPY, STAGE_SCAN, TICKET_NS, TRAIN_END, TRAIN_NEXT, TRAIN_START, Ticket, Train,
+        UplinkState, among_first, relay_dst_mac,
     },
     reason::Reason,
 };
+use network_types::ip::IpProto;
 
 use crate::{
-    fib, lan, leak,
+    fib, lan, leak, log,
     maps::{self, RelayDirection, RelayEvent},
     mem,
     nat::{self, End},
@@ -45,7 +46,12 @@ struct Relayed {
 #[inline(always)]
 fn record(train: &Train) {
     match train.step {
-        TRAIN_START | TRAIN_NEXT => maps::set_fragment_train(&train.key, &train.value),
+        TRAIN_START | TRAIN_NEXT => {
+            if let Err(code) = maps::set_fragment_train(&train.key, &train.value) {
+                let key = &train.key;
+                log::fragment_refused(key.ifindex, key.saddr, key.daddr, key.id, code);
+            }
+        }
         TRAIN_END => maps::end_fragment_train(&train.key),
         _ => {}
     }
@@ -56,7 +62,7 @@ fn record(train: &Train) {
 /// nothing.
 #[inline(always)]
 fn lookup(ctx: &TcContext, ip: &Ipv4, group: u32, ifindex: u32) -> Result<Relayed, Reason> {
-    if ip.proto != PROTO_UDP {
+    if !ip.carries(IpProto::Udp) {
         return Err(Reason::OtherProtocol);
     }
     let key = FragmentKey {
@@ -250,10 +256,12 @@ fn copy_down(
         return Ok(true);
     };
     nat::set_macs(ctx, mac, egress_mac)?;
-    if ctx.clone_redirect(ifindex, 0).is_ok() {
-        maps::count_relay(relay.slot, RelayEvent::Down(ip.tot_len));
-    } else {
-        copies.failed = true;
+    match ctx.clone_redirect(ifindex, 0) {
+        Ok(()) => maps::count_relay(relay.slot, RelayEvent::Down(ip.tot_len)),
+        Err(code) => {
+            log::clone_failed(ifindex, ip.saddr, target, code);
+            copies.failed = true;
+        }
     }
     if let Some(slot) = copies.sent_to.get_mut(copies.count) {
         *slot = ifindex;
@@ -310,7 +318,7 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
             (L3_OFF + usize::from(ip.tot_len)) as u32,
         );
     }
-    Err(maps::next_stage(ctx, STAGE_SCAN))
+    Err(next_stage(ctx, STAGE_SCAN))
 }
 
 /// The first stage: the address scan, a pass at a time, whose count of
@@ -318,9 +326,17 @@ pub fn to_lan(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
 #[inline(always)]
 pub fn scan_up(ctx: &TcContext) -> Result<Verdict, Reason> {
     match leak::scan_pending(ctx)? {
-        leak::Scanned::More => Err(maps::next_stage(ctx, STAGE_SCAN)),
-        leak::Scanned::Done => Err(maps::next_stage(ctx, STAGE_COPY)),
+        leak::Scanned::More => Err(next_stage(ctx, STAGE_SCAN)),
+        leak::Scanned::Done => Err(next_stage(ctx, STAGE_COPY)),
     }
+}
+
+/// Goes on with the next stage; returns only if it is missing.
+#[inline(always)]
+fn next_stage(ctx: &TcContext, stage: u32) -> Reason {
+    let reason = maps::next_stage(ctx, stage);
+    log::stage_missing(stage);
+    reason
 }
 
 /// The pending copy's ticket for the packet `ip`, arriving on `ifindex`.
@@ -380,7 +396,11 @@ pub fn copy_up(ctx: &TcContext) -> Result<Verdict, Reason> {
     let copied = nat::set_addr(ctx, &ip, l4.as_ref(), End::Source, uplink.addr)
         .and_then(|()| nat::set_ttl(ctx, ttl))
         .and_then(|()| nat::set_macs(ctx, relay_dst_mac(ip.daddr), uplink.mac))
-        .map(|()| ctx.clone_redirect(uplink.ifindex, 0).is_ok());
+        .map(|()| {
+            ctx.clone_redirect(uplink.ifindex, 0)
+                .inspect_err(|&code| log::clone_failed(uplink.ifindex, uplink.addr, ip.daddr, code))
+                .is_ok()
+        });
     let restored = nat::set_addr(ctx, &ip, l4.as_ref(), End::Source, ip.saddr)
         .and_then(|()| nat::set_ttl(ctx, ip.ttl))
         .and_then(|()| nat::set_macs(ctx, dst_mac, src_mac))

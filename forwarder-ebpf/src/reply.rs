@@ -12,12 +12,13 @@ use forwarder_common::{
     maps::{BROADCAST, FlowKey, ReverseKey, is_multicast},
     reason::Reason,
 };
+use network_types::ip::IpProto;
 
 use crate::{
     fib, flow, kernel,
     maps::{self, Direction},
     nat::{self, End},
-    parse::{self, Ipv4, L4_OFF, PROTO_ICMP},
+    parse::{self, Ipv4, L4_OFF},
     relay,
     verdict::Verdict,
 };
@@ -39,7 +40,7 @@ fn try_downstream(ctx: &TcContext) -> Result<Verdict, Reason> {
         return relay::to_lan(ctx, &ip);
     }
     ip.whole()?;
-    if ip.proto == PROTO_ICMP {
+    if ip.carries(IpProto::Icmp) {
         return Err(icmp_error_reason(ctx, &ip));
     }
     reply(ctx, &ip)

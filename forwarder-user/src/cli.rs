@@ -170,6 +170,13 @@ pub struct RunArgs {
     /// [default: /sys/fs/bpf/forwarder].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
+
+    /// Log what only the kernel sees (a helper's unexpected code, a refused
+    /// redirect, copy or map update) as warnings under forwarder::ebpf, at
+    /// most one of a kind a second. Set when the programs load: takes effect
+    /// at start.
+    #[arg(long)]
+    pub kernel_log: bool,
 }
 
 impl RunArgs {

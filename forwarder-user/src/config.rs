@@ -57,6 +57,8 @@ pub struct RunConfig {
     pub flow_table_size: u32,
     pub tc_hook: TcHook,
     pub pin_dir: PathBuf,
+    /// `--kernel-log`, or the key `kernel_log = true`.
+    pub kernel_log: bool,
     /// The file `rules add/del --save` writes to.
     pub config_file: Option<PathBuf>,
     /// Options of relays that set none themselves (QubesDB's relays).
@@ -87,6 +89,7 @@ pub struct FileConfig {
     flow_table_size: Option<i64>,
     tc_hook: Option<String>,
     pin_dir: Option<PathBuf>,
+    kernel_log: Option<bool>,
     #[serde(default)]
     forward: Vec<ForwardTable>,
     #[serde(default)]
@@ -403,6 +406,7 @@ impl RunConfig {
             flow_table_size,
             tc_hook,
             pin_dir,
+            kernel_log: args.kernel_log || file.kernel_log == Some(true),
             config_file: args.config,
             relay_defaults,
             qubesdb,
@@ -535,6 +539,21 @@ mod tests {
         let err = config(&[]).unwrap_err();
         assert!(err.starts_with("--uplink is required"), "{err}");
         assert!(!c.qubesdb && !c.follow_default_route);
+    }
+
+    #[test]
+    fn the_kernel_log_comes_from_its_flag_or_its_key() {
+        assert!(!config(&["--uplink", "eth0"]).unwrap().kernel_log);
+        assert!(
+            config(&["--uplink", "eth0", "--kernel-log"])
+                .unwrap()
+                .kernel_log
+        );
+        let (_on, on) = file("uplink = \"eth0\"\nkernel_log = true\n");
+        assert!(config(&["--config", &on]).unwrap().kernel_log);
+        let (_bad, bad) = file("uplink = \"eth0\"\nkernel_log = \"yes\"\n");
+        let err = config(&["--config", &bad]).unwrap_err();
+        assert!(err.contains("kernel_log"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::{
     EBPF_OBJECT,
     adopt::{self, Replaced},
     kernel::{Kernel, Support, TCX_SINCE},
+    kernel_log,
     pin::PinLayout,
     tables::{RuleIds, Tables},
 };
@@ -142,13 +143,18 @@ impl Attachment {
 pub struct LoadOptions {
     pub support: Support,
     pub flow_table_size: u32,
+    /// Whether the programs write their kernel log records (see
+    /// kernel_log).
+    pub kernel_log: bool,
 }
 
-/// Loads and verifies both programs, with maps pinned in (or adopted from)
-/// `maps_dir` and the globals the self-test chose.
+/// Loads and verifies both programs and those they tail-call, with maps
+/// pinned in (or adopted from) `maps_dir` and the globals the self-test
+/// chose and the kernel log asks for.
 pub fn load_object(maps_dir: &Path, options: &LoadOptions) -> Result<Ebpf> {
     let skip_neigh = u8::from(options.support.fib_skip_neigh);
     let mtu_result = u8::from(options.support.fib_mtu_result);
+    let log_level = kernel_log::level(options.kernel_log);
     let mut ebpf = EbpfLoader::new()
         // Statistics only: a refusal then reads as the verifier's reason and
         // its counts. A full trace of a program this size overflows any log
@@ -159,8 +165,21 @@ pub fn load_object(maps_dir: &Path, options: &LoadOptions) -> Result<Ebpf> {
         .map_max_entries(names::FLOWS, options.flow_table_size)
         .override_global(globals::FIB_SKIP_NEIGH, &skip_neigh, true)
         .override_global(globals::FIB_MTU_RESULT, &mtu_result, true)
+        .override_global(aya_log::LEVEL, &log_level, true)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (are you root, with BPF and BTF support?)")?;
+    // Every program tail-calls kernel_log on its way out when it noted a
+    // record: it is in its array before any of them runs.
+    let kernel_log = load_program(&mut ebpf, programs::KERNEL_LOG)?
+        .fd()?
+        .try_clone()?;
+    let mut log_stage: ProgramArray<&mut MapData> = ebpf
+        .map_mut(names::KERNEL_LOG_STAGE)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {}", names::KERNEL_LOG_STAGE))?
+        .try_into()?;
+    log_stage
+        .set(0, &kernel_log, 0)
+        .context("setting the kernel log's program")?;
     for role in [Role::Uplink, Role::Downstream] {
         load_program(&mut ebpf, role.program())?;
     }
@@ -292,8 +311,13 @@ impl Datapath {
             .try_into()?)
     }
 
+    /// Starts writing the programs' kernel log records to the daemon's log.
+    pub fn read_kernel_log(&mut self) -> Result<kernel_log::Reader> {
+        kernel_log::Reader::start(&mut self.ebpf)
+    }
+
     /// Every program of the object, by name: the two attached ones and the
-    /// relay stages they call.
+    /// programs they tail-call (the relay stages, kernel_log).
     pub fn programs(&self) -> impl Iterator<Item = (&str, &aya::programs::Program)> {
         self.ebpf.programs()
     }

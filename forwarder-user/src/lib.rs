@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod interfaces;
 pub mod internal_nets;
 pub mod kernel;
+pub mod kernel_log;
 pub mod multicast;
 pub mod netlink;
 pub mod nft;

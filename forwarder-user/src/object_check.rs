@@ -117,12 +117,19 @@ mod tests {
     }
 
     #[test]
-    fn no_program_calls_a_subprogram() {
+    fn no_forwarding_program_calls_a_subprogram() {
+        use forwarder_common::maps::programs;
         const BPF_PSEUDO_CALL: u8 = 1;
+        // kernel_log is the exception: its own frame is small, and aya-log
+        // writes a record in subprograms of its own.
+        let forwarding: Vec<&str> = [programs::UPLINK_INGRESS, programs::DOWNSTREAM_INGRESS]
+            .into_iter()
+            .chain(programs::RELAY_UP_STAGES)
+            .collect();
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
         let mut programs = 0;
         for function in object.functions.values() {
-            if !object.programs.contains_key(&function.name) {
+            if !forwarding.contains(&function.name.as_str()) {
                 continue;
             }
             programs += 1;
@@ -138,7 +145,7 @@ mod tests {
                 function.name
             );
         }
-        assert_eq!(programs, 4, "the four programs were found");
+        assert_eq!(programs, 4, "the four forwarding programs were found");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use forwarder_common::{
 use crate::{
     datapath::{self, LoadOptions},
     kernel::{FLOOR, Kernel, MTU_RESULT_SINCE, Support},
-    pin,
+    kernel_log, pin,
     rules::{Origin, Rule},
     spec::{AllowFrom, Ports, Proto},
     tables::{RuleIds, Tables},
@@ -34,8 +34,10 @@ const PEER_PORT: u16 = 40000;
 const LOOPBACK: u32 = 1;
 
 /// Finds what this kernel supports, or fails naming the kernel and what it
-/// lacks. `scratch` is a directory on a bpffs for the throwaway maps.
-pub fn run(scratch: &Path, flow_table_size: u32) -> Result<Support> {
+/// lacks. `scratch` is a directory on a bpffs for the throwaway maps. With
+/// `kernel_log`, what the kernel answered each attempt's lookups goes to
+/// the log too (see kernel_log).
+pub fn run(scratch: &Path, flow_table_size: u32, kernel_log: bool) -> Result<Support> {
     let kernel = Kernel::running();
     above_floor(&kernel)?;
     let fib_mtu_result = kernel.version >= MTU_RESULT_SINCE;
@@ -45,7 +47,7 @@ pub fn run(scratch: &Path, flow_table_size: u32) -> Result<Support> {
             fib_skip_neigh,
             fib_mtu_result,
         };
-        let rejected = attempt(scratch, support, flow_table_size)
+        let rejected = attempt(scratch, support, flow_table_size, kernel_log)
             .map_err(|err| anyhow!("{kernel} cannot run the forwarder's datapath: {err:#}"))?;
         if rejected == 0 {
             return Ok(support);
@@ -77,7 +79,12 @@ fn above_floor(kernel: &Kernel) -> Result<()> {
 
 /// Loads an instance with `support`'s fallbacks into `scratch`, runs both
 /// programs, and returns how often a FIB lookup was refused.
-fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64> {
+fn attempt(
+    scratch: &Path,
+    support: Support,
+    flow_table_size: u32,
+    kernel_log: bool,
+) -> Result<u64> {
     pin::remove_tree(scratch).with_context(|| format!("clearing {}", scratch.display()))?;
     std::fs::create_dir_all(scratch)?;
     let result = (|| {
@@ -86,6 +93,7 @@ fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64
             &LoadOptions {
                 support,
                 flow_table_size,
+                kernel_log,
             },
         )?;
         let mut tables = Tables::from_ebpf(&mut ebpf, RuleIds::unpinned()?)?;
@@ -123,6 +131,14 @@ fn attempt(scratch: &Path, support: Support, flow_table_size: u32) -> Result<u64
                     counted.join(", ")
                 );
             }
+        }
+        if kernel_log {
+            let prefix = if support.fib_skip_neigh {
+                "self-test, lookups with BPF_FIB_LOOKUP_SKIP_NEIGH: "
+            } else {
+                "self-test, lookups without BPF_FIB_LOOKUP_SKIP_NEIGH: "
+            };
+            kernel_log::drain(&mut ebpf, prefix)?;
         }
         tables.reason_count(Reason::FibLookupRejected)
     })();

@@ -95,6 +95,17 @@ impl Harness {
     /// As `with_relays`, with the datapath loaded for a kernel that lacks
     /// what `support` says it lacks (the fallbacks the self-test picks).
     pub fn with_support(rules: &[Rule], relays: &[Relay], support: Support) -> Result<Self> {
+        Self::with_kernel_log(rules, relays, support, false)
+    }
+
+    /// As `with_support`, with the programs writing kernel log records
+    /// (`--kernel-log`) or not.
+    pub fn with_kernel_log(
+        rules: &[Rule],
+        relays: &[Relay],
+        support: Support,
+        kernel_log: bool,
+    ) -> Result<Self> {
         let ns = Netns::new("testrun")?;
         ns.sysctl("net.ipv4.ip_forward=1")?;
         for (a, b) in [("up0", "lan0"), ("vif1.0", "vm1"), ("vif2.0", "vm2")] {
@@ -129,6 +140,7 @@ impl Harness {
         let options = LoadOptions {
             support,
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+            kernel_log,
         };
         let (mut datapath, _) = Datapath::load(&layout, &options, HookKind::Tcx)?;
         datapath.tables.sync_rules(rules)?;

@@ -129,6 +129,7 @@ pub fn run(filter: &[String]) -> Result<()> {
         "qubes_admin",
         "qubes_integration",
         "stats",
+        "kernel_log",
         "avahi",
         "soak",
     ];

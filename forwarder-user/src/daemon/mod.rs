@@ -42,6 +42,7 @@ use crate::{
     interfaces::Interfaces,
     internal_nets::InternalNets,
     kernel::Kernel,
+    kernel_log,
     multicast::Memberships,
     netlink::{Event, Monitor, Route},
     nft,
@@ -92,6 +93,8 @@ struct Daemon {
     updates: mpsc::Sender<Update>,
     /// The rule book's end, until it starts.
     updates_rx: Option<mpsc::Receiver<Update>>,
+    /// Writes the programs' kernel log records, with `--kernel-log`.
+    _kernel_log: Option<kernel_log::Reader>,
 }
 
 impl Daemon {
@@ -99,7 +102,11 @@ impl Daemon {
     fn load(config: RunConfig, layout: &PinLayout) -> Result<Self> {
         let attachments = datapath::recorded_attachments(layout).unwrap_or_default();
         let copied_from_ns = clock::boot_ns();
-        let (datapath, replaced) = load_datapath(&config, layout)?;
+        let (mut datapath, replaced) = load_datapath(&config, layout)?;
+        let kernel_log = config
+            .kernel_log
+            .then(|| datapath.read_kernel_log())
+            .transpose()?;
         let worker = FlowWorker::start(datapath::pinned_tables(layout)?, &layout.maps, FLOW_SWEEP)?;
         let downstream_macs = datapath.tables.downstream_macs()?;
         let memberships = Memberships::new(config.relays.iter().map(|r| r.group).collect());
@@ -123,6 +130,7 @@ impl Daemon {
             qubesdb: None,
             updates,
             updates_rx: Some(updates_rx),
+            _kernel_log: kernel_log,
         })
     }
 
@@ -385,7 +393,7 @@ fn pick_uplink(config: &mut RunConfig) {
 /// predecessor pinned.
 fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Vec<Replaced>)> {
     let kernel = Kernel::running();
-    let support = selftest::run(&layout.selftest, config.flow_table_size)?;
+    let support = selftest::run(&layout.selftest, config.flow_table_size, config.kernel_log)?;
     let hook = match config.tc_hook {
         TcHook::Auto => HookKind::for_kernel(&kernel),
         TcHook::Fixed(hook) => hook,
@@ -400,7 +408,14 @@ fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Ve
     let options = LoadOptions {
         support,
         flow_table_size: config.flow_table_size,
+        kernel_log: config.kernel_log,
     };
+    if config.kernel_log {
+        info!(
+            "kernel log on: what only the kernel sees goes to the log as warnings under {}",
+            kernel_log::TARGET
+        );
+    }
     let (datapath, replaced) = Datapath::load(layout, &options, hook)?;
     for r in &replaced {
         warn!(
