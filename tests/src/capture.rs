@@ -93,11 +93,18 @@ impl Capture {
                     }
                 };
                 let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
+                // Once stopped, what the socket already holds is still read
+                // (without waiting): a frame the kernel delivered before
+                // `finish` belongs to the capture.
+                loop {
+                    let stopping = stop.load(Ordering::Relaxed);
+                    let flags = if stopping { libc::MSG_DONTWAIT } else { 0 };
                     // SAFETY: buf is valid for its length.
-                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
                     if n > 0 {
                         frames.lock().unwrap().push(buf[..n as usize].to_vec());
+                    } else if stopping {
+                        break;
                     }
                 }
                 // SAFETY: closing our own socket.
