@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod csum;
+pub mod cut;
 pub mod flow;
 pub mod layout;
 pub mod maps;

@@ -115,6 +115,9 @@ pub mod globals {
     /// Non-zero: `bpf_fib_lookup` reports the route's MTU (5.12+), so a
     /// cached route can check a packet's length without a new lookup.
     pub const FIB_MTU_RESULT: &str = "FIB_MTU_RESULT";
+    /// A `cut::Cut` the forwarding paths stop at (the bench's breakdown),
+    /// or `cut::NONE`.
+    pub const BENCH_CUT: &str = "BENCH_CUT";
 }
 
 /// `UplinkState::flags`: the link is administratively and operationally up.

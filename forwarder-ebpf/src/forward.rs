@@ -5,6 +5,7 @@
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
+    cut::Cut,
     maps::{FlowKey, RuleKey, UplinkState},
     reason::Reason,
 };
@@ -15,7 +16,7 @@ use crate::{
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF},
     relay,
-    verdict::Verdict,
+    verdict::{Verdict, stop_if_cut},
 };
 
 /// Enough for Ethernet, IPv4 without options and a TCP header.
@@ -28,6 +29,7 @@ pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
 
 #[inline(always)]
 fn try_uplink(ctx: &TcContext) -> Result<Verdict, Reason> {
+    stop_if_cut!(Cut::Entry);
     parse::pull_headers(ctx, HEADERS);
     parse::parse_eth(ctx)?;
     let ip = parse::parse_ipv4(ctx)?;
@@ -48,6 +50,7 @@ fn try_uplink(ctx: &TcContext) -> Result<Verdict, Reason> {
         return Err(Reason::OtherDestination);
     }
     ip.whole()?;
+    stop_if_cut!(Cut::Headers);
     forward(ctx, &ip, &uplink, ifindex)
 }
 
@@ -76,8 +79,10 @@ fn forward(
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
+    stop_if_cut!(Cut::Rule);
     let flow_key = FlowKey::new(ip.saddr, l4.sport, ip.proto, l4.dport);
     let live = flow::of_peer(&flow_key, rule.id, &l4.segment, now);
+    stop_if_cut!(Cut::Flow);
     let tot_len = parse::wire_len(ctx, ip, &l4);
     let (route, remember) = fib::flow_route(
         live.as_deref().map(|entry| &entry.to_target),
@@ -91,8 +96,10 @@ fn forward(
     if route.ifindex() == ifindex {
         return Err(Reason::TargetViaUplink);
     }
+    stop_if_cut!(Cut::Route);
     flow::believable(live.as_deref(), true, &l4.segment)?;
     flow::from_peer(&flow_key, live, rule.id, &l4.segment, now, remember);
+    stop_if_cut!(Cut::FlowUpdate);
 
     nat::translate(
         ctx,
@@ -102,6 +109,7 @@ fn forward(
         rule.target_addr,
         rule.target_port,
     )?;
+    stop_if_cut!(Cut::Translate);
     let action = nat::redirect(ctx, route)?;
     maps::count_rule(rule.slot, Direction::In, ip.tot_len);
     Ok(Verdict::Redirected(action))

@@ -4,12 +4,16 @@
 //! take. The defaults are the newest kernels'.
 
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use forwarder_common::cut::{self, Cut};
 
 #[unsafe(no_mangle)]
 static FIB_SKIP_NEIGH: u8 = 1;
 
 #[unsafe(no_mangle)]
 static FIB_MTU_RESULT: u8 = 1;
+
+#[unsafe(no_mangle)]
+static BENCH_CUT: u8 = cut::NONE;
 
 /// `BPF_FIB_LOOKUP_SKIP_NEIGH` is accepted (6.3 and later).
 #[inline(always)]
@@ -24,6 +28,15 @@ pub fn fib_skip_neigh() -> bool {
 pub fn fib_mtu_result() -> bool {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(&FIB_MTU_RESULT) != 0 }
+}
+
+/// The bench loaded this object to stop after `at` (see
+/// forwarder-common's cut). Otherwise the verifier, knowing the global,
+/// removes the check and what it guards.
+#[inline(always)]
+pub fn cut(at: Cut) -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&BENCH_CUT) == at as u8 }
 }
 
 /// CLOCK_BOOTTIME, the clock of rule deadlines and flow times: it keeps

@@ -36,6 +36,7 @@ use verdict::Verdict;
 #[inline(always)]
 fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
     let action = match verdict {
+        Verdict::Cut => return TC_ACT_UNSPEC,
         Verdict::Redirected(action) => action,
         Verdict::Relayed => TC_ACT_UNSPEC,
         Verdict::Skipped(reason) => {

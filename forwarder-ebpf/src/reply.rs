@@ -9,6 +9,7 @@
 
 use aya_ebpf::programs::TcContext;
 use forwarder_common::{
+    cut::Cut,
     maps::{BROADCAST, FlowKey, ReverseKey, is_multicast},
     reason::Reason,
 };
@@ -20,7 +21,7 @@ use crate::{
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF},
     relay,
-    verdict::Verdict,
+    verdict::{Verdict, stop_if_cut},
 };
 
 /// Ethernet, IPv4, and either TCP or an ICMP error quoting IPv4 and ports.
@@ -33,6 +34,7 @@ pub fn downstream_ingress(ctx: &TcContext) -> Verdict {
 
 #[inline(always)]
 fn try_downstream(ctx: &TcContext) -> Result<Verdict, Reason> {
+    stop_if_cut!(Cut::Entry);
     parse::pull_headers(ctx, HEADERS);
     parse::parse_eth(ctx)?;
     let ip = parse::parse_ipv4(ctx)?;
@@ -43,6 +45,7 @@ fn try_downstream(ctx: &TcContext) -> Result<Verdict, Reason> {
     if ip.carries(IpProto::Icmp) {
         return Err(icmp_error_reason(ctx, &ip));
     }
+    stop_if_cut!(Cut::Headers);
     reply(ctx, &ip)
 }
 
@@ -66,6 +69,7 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if fib::is_martian(ip.daddr) || !rule.allow.allows(ip.daddr, &uplink) {
         return Err(Reason::PeerNotAllowed);
     }
+    stop_if_cut!(Cut::Rule);
     let flow = flow::of_target(
         &FlowKey::new(ip.daddr, l4.dport, ip.proto, key.port),
         rule.id,
@@ -74,6 +78,7 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
+    stop_if_cut!(Cut::Flow);
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let tot_len = parse::wire_len(ctx, ip, &l4);
@@ -84,10 +89,13 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if route.ifindex() != uplink.ifindex {
         return Err(Reason::ReplyNotViaUplink);
     }
+    stop_if_cut!(Cut::Route);
     flow::believable(Some(flow), false, &l4.segment)?;
     flow::from_target(flow, &l4.segment, now, remember);
+    stop_if_cut!(Cut::FlowUpdate);
 
     nat::translate(ctx, ip, &l4, End::Source, uplink.addr, key.port)?;
+    stop_if_cut!(Cut::Translate);
     let action = nat::redirect(ctx, route)?;
     maps::count_rule(rule.slot, Direction::Out, ip.tot_len);
     Ok(Verdict::Redirected(action))

@@ -12,6 +12,8 @@ pub enum Verdict {
     Relayed,
     /// Not claimed (or dropped, per the reason's disposition).
     Skipped(Reason),
+    /// Stopped where the bench asked (kernel::cut): untouched, uncounted.
+    Cut,
 }
 
 impl From<Result<Verdict, Reason>> for Verdict {
@@ -19,3 +21,14 @@ impl From<Result<Verdict, Reason>> for Verdict {
         result.unwrap_or_else(Verdict::Skipped)
     }
 }
+
+/// Returns `Ok(Verdict::Cut)` from the enclosing path when the bench loaded
+/// the object to stop at `$at` (see kernel::cut).
+macro_rules! stop_if_cut {
+    ($at:expr) => {
+        if crate::kernel::cut($at) {
+            return Ok(crate::verdict::Verdict::Cut);
+        }
+    };
+}
+pub(crate) use stop_if_cut;

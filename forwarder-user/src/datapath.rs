@@ -15,7 +15,10 @@ use aya::{
     },
     sys::SyscallError,
 };
-use forwarder_common::maps::{globals, names, programs};
+use forwarder_common::{
+    cut::{self, Cut},
+    maps::{globals, names, programs},
+};
 
 use crate::{
     EBPF_OBJECT,
@@ -146,6 +149,9 @@ pub struct LoadOptions {
     /// Whether the programs write their kernel log records (see
     /// kernel_log).
     pub kernel_log: bool,
+    /// Only for `cargo xtask bench`'s breakdown: the forwarding paths stop
+    /// there, the packet untouched.
+    pub cut: Option<Cut>,
 }
 
 /// Loads and verifies both programs and those they tail-call, with maps
@@ -155,6 +161,7 @@ pub fn load_object(maps_dir: &Path, options: &LoadOptions) -> Result<Ebpf> {
     let skip_neigh = u8::from(options.support.fib_skip_neigh);
     let mtu_result = u8::from(options.support.fib_mtu_result);
     let log_level = kernel_log::level(options.kernel_log);
+    let bench_cut = options.cut.map_or(cut::NONE, |at| at as u8);
     let mut ebpf = EbpfLoader::new()
         // Statistics only: a refusal then reads as the verifier's reason and
         // its counts. A full trace of a program this size overflows any log
@@ -166,6 +173,7 @@ pub fn load_object(maps_dir: &Path, options: &LoadOptions) -> Result<Ebpf> {
         .override_global(globals::FIB_SKIP_NEIGH, &skip_neigh, true)
         .override_global(globals::FIB_MTU_RESULT, &mtu_result, true)
         .override_global(aya_log::LEVEL, &log_level, true)
+        .override_global(globals::BENCH_CUT, &bench_cut, true)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (are you root, with BPF and BTF support?)")?;
     // Every program tail-calls kernel_log on its way out when it noted a

@@ -94,6 +94,7 @@ fn attempt(
                 support,
                 flow_table_size,
                 kernel_log,
+                cut: None,
             },
         )?;
         let mut tables = Tables::from_ebpf(&mut ebpf, RuleIds::unpinned()?)?;

@@ -16,6 +16,7 @@ use forwarder::{
     spec::{AllowFrom, Ports, Proto},
 };
 use forwarder_common::{
+    cut::Cut,
     maps::{DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, UPLINK_HAS_ADDR, UPLINK_UP, UplinkState},
     reason::Reason,
 };
@@ -80,7 +81,8 @@ pub struct Harness {
     pub uplink: Link,
     pub vif1: Link,
     pub vif2: Link,
-    _pins: PinDir,
+    pins: PinDir,
+    options: LoadOptions,
 }
 
 impl Harness {
@@ -141,6 +143,7 @@ impl Harness {
             support,
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
             kernel_log,
+            cut: None,
         };
         let (mut datapath, _) = Datapath::load(&layout, &options, HookKind::Tcx)?;
         datapath.tables.sync_rules(rules)?;
@@ -160,7 +163,8 @@ impl Harness {
             vif2: ns.link("vif2.0")?,
             datapath,
             ns,
-            _pins: pins,
+            pins,
+            options,
         };
         let state = harness.uplink_state();
         let tables = &mut harness.datapath.tables;
@@ -169,6 +173,19 @@ impl Harness {
             tables.set_downstream_mac(vif.index, vif.mac)?;
         }
         Ok(harness)
+    }
+
+    /// Loads the programs again, stopping at `cut` (None: whole), over the
+    /// same pinned maps: the rules, relays, flows and uplink state stay.
+    pub fn cut_at(&mut self, cut: Option<Cut>) -> Result<()> {
+        let options = LoadOptions {
+            cut,
+            ..self.options
+        };
+        let layout = PinLayout::new(self.pins.path());
+        self.datapath = Datapath::load(&layout, &options, HookKind::Tcx)?.0;
+        self.options = options;
+        Ok(())
     }
 
     /// The state the daemon would write for up0.

@@ -563,3 +563,40 @@ fn cached_routes_are_used_until_the_fib_generation_changes() {
     let (_, out) = h.run(Role::Uplink, h.uplink.index, &frame).unwrap();
     assert_eq!(packet::parse(&out).unwrap().dst_mac, moved);
 }
+
+/// The bench's breakdown (forwarder-common's cut) stops both forwarding
+/// paths of an established flow after each stage: the packet comes back
+/// untouched and nothing is counted; loaded whole again, they translate.
+#[test]
+fn programs_cut_by_the_bench_leave_the_packet_alone_and_count_nothing() {
+    let mut h = harness();
+    open(&h, TCP, LAN_PEER, 53317);
+    let dnat = from_lan(Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317)).build();
+    let reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000).build();
+    for cut in forwarder_common::cut::Cut::ALL {
+        h.cut_at(Some(*cut)).unwrap();
+        let counts = h.datapath.tables.reason_counters().unwrap();
+        for (role, ifindex, frame) in [
+            (Role::Uplink, h.uplink.index, &dnat),
+            (Role::Downstream, h.vif1.index, &reply),
+        ] {
+            let (action, out) = h.run(role, ifindex, frame).unwrap();
+            assert_eq!(action, TC_ACT_UNSPEC, "{cut:?}, {}", role.name());
+            assert_eq!(&out, frame, "{cut:?}, {}: bytes changed", role.name());
+        }
+        assert_eq!(
+            h.datapath.tables.reason_counters().unwrap(),
+            counts,
+            "{cut:?} counted a reason"
+        );
+    }
+    h.cut_at(None).unwrap();
+    for (role, ifindex, frame) in [
+        (Role::Uplink, h.uplink.index, &dnat),
+        (Role::Downstream, h.vif1.index, &reply),
+    ] {
+        let (action, out) = h.run(role, ifindex, frame).unwrap();
+        assert_eq!(action, TC_ACT_REDIRECT, "{} whole", role.name());
+        assert_ne!(&out, frame);
+    }
+}

@@ -409,6 +409,7 @@ fn load_datapath(config: &RunConfig, layout: &PinLayout) -> Result<(Datapath, Ve
         support,
         flow_table_size: config.flow_table_size,
         kernel_log: config.kernel_log,
+        cut: None,
     };
     if config.kernel_log {
         info!(

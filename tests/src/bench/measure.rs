@@ -322,15 +322,38 @@ pub fn rr_latency(env: &Env, rounds: usize) -> Result<Latency> {
     })
 }
 
+/// What one run of the programs costs, through BPF_PROG_TEST_RUN.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgramCost {
+    /// Each path's cost, the timer's own share of a single run subtracted.
+    pub paths: Vec<(&'static str, f64)>,
+    /// The DNAT and reply paths of an established flow stopped after each
+    /// stage in turn, in the order a packet meets them, then whole.
+    pub stages: Vec<StageCost>,
+}
+
+/// The forwarding paths' single-run cost when stopped after one stage,
+/// nanoseconds, the timer's share included (as in an empty program's,
+/// the first stage, which the targets compare with).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageCost {
+    pub stage: &'static str,
+    pub help: &'static str,
+    pub dnat_ns: f64,
+    pub reply_ns: f64,
+}
+
 /// Per-packet cost of each program path, through BPF_PROG_TEST_RUN in a
 /// router namespace with real routes and neighbours. A rewriting program
 /// changes the test packet, so a `repeat` run would time the rewritten
 /// packet from the second round on: each path is timed one run at a time
 /// (the median of `runs`), and the timer's own share of a single run (the
-/// pass-through path timed both ways) is subtracted.
-pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
+/// pass-through path timed both ways) is subtracted. Then the DNAT and
+/// reply paths once per cut (see forwarder-common's cut), over the same
+/// maps, so every variant meets the same established flow.
+pub fn program_cost(runs: usize) -> Result<ProgramCost> {
     use forwarder::{datapath::Role, rules::Relay, spec::Proto};
-    use forwarder_common::maps::group_mac;
+    use forwarder_common::{cut::Cut, maps::group_mac};
 
     use crate::testrun::*;
 
@@ -345,12 +368,13 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
         rate_down: 1_000_000,
         allow: forwarder::spec::AllowFrom::Auto,
     }];
-    let h = Harness::with_relays(&rules, &relays)?;
+    let mut h = Harness::with_relays(&rules, &relays)?;
     let mut dnat = Frame::tcp(LAN_PEER, 40000, UPLINK_ADDR, 53317);
     dnat.src_mac = LAN_PEER_MAC;
+    let dnat = dnat.build();
     // The reply's flow exists from here on.
-    h.run(Role::Uplink, h.uplink.index, &dnat.build())?;
-    let reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000);
+    h.run(Role::Uplink, h.uplink.index, &dnat)?;
+    let reply = Frame::tcp(TARGET, 53317, LAN_PEER, 40000).build();
     let unclaimed = Frame::tcp(TARGET, 53317, LAN_PEER, 40001);
     let mut announce = Frame::udp(TARGET, 41000, group, 53317).with_payload(&[0x7b; 200]);
     announce.dst_mac = group_mac(u32::from_ne_bytes(group.octets()));
@@ -358,7 +382,11 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
     pass.src_mac = LAN_PEER_MAC;
     let pass = pass.build();
 
-    let single = |role: Role, ifindex: u32, frame: &[u8]| -> Result<f64> {
+    let single = |h: &Harness, role: Role, frame: &[u8]| -> Result<f64> {
+        let ifindex = match role {
+            Role::Uplink => h.uplink.index,
+            Role::Downstream => h.vif1.index,
+        };
         let mut samples = (0..runs)
             .map(|_| Ok(h.cost(role, ifindex, frame, 1)?.as_nanos() as f64))
             .collect::<Result<Vec<f64>>>()?;
@@ -368,39 +396,29 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
     let pass_repeated = h
         .cost(Role::Uplink, h.uplink.index, &pass, (runs * 20) as u32)?
         .as_nanos() as f64;
-    let overhead = (single(Role::Uplink, h.uplink.index, &pass)? - pass_repeated).max(0.0);
+    let overhead = (single(&h, Role::Uplink, &pass)? - pass_repeated).max(0.0);
     let cases = [
-        (
-            "DNAT (LAN to target)",
-            Role::Uplink,
-            h.uplink.index,
-            dnat.build(),
-        ),
+        ("DNAT (LAN to target)", Role::Uplink, dnat.clone()),
         (
             "reverse (target reply to LAN)",
             Role::Downstream,
-            h.vif1.index,
-            reply.build(),
+            reply.clone(),
         ),
         (
             "target packet of no flow (left to the stack)",
             Role::Downstream,
-            h.vif1.index,
             unclaimed.build(),
         ),
         (
             "relay (VM announcement copied to the LAN)",
             Role::Downstream,
-            h.vif1.index,
             announce.build(),
         ),
-        ("pass-through (no rule)", Role::Uplink, h.uplink.index, pass),
+        ("pass-through (no rule)", Role::Uplink, pass),
     ];
-    let mut out: Vec<(&'static str, f64)> = cases
+    let mut paths: Vec<(&'static str, f64)> = cases
         .into_iter()
-        .map(|(name, role, ifindex, frame)| {
-            Ok((name, (single(role, ifindex, &frame)? - overhead).max(0.0)))
-        })
+        .map(|(name, role, frame)| Ok((name, (single(&h, role, &frame)? - overhead).max(0.0))))
         .collect::<Result<_>>()?;
     // Every run from a new peer port: the flow table inserts each time.
     let mut new_flow = (0..runs)
@@ -412,14 +430,26 @@ pub fn program_cost(runs: usize) -> Result<Vec<(&'static str, f64)>> {
         })
         .collect::<Result<Vec<f64>>>()?;
     new_flow.sort_by(f64::total_cmp);
-    out.insert(
+    paths.insert(
         1,
         (
             "DNAT opening a new flow",
             (new_flow[new_flow.len() / 2] - overhead).max(0.0),
         ),
     );
-    Ok(out)
+
+    let mut stages = Vec::new();
+    let cuts = Cut::ALL.iter().map(|c| Some(*c)).chain([None]);
+    for cut in cuts {
+        h.cut_at(cut)?;
+        stages.push(StageCost {
+            stage: cut.map_or("whole", Cut::name),
+            help: cut.map_or("the redirect, the rule's counters", Cut::help),
+            dnat_ns: single(&h, Role::Uplink, &dnat)?,
+            reply_ns: single(&h, Role::Downstream, &reply)?,
+        });
+    }
+    Ok(ProgramCost { paths, stages })
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -456,9 +456,11 @@ fn run(o: &Options) -> Report {
         |()| measure::program_cost(if o.quick { 3_000 } else { 20_000 }),
         |report, costs| {
             report.program_cost_ns = costs
+                .paths
                 .into_iter()
                 .map(|(name, ns)| (name.to_string(), ns))
                 .collect();
+            report.program_stages = costs.stages;
         },
     );
 
