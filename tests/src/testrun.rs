@@ -175,16 +175,22 @@ impl Harness {
         Ok(harness)
     }
 
-    /// Loads the programs again, stopping at `cut` (None: whole), over the
-    /// same pinned maps: the rules, relays, flows and uplink state stay.
-    pub fn cut_at(&mut self, cut: Option<Cut>) -> Result<()> {
+    /// The programs loaded again, stopping at `cut` (None: whole), over
+    /// the same pinned maps: the rules, relays, flows and uplink state they
+    /// meet are the harness's.
+    pub fn variant(&self, cut: Option<Cut>) -> Result<Datapath> {
         let options = LoadOptions {
             cut,
             ..self.options
         };
         let layout = PinLayout::new(self.pins.path());
-        self.datapath = Datapath::load(&layout, &options, HookKind::Tcx)?.0;
-        self.options = options;
+        Ok(Datapath::load(&layout, &options, HookKind::Tcx)?.0)
+    }
+
+    /// The harness's programs from now on are `variant(cut)`'s.
+    pub fn cut_at(&mut self, cut: Option<Cut>) -> Result<()> {
+        self.datapath = self.variant(cut)?;
+        self.options.cut = cut;
         Ok(())
     }
 
@@ -213,7 +219,7 @@ impl Harness {
         frame: &[u8],
         gso_size: u32,
     ) -> Result<(i32, Vec<u8>)> {
-        let (result, mut out) = self.test_run(role, ifindex, frame, gso_size, 0)?;
+        let (result, mut out) = self.test_run(&self.datapath, role, ifindex, frame, gso_size, 0)?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
     }
@@ -228,13 +234,29 @@ impl Harness {
         frame: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration> {
-        Ok(self.test_run(role, ifindex, frame, 0, repeat)?.0.duration)
+        self.cost_on(&self.datapath, role, ifindex, frame, repeat)
+    }
+
+    /// As `cost`, for the programs of `datapath` (a `variant`).
+    pub fn cost_on(
+        &self,
+        datapath: &Datapath,
+        role: Role,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration> {
+        Ok(self
+            .test_run(datapath, role, ifindex, frame, 0, repeat)?
+            .0
+            .duration)
     }
 
     /// One BPF_PROG_TEST_RUN inside the namespace, so FIB lookups see its
     /// routes; returns the result and the output buffer, untruncated.
     fn test_run(
         &self,
+        datapath: &Datapath,
         role: Role,
         ifindex: u32,
         frame: &[u8],
@@ -242,7 +264,7 @@ impl Harness {
         repeat: u32,
     ) -> Result<(TestRunResult, Vec<u8>)> {
         let _inside = self.ns.enter()?;
-        let prog = self.datapath.program(role)?;
+        let prog = datapath.program(role)?;
         let mut ctx = [0u8; SKB_CTX_LEN];
         ctx[SKB_CTX_IFINDEX..SKB_CTX_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[SKB_CTX_GSO_SIZE..SKB_CTX_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
