@@ -175,7 +175,8 @@ fn a_million_flows_never_keep_the_daemon_from_feeding_the_watchdog() {
     let sweeps = |log: &str| swept_counts(log).len();
     let before = sweeps(&sysnet.log_text());
     assert!(
-        wait_until(Duration::from_secs(15), || sweeps(&sysnet.log_text()) > before),
+        wait_until(Duration::from_secs(15), || sweeps(&sysnet.log_text())
+            > before),
         "no sweep within 15 s; log:\n{}",
         sysnet.log_text()
     );
@@ -190,7 +191,8 @@ fn a_million_flows_never_keep_the_daemon_from_feeding_the_watchdog() {
     flood::fill(&pins, &expired).unwrap();
     let swept_since = || -> u64 { swept_counts(&sysnet.log_text())[after..].iter().sum() };
     assert!(
-        wait_until(Duration::from_secs(40), || swept_since() >= u64::from(MILLION)),
+        wait_until(Duration::from_secs(40), || swept_since()
+            >= u64::from(MILLION)),
         "{} of {MILLION} flows swept in 40 s; log:\n{}",
         swept_since(),
         sysnet.log_text()
