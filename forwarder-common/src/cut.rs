@@ -7,7 +7,8 @@
 macro_rules! cuts {
     ($($variant:ident = $value:literal, $name:literal, $help:literal;)*) => {
         /// A point the forwarding paths (DNAT and reply) may return at,
-        /// with the packet untouched and nothing counted.
+        /// passing the packet on with nothing counted; only the last cut
+        /// comes after the rewrite.
         #[repr(u8)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Cut {
@@ -39,8 +40,8 @@ macro_rules! cuts {
 cuts! {
     Entry = 1, "entry", "nothing: the program returns at once (an empty program)";
     Headers = 2, "headers", "Ethernet and IPv4 parsed, the uplink's state read and checked";
-    Rule = 3, "rule", "TCP/UDP ports parsed, the rule looked up, the clock read, the peer checked";
-    Flow = 4, "flow", "the flow looked up (and, for a reply, checked)";
+    Flow = 3, "flow", "TCP/UDP ports parsed, the flow looked up (for a reply, after the reverse entry)";
+    Rule = 4, "rule", "the rule (the flow's, by slot; else by port), the clock, the peer and flow checked";
     Route = 5, "route", "the route: the flow's cached one, or FIB lookups";
     FlowUpdate = 6, "flow update", "the segment checked against the flow and the flow advanced";
     Translate = 7, "translate", "addresses and ports rewritten, checksums updated";

@@ -97,10 +97,11 @@ pub const fn expired(entry: &FlowEntry, proto: u8, now: u64) -> bool {
     now > entry.seen_ns && now - entry.seen_ns > idle_timeout_ns(proto, entry.state)
 }
 
-/// A new flow, opened by the peer's `segment`.
-pub fn opened(rule_id: u32, segment: &Segment, now: u64) -> FlowEntry {
+/// A new flow of the rule `rule_id` in `rule_slot`, opened by the peer's
+/// `segment`.
+pub fn opened(rule_id: u32, rule_slot: u16, segment: &Segment, now: u64) -> FlowEntry {
     let mut entry = FlowEntry::default();
-    open(&mut entry, rule_id, segment, now);
+    open(&mut entry, rule_id, rule_slot, segment, now);
     entry
 }
 
@@ -109,8 +110,9 @@ pub fn opened(rule_id: u32, segment: &Segment, now: u64) -> FlowEntry {
 /// call of a memset subprogram, which kernels before 5.13 count against
 /// the caller's stack.)
 #[inline(always)]
-pub fn open(entry: &mut FlowEntry, rule_id: u32, segment: &Segment, now: u64) {
+pub fn open(entry: &mut FlowEntry, rule_id: u32, rule_slot: u16, segment: &Segment, now: u64) {
     entry.rule_id = rule_id;
+    entry.rule_slot = rule_slot;
     entry.created_ns = now;
     entry.seen_ns = now;
     advance(entry, true, segment);
@@ -286,7 +288,7 @@ mod tests {
 
     /// A flow through SYN, SYN-ACK and the peer's ACK.
     fn handshake() -> FlowEntry {
-        let mut e = opened(1, &segment(TCP_SYN, PEER_ISN, 0), 0);
+        let mut e = opened(1, 0, &segment(TCP_SYN, PEER_ISN, 0), 0);
         advance(
             &mut e,
             false,
@@ -302,7 +304,7 @@ mod tests {
 
     #[test]
     fn udp_gets_longer_once_answered() {
-        let mut e = opened(1, &Segment::default(), 0);
+        let mut e = opened(1, 0, &Segment::default(), 0);
         assert_eq!(idle_timeout_ns(PROTO_UDP, e.state), UDP_UNREPLIED_NS);
         assert!(advance(&mut e, false, &Segment::default()));
         assert_eq!(idle_timeout_ns(PROTO_UDP, e.state), UDP_REPLIED_NS);
@@ -312,7 +314,7 @@ mod tests {
 
     #[test]
     fn tcp_is_established_only_by_the_peers_ack_of_the_syn_ack() {
-        let mut e = opened(1, &segment(TCP_SYN, PEER_ISN, 0), 0);
+        let mut e = opened(1, 0, &segment(TCP_SYN, PEER_ISN, 0), 0);
         assert_eq!(state_name(PROTO_TCP, e.state), "opening");
         advance(
             &mut e,
@@ -348,11 +350,11 @@ mod tests {
 
     #[test]
     fn a_picked_up_flow_is_established_by_the_targets_answer() {
-        let mut e = opened(1, &segment(TCP_ACK, 5, 7), 0);
+        let mut e = opened(1, 0, &segment(TCP_ACK, 5, 7), 0);
         assert_eq!(state_name(PROTO_TCP, e.state), "opening");
         advance(&mut e, false, &segment(TCP_ACK, 7, 5));
         assert_eq!(state_name(PROTO_TCP, e.state), "established");
-        let mut refused = opened(1, &segment(TCP_ACK, 5, 7), 0);
+        let mut refused = opened(1, 0, &segment(TCP_ACK, 5, 7), 0);
         advance(&mut refused, false, &segment(TCP_RST, 7, 0));
         assert_eq!(state_name(PROTO_TCP, refused.state), "reset");
     }
@@ -388,7 +390,7 @@ mod tests {
             wscale,
             ..segment(flags, seq, ack)
         };
-        let mut e = opened(1, &syn(TCP_SYN, PEER_ISN, 0, Some(7)), 0);
+        let mut e = opened(1, 0, &syn(TCP_SYN, PEER_ISN, 0, Some(7)), 0);
         advance(
             &mut e,
             false,
@@ -407,7 +409,7 @@ mod tests {
             false,
             &segment(TCP_RST, target_next.wrapping_add(128_001), 0)
         ));
-        let mut unscaled = opened(1, &syn(TCP_SYN, PEER_ISN, 0, Some(7)), 0);
+        let mut unscaled = opened(1, 0, &syn(TCP_SYN, PEER_ISN, 0, Some(7)), 0);
         advance(
             &mut unscaled,
             false,
@@ -427,7 +429,7 @@ mod tests {
 
     #[test]
     fn before_any_ack_a_reset_must_answer_the_syn() {
-        let e = opened(1, &segment(TCP_SYN, PEER_ISN, 0), 0);
+        let e = opened(1, 0, &segment(TCP_SYN, PEER_ISN, 0), 0);
         assert!(acceptable(
             &e,
             false,
@@ -446,7 +448,7 @@ mod tests {
 
     #[test]
     fn a_picked_up_flow_believes_any_reset() {
-        let e = opened(1, &segment(TCP_ACK, 5, 7), 0);
+        let e = opened(1, 0, &segment(TCP_ACK, 5, 7), 0);
         assert!(acceptable(&e, false, &segment(TCP_RST, 0xdead, 0)));
         assert!(acceptable(&e, true, &segment(TCP_RST, 0xbeef, 0)));
     }

@@ -12,6 +12,10 @@ use crate::{layout::map_layout, map_type};
 
 /// Capacity of the forward-rule maps and of the per-rule counter array.
 pub const MAX_RULES: u32 = 16_384;
+const _: () = assert!(
+    MAX_RULES <= 1 << 16,
+    "a flow keeps its rule's slot in a u16"
+);
 /// Allow-from CIDRs a single forward rule or relay can carry.
 pub const MAX_ALLOW_CIDRS: usize = 8;
 /// Capacity of the relay map and its counter array.
@@ -37,6 +41,7 @@ pub mod names {
     pub const UPLINK: &str = "UPLINK";
     pub const FORWARD_RULES: &str = "FORWARD_RULES";
     pub const REVERSE_RULES: &str = "REVERSE_RULES";
+    pub const RULE_SLOTS: &str = "RULE_SLOTS";
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
     pub const RELAYS: &str = "RELAYS";
@@ -60,6 +65,7 @@ pub const MAP_LAYOUTS: &[(&str, u64)] = &[
     (names::UPLINK, map_layout::<u32, UplinkState>()),
     (names::FORWARD_RULES, map_layout::<RuleKey, ForwardRule>()),
     (names::REVERSE_RULES, map_layout::<ReverseKey, RuleKey>()),
+    (names::RULE_SLOTS, map_layout::<u32, ForwardRule>()),
     (names::RULE_COUNTERS, map_layout::<u32, RuleCounters>()),
     (names::REASON_COUNTERS, map_layout::<u32, u64>()),
     (names::RELAYS, map_layout::<RelayKey, Relay>()),
@@ -245,8 +251,12 @@ map_type! {
     pub struct ForwardRule {
         pub target_addr: u32,
         pub target_port: u16,
-        pub pad: u16,
-        /// Index into `RULE_COUNTERS`, assigned by userspace.
+        /// The target port minus the listen port, host order, wrapping:
+        /// the same for every port of a range, so the rule's one entry in
+        /// RULE_SLOTS serves each of them (see `target_port_for`).
+        pub port_shift: u16,
+        /// Index into `RULE_COUNTERS` and `RULE_SLOTS`, assigned by
+        /// userspace; below MAX_RULES, so it fits a flow's `rule_slot`.
         pub slot: u32,
         /// Identity of this rule among all rules ever installed in these
         /// maps; a flow belongs to the rule whose id it carries, so a rule
@@ -261,6 +271,11 @@ map_type! {
 }
 
 impl ForwardRule {
+    /// The target port (wire order) of the listen port `port` (wire order).
+    pub const fn target_port_for(&self, port: u16) -> u16 {
+        u16::from_be(port).wrapping_add(self.port_shift).to_be()
+    }
+
     /// Whether the rule's deadline has passed at `now` (CLOCK_BOOTTIME).
     pub const fn expired(&self, now: u64) -> bool {
         self.deadline_ns != 0 && now >= self.deadline_ns
@@ -332,7 +347,9 @@ map_type! {
         /// `FLOW_*` bits.
         pub state: u8,
         pub pad: u8,
-        pub pad2: u16,
+        /// `ForwardRule::slot` of that rule: a packet of the flow finds its
+        /// rule in RULE_SLOTS by index, not by a hash lookup.
+        pub rule_slot: u16,
         pub created_ns: u64,
         pub seen_ns: u64,
         /// The route checks of the peer's packets, passed on the uplink.

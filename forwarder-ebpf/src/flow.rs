@@ -7,7 +7,7 @@
 
 use forwarder_common::{
     flow::{self, REFRESH_NS, Segment},
-    maps::{FlowEntry, FlowKey, FlowRoute},
+    maps::{FlowEntry, FlowKey, FlowRoute, ForwardRule},
     reason::Reason,
 };
 
@@ -23,34 +23,47 @@ fn touch(entry: &mut FlowEntry, from_peer: bool, segment: &Segment, now: u64) {
     }
 }
 
-/// The live flow of rule `rule_id` a packet from the LAN peer continues;
-/// None when the packet starts a new one. Changes nothing.
+/// The table's entry for `key`, live or not, looked up once per packet:
+/// before the rule, so that a flow's packets find their rule by its slot.
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<&'static mut FlowEntry> {
+    let entry = maps::flow(key)?;
+    // SAFETY: a map value stays valid until the program returns; a
+    // concurrent writer can only make a field stale, as in any racy
+    // counter.
+    Some(unsafe { &mut *entry })
+}
+
+/// The live flow of rule `rule_id` a packet from the LAN peer continues,
+/// of the entry `lookup` found; None when the packet starts a new one.
+/// Changes nothing.
 #[inline(always)]
 pub fn of_peer(
+    found: Option<&'static mut FlowEntry>,
     key: &FlowKey,
     rule_id: u32,
     segment: &Segment,
     now: u64,
 ) -> Option<&'static mut FlowEntry> {
-    let entry = maps::flow(key)?;
-    // SAFETY: a map value stays valid until the program returns; a
-    // concurrent writer can only make a field stale, as in any racy
-    // counter.
-    let entry = unsafe { &mut *entry };
+    let entry = found?;
     (entry.rule_id == rule_id
         && !flow::expired(entry, key.proto, now)
         && !flow::reopens(entry.state, segment.flags))
     .then_some(entry)
 }
 
-/// The live flow of rule `rule_id` a target's packet answers. A live flow
-/// is not changed: the packet has not passed its route checks yet. A dead
-/// one (timed out, or of a rule that is gone) serves nobody and is removed.
+/// The live flow of rule `rule_id` a target's packet answers, of the
+/// entry `lookup` found for `key`. A live flow is not changed: the packet
+/// has not passed its route checks yet. A dead one (timed out, or of a rule
+/// that is gone) serves nobody and is removed.
 #[inline(always)]
-pub fn of_target(key: &FlowKey, rule_id: u32, now: u64) -> Result<&'static mut FlowEntry, Reason> {
-    let entry = maps::flow(key).ok_or(Reason::NoFlow)?;
-    // SAFETY: as in of_peer.
-    let entry = unsafe { &mut *entry };
+pub fn of_target(
+    found: Option<&'static mut FlowEntry>,
+    key: &FlowKey,
+    rule_id: u32,
+    now: u64,
+) -> Result<&'static mut FlowEntry, Reason> {
+    let entry = found.ok_or(Reason::NoFlow)?;
     if entry.rule_id != rule_id || flow::expired(entry, key.proto, now) {
         maps::remove_flow(key);
         return Err(Reason::NoFlow);
@@ -71,14 +84,14 @@ pub fn believable(
     }
 }
 
-/// A forwarded packet from the LAN peer of rule `rule_id`, past every
-/// check: refreshes the live flow `of_peer` found, or creates one.
-/// `to_target`, when given, replaces the route the flow remembers.
+/// A forwarded packet from the LAN peer of `rule`, past every check:
+/// refreshes the live flow `of_peer` found, or creates one. `to_target`,
+/// when given, replaces the route the flow remembers.
 #[inline(always)]
 pub fn from_peer(
     key: &FlowKey,
     live: Option<&mut FlowEntry>,
-    rule_id: u32,
+    rule: &ForwardRule,
     segment: &Segment,
     now: u64,
     to_target: Option<FlowRoute>,
@@ -95,7 +108,8 @@ pub fn from_peer(
     let Some(entry) = maps::new_flow() else {
         return;
     };
-    flow::open(entry, rule_id, segment, now);
+    // Below MAX_RULES, which fits (see forwarder-common's maps).
+    flow::open(entry, rule.id, rule.slot as u16, segment, now);
     if let Some(route) = to_target {
         entry.to_target = route;
     }

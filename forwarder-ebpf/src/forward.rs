@@ -67,7 +67,13 @@ fn forward(
         proto: ip.proto,
         pad: 0,
     };
-    let rule = maps::forward_rule(&key).ok_or(Reason::NoRule)?;
+    let flow_key = FlowKey::new(ip.saddr, l4.sport, ip.proto, l4.dport);
+    let found = flow::lookup(&flow_key);
+    stop_if_cut!(Cut::Flow);
+    let rule = match found.as_deref().and_then(maps::rule_of_flow) {
+        Some(rule) => rule,
+        None => maps::forward_rule(&key).ok_or(Reason::NoRule)?,
+    };
     let now = kernel::now();
     if rule.expired(now) {
         return Err(Reason::RuleExpired);
@@ -79,10 +85,8 @@ fn forward(
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
+    let live = flow::of_peer(found, &flow_key, rule.id, &l4.segment, now);
     stop_if_cut!(Cut::Rule);
-    let flow_key = FlowKey::new(ip.saddr, l4.sport, ip.proto, l4.dport);
-    let live = flow::of_peer(&flow_key, rule.id, &l4.segment, now);
-    stop_if_cut!(Cut::Flow);
     let tot_len = parse::wire_len(ctx, ip, &l4);
     let (route, remember) = fib::flow_route(
         live.as_deref().map(|entry| &entry.to_target),
@@ -98,7 +102,7 @@ fn forward(
     }
     stop_if_cut!(Cut::Route);
     flow::believable(live.as_deref(), true, &l4.segment)?;
-    flow::from_peer(&flow_key, live, rule.id, &l4.segment, now, remember);
+    flow::from_peer(&flow_key, live, rule, &l4.segment, now, remember);
     stop_if_cut!(Cut::FlowUpdate);
 
     nat::translate(
@@ -107,7 +111,7 @@ fn forward(
         &l4,
         End::Destination,
         rule.target_addr,
-        rule.target_port,
+        rule.target_port_for(l4.dport),
     )?;
     stop_if_cut!(Cut::Translate);
     let action = nat::redirect(ctx, route)?;

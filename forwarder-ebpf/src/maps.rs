@@ -32,6 +32,12 @@ static FORWARD_RULES: HashMap<RuleKey, ForwardRule> = HashMap::pinned(MAX_RULES,
 #[map]
 static REVERSE_RULES: HashMap<ReverseKey, RuleKey> = HashMap::pinned(MAX_RULES, 0);
 
+/// Each rule once, at its slot: a flow's packets find their rule here by
+/// index (an array lookup the verifier inlines), the hash FORWARD_RULES
+/// only when they start a flow. An unused slot has id 0.
+#[map]
+static RULE_SLOTS: Array<ForwardRule> = Array::pinned(MAX_RULES, 0);
+
 #[map]
 static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);
 
@@ -300,6 +306,14 @@ pub fn forward_rule(key: &RuleKey) -> Option<&'static ForwardRule> {
     // SAFETY: the kernel keeps a map value alive until the program returns;
     // a concurrent update can only change it as it could change a copy.
     unsafe { FORWARD_RULES.get(key) }
+}
+
+/// The rule that opened `flow`, while it is installed: the rule in the
+/// flow's slot, if it carries the flow's rule id (ids are never reused).
+#[inline(always)]
+pub fn rule_of_flow(flow: &FlowEntry) -> Option<&'static ForwardRule> {
+    let rule = RULE_SLOTS.get(u32::from(flow.rule_slot))?;
+    (rule.id != 0 && rule.id == flow.rule_id).then_some(rule)
 }
 
 #[inline(always)]

@@ -59,7 +59,13 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
         pad: 0,
     };
     let key = maps::reverse_rule(&reverse).ok_or(Reason::NoRule)?;
-    let rule = maps::forward_rule(&key).ok_or(Reason::NoRule)?;
+    let flow_key = FlowKey::new(ip.daddr, l4.dport, ip.proto, key.port);
+    let found = flow::lookup(&flow_key);
+    stop_if_cut!(Cut::Flow);
+    let rule = match found.as_deref().and_then(maps::rule_of_flow) {
+        Some(rule) => rule,
+        None => maps::forward_rule(&key).ok_or(Reason::NoRule)?,
+    };
     let now = kernel::now();
     if rule.expired(now) {
         return Err(Reason::RuleExpired);
@@ -69,16 +75,11 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     if fib::is_martian(ip.daddr) || !rule.allow.allows(ip.daddr, &uplink) {
         return Err(Reason::PeerNotAllowed);
     }
-    stop_if_cut!(Cut::Rule);
-    let flow = flow::of_target(
-        &FlowKey::new(ip.daddr, l4.dport, ip.proto, key.port),
-        rule.id,
-        now,
-    )?;
+    let flow = flow::of_target(found, &flow_key, rule.id, now)?;
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
-    stop_if_cut!(Cut::Flow);
+    stop_if_cut!(Cut::Rule);
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let tot_len = parse::wire_len(ctx, ip, &l4);

@@ -12,7 +12,7 @@ pub enum Verdict {
     Relayed,
     /// Not claimed (or dropped, per the reason's disposition).
     Skipped(Reason),
-    /// Stopped where the bench asked (kernel::cut): untouched, uncounted.
+    /// Stopped where the bench asked (kernel::cut): passed on, uncounted.
     Cut,
 }
 

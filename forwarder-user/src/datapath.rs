@@ -150,7 +150,7 @@ pub struct LoadOptions {
     /// kernel_log).
     pub kernel_log: bool,
     /// Only for `cargo xtask bench`'s breakdown: the forwarding paths stop
-    /// there, the packet untouched.
+    /// there and pass the packet on.
     pub cut: Option<Cut>,
 }
 

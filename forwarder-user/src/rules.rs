@@ -189,6 +189,7 @@ impl Rule {
         ForwardRule {
             target_addr: u32::from_ne_bytes(self.target.octets()),
             target_port: target_port.to_be(),
+            port_shift: self.target_port.wrapping_sub(self.ports.first),
             slot,
             id,
             deadline_ns: self.expires.map_or(0, |t| now.deadline_ns(t)),
@@ -391,6 +392,60 @@ mod tests {
     use forwarder_common::maps::{UplinkState, prefix_to_mask};
 
     use super::*;
+
+    /// Every entry of a rule, and its one entry in RULE_SLOTS (the first
+    /// port's), give each listen port its own target port through the
+    /// shift, a range moved up or down and a port wrapping past 65535.
+    #[test]
+    fn every_entry_and_the_slot_entry_give_each_port_its_target_port() {
+        let now = crate::clock::Now::read();
+        for (ports, target_port) in [
+            (Ports::one(8080), 80),
+            (Ports::one(22), 2222),
+            (
+                Ports {
+                    first: 1714,
+                    last: 1764,
+                },
+                1714,
+            ),
+            (
+                Ports {
+                    first: 1714,
+                    last: 1764,
+                },
+                41714,
+            ),
+            (
+                Ports {
+                    first: 60000,
+                    last: 60010,
+                },
+                100,
+            ),
+        ] {
+            let rule = Rule::new(
+                Proto::Tcp,
+                ports,
+                Ipv4Addr::new(10, 137, 0, 5),
+                target_port,
+                AllowFrom::Auto,
+                Origin::Flag,
+            );
+            let slot_entry = rule.encode(rule.target_port, 3, 9, &now);
+            for (key, reverse, target) in rule.entries() {
+                let entry = rule.encode(target, 3, 9, &now);
+                for value in [entry, slot_entry] {
+                    assert_eq!(
+                        value.target_port_for(key.port),
+                        reverse.port,
+                        "{rule}: port {}",
+                        u16::from_be(key.port)
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn origin_names_are_their_json() {

@@ -33,6 +33,7 @@ use crate::{
 pub struct Tables {
     uplink: Array<MapData, UplinkState>,
     forward: HashMap<MapData, RuleKey, ForwardRule>,
+    rule_slots: Array<MapData, ForwardRule>,
     reverse: HashMap<MapData, ReverseKey, RuleKey>,
     rule_counters: PerCpuArray<MapData, RuleCounters>,
     reasons: PerCpuArray<MapData, u64>,
@@ -115,6 +116,7 @@ impl Tables {
             rule_ids,
             uplink: get(names::UPLINK)?.try_into()?,
             forward: get(names::FORWARD_RULES)?.try_into()?,
+            rule_slots: get(names::RULE_SLOTS)?.try_into()?,
             reverse: get(names::REVERSE_RULES)?.try_into()?,
             rule_counters: get(names::RULE_COUNTERS)?.try_into()?,
             reasons: get(names::REASON_COUNTERS)?.try_into()?,
@@ -246,8 +248,15 @@ impl Tables {
         let mut live_ids = BTreeSet::new();
         let mut wanted_forward = BTreeSet::new();
         let mut wanted_reverse = BTreeSet::new();
+        let mut used_slots = BTreeSet::new();
         for ((rule, slot), id) in rules.iter().zip(slots).zip(ids) {
             live_ids.insert(id);
+            used_slots.insert(slot);
+            // The rule's one entry its flows find it by: its target port
+            // is the first port's, the same shift serves them all.
+            self.rule_slots
+                .set(slot, rule.encode(rule.target_port, slot, id, &now), 0)
+                .with_context(|| format!("installing {rule} in its slot"))?;
             for (key, reverse, target_port) in rule.entries() {
                 // Reverse first: a reply can only follow a forwarded packet.
                 self.reverse
@@ -268,6 +277,13 @@ impl Tables {
                     .remove(key)
                     .context("removing a stale forward rule")?;
                 removed.insert((*proto, *port), (*key, *value));
+            }
+        }
+        for (_, value) in removed.values() {
+            if !used_slots.contains(&value.slot) {
+                self.rule_slots
+                    .set(value.slot, ForwardRule::default(), 0)
+                    .context("clearing a removed rule's slot")?;
             }
         }
         let removed: Vec<String> = rule_ranges(&removed)
@@ -348,6 +364,7 @@ impl Tables {
         );
         let entry = FlowEntry {
             rule_id: rule.id,
+            rule_slot: rule.slot as u16,
             state: forwarder_common::flow::FLOW_REPLIED,
             created_ns: now,
             seen_ns: now,

@@ -256,7 +256,7 @@ const METHOD: &str = "
   runs per announcement, a few a second, not per forwarded packet. **Stages**: the same
   established DNAT and reply packets through the programs loaded again over the same maps with a
   read-only global (`BENCH_CUT`, see `forwarder-common/src/cut.rs`) that makes them return after
-  one stage, untouched and uncounted; at its default the verifier removes every check of it. The
+  one stage, passing the packet on uncounted (rewritten only at the last cut, `translate`); at its default the verifier removes every check of it. The
   first cut returns at once: that is an empty program, the baseline of the two cost targets. These
   are single runs with the timer's share left in, as it is in the empty program's.
 - **Reaction**: sys-net's LAN address is changed back and forth with one `ip -batch` while the app

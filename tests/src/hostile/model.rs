@@ -591,7 +591,7 @@ impl Run<'_, '_> {
                 }
             }
             None => {
-                let mut entry = flow::opened(rule.id, &l4.segment, 0);
+                let mut entry = flow::opened(rule.id, rule.slot as u16, &l4.segment, 0);
                 entry.to_target = remember.unwrap_or_default();
                 FlowChange::Set {
                     entry,
