@@ -16,6 +16,14 @@ pub const SERVICE_DIR: &str = "/run/qubes-service";
 pub const ROUTER_SERVICE: &str = "forwarder";
 /// The exposed VM's qvm-service, which `qvm-forwarder` enables.
 pub const INPUT_SERVICE: &str = "forwarder-input";
+/// The dom0 features that turn those qvm-services on.
+pub const ROUTER_SERVICE_FEATURE: &str = "service.forwarder";
+pub const INPUT_SERVICE_FEATURE: &str = "service.forwarder-input";
+/// The features the package requests in a template to say it can run
+/// them (Qubes' `supported-service.` convention, qubes-core-admin
+/// `doc/qubes-features.rst`).
+pub const ROUTER_SUPPORTED_FEATURE: &str = "supported-service.forwarder";
+pub const INPUT_SUPPORTED_FEATURE: &str = "supported-service.forwarder-input";
 /// The configuration file a Qubes VM keeps across reboots.
 pub const CONFIG_FILE: &str = "/rw/config/forwarder.toml";
 
@@ -40,6 +48,31 @@ impl RouterVm {
         RouterVm {
             service: service_enabled(ROUTER_SERVICE),
             config_file: file.exists().then(|| file.to_path_buf()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each feature names its qvm-service, in the form Qubes gives it.
+    #[test]
+    fn every_feature_names_its_service() {
+        for (service, feature, supported) in [
+            (
+                ROUTER_SERVICE,
+                ROUTER_SERVICE_FEATURE,
+                ROUTER_SUPPORTED_FEATURE,
+            ),
+            (
+                INPUT_SERVICE,
+                INPUT_SERVICE_FEATURE,
+                INPUT_SUPPORTED_FEATURE,
+            ),
+        ] {
+            assert_eq!(feature, format!("service.{service}"));
+            assert_eq!(supported, format!("supported-service.{service}"));
         }
     }
 }

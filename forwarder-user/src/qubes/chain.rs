@@ -25,12 +25,10 @@ pub trait Domains {
     fn feature_with_template(&mut self, vm: &str, name: &str) -> Result<Option<String>>;
 }
 
-/// The feature the forwarder package requests in a template (Qubes'
-/// `supported-service.` convention, qubes-core-admin
-/// `doc/qubes-features.rst`).
-pub const SUPPORTED_SERVICE: &str = "supported-service.forwarder";
+/// The feature the forwarder package requests in a router's template.
+pub const SUPPORTED_SERVICE: &str = crate::qubes_vm::ROUTER_SUPPORTED_FEATURE;
 /// The same for the exposed VM's side, `forwarder input`.
-pub const SUPPORTED_INPUT_SERVICE: &str = "supported-service.forwarder-input";
+pub const SUPPORTED_INPUT_SERVICE: &str = crate::qubes_vm::INPUT_SUPPORTED_FEATURE;
 
 /// No chain is longer: a deeper one is a graph gone wrong.
 pub const MAX_HOPS: usize = 16;

@@ -17,18 +17,22 @@ use super::{
     intent::{self, Intent},
     plan::{self, Exposure, Plan},
 };
-use crate::vm_config::parts::{Family, INPUT, ROUTER};
+use crate::{
+    qubes_vm,
+    vm_config::parts::{Family, INPUT, ROUTER},
+};
 
 /// The qvm-service that starts the forwarder in a router.
-pub const SERVICE: &str = "service.forwarder";
+pub const SERVICE: &str = qubes_vm::ROUTER_SERVICE_FEATURE;
 /// The qvm-service that starts `forwarder input` in an exposed VM.
-pub const INPUT_SERVICE: &str = "service.forwarder-input";
+pub const INPUT_SERVICE: &str = qubes_vm::INPUT_SERVICE_FEATURE;
 
-/// What one of the services starts, for the note about a running VM.
+/// What one of the services starts (the qvm-service and its unit), for the
+/// note about a running VM.
 fn started_by(service: &str) -> Option<(&'static str, &'static str)> {
     match service {
-        SERVICE => Some((crate::qubes_vm::ROUTER_SERVICE, "forwarder")),
-        INPUT_SERVICE => Some((crate::qubes_vm::INPUT_SERVICE, "forwarder-input")),
+        SERVICE => Some((qubes_vm::ROUTER_SERVICE, "forwarder")),
+        INPUT_SERVICE => Some((qubes_vm::INPUT_SERVICE, "forwarder-input")),
         _ => None,
     }
 }
