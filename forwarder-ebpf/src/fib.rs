@@ -276,11 +276,3 @@ fn resolved(entry: &RouteEntry, tot_len: u16) -> Result<Route, Reason> {
         dmac: entry.dmac,
     })
 }
-
-/// Sources no LAN host may legitimately use: this network, loopback,
-/// multicast, reserved and limited broadcast.
-#[inline(always)]
-pub fn is_martian(addr: u32) -> bool {
-    let first = addr.to_ne_bytes()[0];
-    first == 0 || first == 127 || first >= 224
-}

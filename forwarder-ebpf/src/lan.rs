@@ -7,12 +7,20 @@ use forwarder_common::{
     reason::Reason,
 };
 
-use crate::{fib, parse::Ipv4};
+use crate::parse::Ipv4;
+
+/// Sources no LAN host may legitimately use: this network, loopback,
+/// multicast, reserved and limited broadcast.
+#[inline(always)]
+pub fn is_martian(addr: u32) -> bool {
+    let first = addr.to_ne_bytes()[0];
+    first == 0 || first == 127 || first >= 224
+}
 
 /// No LAN host may use a martian source or the router's own address.
 #[inline(always)]
 pub fn plausible_source(ip: &Ipv4, uplink: &UplinkState) -> Result<(), Reason> {
-    if fib::is_martian(ip.saddr) || ip.saddr == uplink.addr {
+    if is_martian(ip.saddr) || ip.saddr == uplink.addr {
         return Err(Reason::MartianSource);
     }
     Ok(())

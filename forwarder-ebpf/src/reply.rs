@@ -16,7 +16,7 @@ use forwarder_common::{
 use network_types::ip::IpProto;
 
 use crate::{
-    fib, flow, kernel,
+    fib, flow, kernel, lan,
     maps::{self, Direction},
     nat::{self, End},
     parse::{self, Ipv4, L4_OFF},
@@ -72,7 +72,7 @@ fn reply(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, Reason> {
     }
 
     let uplink = maps::usable_uplink()?;
-    if fib::is_martian(ip.daddr) || !rule.allow.allows(ip.daddr, &uplink) {
+    if lan::is_martian(ip.daddr) || !rule.allow.allows(ip.daddr, &uplink) {
         return Err(Reason::PeerNotAllowed);
     }
     let flow = flow::of_target(found, &flow_key, rule.id, now)?;
