@@ -74,8 +74,9 @@ enum Task {
         minutes: u64,
     },
     /// Build a .deb, an .rpm and a tarball (with install and uninstall
-    /// scripts) in target/package: the binary, the systemd unit, example
-    /// configs, docs and the changelog.
+    /// scripts) in target/package: the binary, the systemd units, example
+    /// configs, docs and the changelog; and the dom0 .rpm, forwarder-dom0:
+    /// `qvm-forwarder` and its optional watch unit.
     Package,
     /// Install the .deb in a Debian 12 VM (QEMU, TCG) with systemd as PID 1
     /// and check forwarder.service there: the qvm-service gate, forwarding
