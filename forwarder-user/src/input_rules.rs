@@ -15,14 +15,12 @@
 //!   having filtered already;
 //! - an entry whose `until` has passed is left out.
 
-use std::{
-    process::{Command, Stdio},
-    time::SystemTime,
-};
+use std::time::SystemTime;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use crate::{
+    nft,
     spec::{AllowFrom, Proto},
     vm_config::{entry::Attrs, input::InputShare},
 };
@@ -78,42 +76,10 @@ pub fn script(rules: &[String], jump: bool) -> String {
     out
 }
 
-fn nft(args: &[&str], input: Option<&str>) -> Result<String> {
-    use std::io::Write as _;
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft (the forwarder needs nftables installed)")?;
-    if let Some(input) = input {
-        child
-            .stdin
-            .take()
-            .context("nft stdin")?
-            .write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim(),
-            input.map(|i| format!("\n{i}")).unwrap_or_default()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// `custom-input` with rule handles; an error naming what a Qubes VM has
 /// when it is missing.
 fn custom_input() -> Result<String> {
-    nft(&["-a", "list", "chain", "ip", TABLE, CUSTOM_INPUT], None).with_context(|| {
+    nft::run(&["-a", "list", "chain", "ip", TABLE, CUSTOM_INPUT], None).with_context(|| {
         format!(
             "this VM has no chain {CUSTOM_INPUT} in table ip {TABLE}, which a Qubes VM's own \
              firewall has"
@@ -133,7 +99,7 @@ pub fn jump_handles(listing: &str) -> Vec<u64> {
 /// Makes the chain hold exactly `rules`, and `custom-input` jump to it.
 pub fn install(rules: &[String]) -> Result<()> {
     let jump = jump_handles(&custom_input()?).is_empty();
-    nft(&["-f", "-"], Some(&script(rules, jump))).map(drop)
+    nft::run(&["-f", "-"], Some(&script(rules, jump))).map(drop)
 }
 
 /// Whether `custom-input` still jumps to the chain (a reload of Qubes'
@@ -151,14 +117,14 @@ pub fn remove() -> Result<bool> {
     for handle in jump_handles(&listing) {
         script += &format!("delete rule ip {TABLE} {CUSTOM_INPUT} handle {handle}\n");
     }
-    let chain = nft(&["list", "chain", "ip", TABLE, CHAIN], None).is_ok();
+    let chain = nft::run(&["list", "chain", "ip", TABLE, CHAIN], None).is_ok();
     if chain {
         script += &format!("delete chain ip {TABLE} {CHAIN}\n");
     }
     if script.is_empty() {
         return Ok(false);
     }
-    nft(&["-f", "-"], Some(&script))?;
+    nft::run(&["-f", "-"], Some(&script))?;
     Ok(true)
 }
 

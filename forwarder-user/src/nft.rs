@@ -76,26 +76,42 @@ pub fn script(uplink: &str, rules: &[Rule]) -> String {
     out
 }
 
-fn nft(input: &str) -> Result<()> {
+/// Runs `nft` with `args`, writing `input` to its stdin when given;
+/// returns what it printed. A refusal names the command, nft's words and
+/// the input.
+pub fn run(args: &[&str], input: Option<&str>) -> Result<String> {
     let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("running nft (the forwarder needs nftables installed)")?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(input.as_bytes())?;
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(input.as_bytes())?;
+    }
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "nft rejected:\n{input}\n{}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "nft {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            input.map(|i| format!("\n{i}")).unwrap_or_default()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nft(input: &str) -> Result<()> {
+    run(&["-f", "-"], Some(input)).map(drop)
 }
 
 /// Installs the table on a blocking thread: `nft` takes milliseconds the
@@ -107,15 +123,10 @@ pub async fn install_off_thread(uplink: &str, rules: &[Rule]) -> Result<()> {
 
 /// Removes the table if it is there; returns whether it was.
 pub fn remove() -> Result<bool> {
-    let listed = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running nft (the forwarder needs nftables installed)")?;
+    let listed = run(&["list", "table", "ip", TABLE], None).is_ok();
     // Create-then-delete: gone either way, even if it appeared meanwhile.
     nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
-    Ok(listed.success())
+    Ok(listed)
 }
 
 /// Removes the table, on a blocking thread.
